@@ -1,0 +1,39 @@
+# Two commands set up and exercise a fresh clone: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
+# No model hub, no telemetry: everything is built locally.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test lint proto bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
+	# torch first and pinned, so that nothing resolves a CUDA build of it.
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/loraplex demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+proto: $(STAMP)
+	$(BIN)/python -m loraplex.runtime.protogen
+
+bench: $(STAMP)
+	$(PIP) -q -e '.[bench]'
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

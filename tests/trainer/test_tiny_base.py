@@ -1,0 +1,31 @@
+import json
+
+import pytest
+from loraplex.trainer.tiny_base import ARCHITECTURES, build_tiny_base
+
+
+def test_tiny_base_is_deterministic_for_a_seed(tiny_base, tmp_path):
+    again = build_tiny_base(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (tiny_base / name).read_bytes(), name
+    other = build_tiny_base(tmp_path / "other", seed=1)
+    assert (other / "model.safetensors").read_bytes() != (tiny_base / "model.safetensors").read_bytes()
+
+
+def test_tiny_base_loads_as_causal_lm_and_tokenizer_round_trips(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    text = "Review: the movie was great\nSentiment: positive ünïcode ✓"
+    assert tok.decode(tok(text).input_ids) == text
+    # Demo words are single tokens (with their leading space): the tasks are learnable.
+    assert len(tok(" reverse").input_ids) <= 2
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert json.loads((tiny_base / "config.json").read_text())["eos_token_id"] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_builds(tiny_base_factory, architecture):
+    path = tiny_base_factory(architecture)
+    assert (path / "model.safetensors").is_file()

@@ -1,0 +1,1 @@
+"""Per-task LoRA training (PEFT + transformers). Heavy imports live in the modules that need them."""
