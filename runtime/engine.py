@@ -9,6 +9,20 @@ Engines deal in token ids only. Text (UTF-8 safe streaming detokenization), stop
 templates live above them, so every engine behaves the same to a client. An engine must
 never block the asyncio loop: onnxruntime-genai's `generate_next_token` holds the GIL, so
 decoding runs on its own thread (or process) and hands tokens back through `TokenSink`.
+
+Contract details every engine honours (the server relies on them):
+- the sink gets completion tokens only, never the EOS token: EOS ends the job with
+  `FinishReason.EOS` (unless `params.ignore_eos`);
+- the sink is called exactly once with a finish reason, after the engine has dropped every
+  resource of the job (generator, KV cache, adapter binding): the registry unloads an adapter
+  version right after the last job on it finishes;
+- `params.max_new_tokens` is already clamped by the server to what the context leaves.
+
+Additions since the first version (backward compatible, all optional for an engine):
+- `GenerationJob.mark_started()`: call when the job leaves the queue and decoding begins
+  (prefill); the server reports queue time and queue depth from it.
+- `GenerationJob.fail(error)`: call instead of a plain finish when decoding raised; the sink
+  still gets its one finish call (`FinishReason.CANCELLED`) and the server reports INTERNAL.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 import abc
 import enum
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +82,19 @@ class GenerationJob:
     sink: TokenSink
     _stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: FinishReason | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # set by mark_started()
+    error: BaseException | None = None  # set by fail()
+
+    def mark_started(self) -> None:
+        """Engines call this when the job leaves the queue and decoding begins."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def fail(self, error: BaseException) -> None:
+        """Engines call this (then finish the sink) when decoding this job raised."""
+        self.error = error
+        self.stop(FinishReason.CANCELLED)
 
     def stop(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """Ask the engine to end this job before its next step (cancel, deadline, stop string)."""
@@ -80,9 +108,15 @@ class GenerationJob:
 
 
 class Engine(abc.ABC):
-    """Decodes jobs; owns the engine-side copy of each loaded adapter."""
+    """Decodes jobs; owns the engine-side copy of each loaded adapter.
+
+    An engine may set `tokenizer` (a loraplex.runtime.tokenizer.TextTokenizer) when it already
+    holds one; otherwise the server builds one from the package. Constructors take
+    `(package_dir, *, device, provider, max_batch)` so `loraplex serve --engine` can build either.
+    """
 
     name: str
+    tokenizer: Any = None
 
     @abc.abstractmethod
     def load_adapter(self, name: str, version: str, path: Path) -> AdapterHandle:
