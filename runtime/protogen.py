@@ -45,7 +45,8 @@ def generate(out_root: Path = PROTO_ROOT, proto_root: Path = PROTO_ROOT) -> list
     code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc failed (exit {code}) on {', '.join(files)}")
-    return sorted(p for p in (out_root / PROTO_PACKAGE).iterdir() if p.name.endswith(("_pb2.py", "_pb2.pyi", "_grpc.py")))
+    generated = ("_pb2.py", "_pb2.pyi", "_grpc.py")
+    return sorted(p for p in (out_root / PROTO_PACKAGE).iterdir() if p.name.endswith(generated))
 
 
 def main(argv: list[str] | None = None) -> int:
