@@ -45,13 +45,16 @@ class Parity:
 
     reference: str  # "pytorch-peft" or, for int4, "onnx-fp32"
     prompts: list[str]
-    # Greedy token ids (completion only) the ONNX model produced, one list per prompt; the
-    # server must reproduce them exactly for the same package.
+    # Greedy token ids (completion only) the ONNX model produced, one list per prompt: the prompt
+    # is encoded with the package tokenizer as is (no template applied, no special tokens added),
+    # decoding stops after `max_new_tokens` or at EOS, and an EOS token that stopped it is
+    # included as the last id. The server must reproduce them exactly for the same package.
     tokens: list[list[int]]
     tokens_equal: bool
     max_abs_logit_diff: float
     tolerance: float | None = None
     passed: bool = True
+    max_new_tokens: int = 8
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Manifest:
     lora_modules: list[str]  # module kinds the graph has LoRA inputs for, e.g. ["q_proj", ...]
     lora_inputs: list[str]  # every LoRA graph input name, sorted
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    # The package with no adapter bound vs the base model in PyTorch (same prompts, same rules).
+    base_parity: Parity | None = None
     schema_version: int = SCHEMA_VERSION
     created_by: str = "loraplex"
 
@@ -107,8 +112,14 @@ class Manifest:
                 entry = dict(entry)
                 parity = entry.pop("parity", None)
                 adapters[name] = AdapterEntry(**entry, parity=Parity(**parity) if parity else None)
-            fields = {k: v for k, v in data.items() if k not in ("base", "adapters")}
-            return cls(base=BaseModelInfo(**data["base"]), adapters=adapters, **fields)
+            fields = {k: v for k, v in data.items() if k not in ("base", "adapters", "base_parity")}
+            base_parity = data.get("base_parity")
+            return cls(
+                base=BaseModelInfo(**data["base"]),
+                adapters=adapters,
+                base_parity=Parity(**base_parity) if base_parity else None,
+                **fields,
+            )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is malformed: {exc}") from exc
 
