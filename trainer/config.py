@@ -97,9 +97,6 @@ class TaskConfig:
         default=None, metadata=_help("write a resumable checkpoint every N optimizer steps; null = never")
     )
     resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in OUT/TASK/checkpoints"))
-    max_new_tokens: int = field(
-        default=32, metadata=_help("generation limit when scoring exact match on the eval split")
-    )
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)

@@ -24,6 +24,10 @@ DEFAULT_SHAPE = dict(
     max_position_embeddings=512,
 )
 VOCAB_SIZE = 2048
+# A random output head at the usual init (std 0.02) caps logits near +-3 over 2048 tokens, so no
+# LoRA on the projections can make any token likely (eval loss stays ~4 even at 100% exact match)
+# and greedy choices sit on near-ties. Scaling the head gives the logit range of a trained model.
+OUTPUT_HEAD_SCALE = 8.0
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -100,6 +104,8 @@ def build_tiny_base(out: str | Path, *, seed: int = 0, architecture: str = "llam
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(OUTPUT_HEAD_SCALE)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     (out / "loraplex_tiny_base.json").write_text(

@@ -1,0 +1,138 @@
+"""Task data: read records, check them against the template, split, tokenize with the prompt masked.
+
+The prompt and the completion are tokenized separately and concatenated, so the prompt's tokens
+are exactly those the server produces when it tokenizes a rendered prompt alone; EOS follows the
+completion so that greedy generation learns to stop. Labels are -100 on prompt tokens: the loss
+is taken on the completion (and its EOS) only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.trainer.template import PromptTemplate
+
+IGNORE_INDEX = -100
+
+
+class DatasetError(ValueError):
+    """The data file or one of its records is unusable; the message names the record and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record rendered and tokenized."""
+
+    index: int  # position in the file (0-based record index)
+    prompt: str
+    completion: str
+    input_ids: list[int]  # prompt + completion + EOS
+    labels: list[int]  # IGNORE_INDEX on the prompt, the completion ids and EOS after it
+    prompt_length: int
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records from a JSON array (`[{...}, ...]`) or JSONL (one object per line, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}: not a valid JSON array: {exc}") from exc
+        where = [f"{path}: record {i}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}: line {line_no} is not valid JSON: {exc}") from exc
+            where.append(f"{path}: line {line_no} (record {len(records) - 1})")
+    if not records:
+        raise DatasetError(f"{path}: the dataset is empty; it needs at least one record (JSON array or JSONL)")
+    for record, at in zip(records, where, strict=True):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{at} is a {type(record).__name__}, expected an object of fields")
+    return records
+
+
+def check_records(records: list[dict[str, Any]], template: PromptTemplate, path: str | Path) -> None:
+    """Every field the template names exists in every record; errors name the first record and field."""
+    needed = template.prompt_fields + [f for f in template.completion_fields if f not in template.prompt_fields]
+    for i, record in enumerate(records):
+        for name in needed:
+            if name not in record:
+                have = ", ".join(sorted(record)) or "none"
+                raise DatasetError(
+                    f"{path}: record {i} has no field {name!r} required by the template (record has: {have})"
+                )
+            if record[name] is None:
+                raise DatasetError(f"{path}: record {i} field {name!r} is null")
+
+
+def split_indices(n: int, eval_split: float, seed: int, *, where: str = "dataset") -> tuple[list[int], list[int]]:
+    """(train indices, eval indices): a seeded shuffle, the first round(n*eval_split) records held out.
+
+    At least one record is held out when eval_split > 0; both lists are sorted (file order).
+    """
+    if n == 0:
+        raise DatasetError(f"{where} is empty")
+    n_eval = max(1, round(n * eval_split)) if eval_split > 0 else 0
+    if n - n_eval < 1:
+        raise DatasetError(
+            f"{where}: eval_split={eval_split} holds out {n_eval} of {n} records and leaves no training data; "
+            "add records or lower eval_split"
+        )
+    order = list(range(n))
+    random.Random(f"eval-split-{seed}").shuffle(order)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def tokenize_record(
+    record: dict[str, Any], index: int, template: PromptTemplate, tokenizer: Any, max_length: int | None
+) -> Example:
+    prompt = template.render_prompt(record, where=f"record {index}")
+    completion = template.render_completion(record, where=f"record {index}")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True).input_ids)
+    completion_ids = list(tokenizer(completion, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + completion_ids
+    if max_length is not None and len(input_ids) > max_length:
+        raise DatasetError(
+            f"record {index} is {len(input_ids)} tokens long, over the model's limit of {max_length}; shorten it"
+        )
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return Example(index, prompt, completion, input_ids, labels, len(prompt_ids))
+
+
+def load_examples(
+    path: str | Path, template: PromptTemplate, tokenizer: Any, *, max_length: int | None = None
+) -> list[Example]:
+    """Read, check and tokenize every record of a data file."""
+    records = read_records(path)
+    check_records(records, template, path)
+    return [tokenize_record(r, i, template, tokenizer, max_length) for i, r in enumerate(records)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
