@@ -1,0 +1,165 @@
+"""Thin typed clients for a loraplex server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+They build the proto messages from plain arguments and return the proto responses unchanged;
+errors arrive as `grpc.RpcError` (`AioRpcError` for AsyncClient) with the server's status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+
+def generate_request(
+    adapter: str = "",
+    prompt: str | None = None,
+    inputs: Mapping[str, str] | None = None,
+    *,
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    repetition_penalty: float = 0.0,
+    stop: Sequence[str] = (),
+    request_id: str = "",
+) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest from plain values (0 = the server's default, see generation.proto)."""
+    if (prompt is None) == (inputs is None):
+        raise ValueError("pass exactly one of prompt= or inputs=")
+    params = generation_pb2.SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop),
+    )
+    if seed is not None:
+        params.seed = seed
+    request = generation_pb2.GenerateRequest(adapter=adapter, params=params, request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.inputs.fields.update(dict(inputs or {}))
+    return request
+
+
+def _auth(token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+def _tokenize_request(adapter: str, prompt: str | None, inputs: Mapping[str, str] | None):
+    request = generation_pb2.TokenizeRequest(adapter=adapter)
+    if inputs is not None:
+        request.inputs.fields.update(dict(inputs))
+    else:
+        request.prompt = prompt or ""
+    return request
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0):
+        self.channel = grpc.insecure_channel(target)
+        self.generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.token = token
+        self.timeout = timeout
+
+    def generate(self, adapter: str = "", prompt: str | None = None, inputs=None, **params):
+        timeout = params.pop("timeout", self.timeout)
+        return self.generation.Generate(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+
+    def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> Iterator:
+        timeout = params.pop("timeout", self.timeout)
+        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+
+    def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
+        response = self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), timeout=self.timeout)
+        return list(response.token_ids)
+
+    def model_info(self) -> generation_pb2.ModelInfoResponse:
+        return self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout)
+
+    def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
+        return list(self.adapters.List(adapters_pb2.ListAdaptersRequest(), timeout=self.timeout).adapters)
+
+    def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
+        return self.adapters.Load(request, metadata=_auth(self.token), timeout=self.timeout)
+
+    def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:
+        request = adapters_pb2.UnloadAdapterRequest(name=name, no_wait=no_wait)
+        return self.adapters.Unload(request, metadata=_auth(self.token), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as `Client` (awaitable; `stream` is an async iterator)."""
+
+    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.token = token
+        self.timeout = timeout
+
+    async def generate(self, adapter: str = "", prompt: str | None = None, inputs=None, **params):
+        timeout = params.pop("timeout", self.timeout)
+        return await self.generation.Generate(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+
+    def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> AsyncIterator:
+        timeout = params.pop("timeout", self.timeout)
+        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+
+    async def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
+        response = await self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), timeout=self.timeout)
+        return list(response.token_ids)
+
+    async def model_info(self) -> generation_pb2.ModelInfoResponse:
+        return await self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout)
+
+    async def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
+        return list((await self.adapters.List(adapters_pb2.ListAdaptersRequest(), timeout=self.timeout)).adapters)
+
+    async def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
+        return await self.adapters.Load(request, metadata=_auth(self.token), timeout=self.timeout)
+
+    async def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:
+        request = adapters_pb2.UnloadAdapterRequest(name=name, no_wait=no_wait)
+        return await self.adapters.Unload(request, metadata=_auth(self.token), timeout=self.timeout)
+
+    async def health(self, service: str = "") -> str:
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self.health_stub.Check(request, timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
