@@ -1,0 +1,217 @@
+"""Rewrite a package graph so that every row of a batch can use a different LoRA adapter.
+
+The exported graph (onnxruntime-genai builder + Olive ExtractAdapters) takes each LoRA weight
+as a graph input shared by the whole batch:
+
+    y = x @ W  +  (x @ A) @ B          A: [in, lora_r], B: [lora_r, out]  (B pre-scaled)
+
+For the `batched` engine every weight pair becomes a *bank* holding one adapter per slot, and
+one new input `adapter_slot [batch]` (int64) says which slot each row uses:
+
+    A_row = Gather(A_bank [lora_slots, in, lora_r], adapter_slot)   -> [batch, in, lora_r]
+    B_row = Gather(B_bank [lora_slots, lora_r, out], adapter_slot)  -> [batch, lora_r, out]
+    y = x @ W  +  (x [batch, seq, in] @ A_row) @ B_row              (batched MatMul)
+
+This is the BGMV idea of Punica and S-LoRA in plain ONNX ops, so it runs on every execution
+provider. The bank inputs keep the LoRA input names of the original graph, so an adapter file's
+tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
+(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's `lora_r` are zero-padded: exact.
+
+Only `onnx` is needed (no torch, no olive): the runtime calls `ensure_batched_model` on first
+load and the result is cached next to the package's model. Initializers stored as external
+data stay where they are: the rewritten model is written into the same directory and points at
+the same data file, so no weights are copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SLOT_INPUT = "adapter_slot"
+SLOTS_DIM = "lora_slots"
+RANK_DIM = "lora_r"
+BATCHED_SUFFIX = ".batched.onnx"
+_STAMP_SUFFIX = ".batched.json"
+_LORA_A = ".lora_A.MatMul.weight"
+_LORA_B = ".lora_B.MatMul.weight"
+# Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
+REWRITE_VERSION = 1
+
+
+class LoraBankError(ValueError):
+    """The graph does not have the LoRA structure the rewrite expects."""
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One LoRA branch of the graph: its two weight inputs and their fixed dimensions."""
+
+    prefix: str  # e.g. "model.layers.0.attn.q_proj"
+    in_features: int
+    out_features: int
+
+    @property
+    def a_name(self) -> str:
+        return self.prefix + _LORA_A
+
+    @property
+    def b_name(self) -> str:
+        return self.prefix + _LORA_B
+
+
+def _dims(value_info) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _find_pairs(graph) -> list[LoraPair]:
+    inputs = {}
+    for inp in graph.input:  # Olive 0.13 lists each LoRA input twice: keep the first
+        inputs.setdefault(inp.name, inp)
+    pairs = []
+    for name, inp in inputs.items():
+        if not name.endswith(_LORA_A):
+            continue
+        prefix = name[: -len(_LORA_A)]
+        b = inputs.get(prefix + _LORA_B)
+        if b is None:
+            raise LoraBankError(f"graph input {name} has no matching {prefix + _LORA_B}; re-export the package")
+        a_dims, b_dims = _dims(inp), _dims(b)
+        if len(a_dims) != 2 or len(b_dims) != 2 or not isinstance(a_dims[0], int) or not isinstance(b_dims[1], int):
+            raise LoraBankError(
+                f"LoRA inputs of {prefix} have shapes {a_dims} / {b_dims}; expected [in, lora_r] / [lora_r, out] "
+                "with fixed in/out: export the package with Olive ExtractAdapters(make_inputs=True)"
+            )
+        pairs.append(LoraPair(prefix, a_dims[0], b_dims[1]))
+    if not pairs:
+        raise LoraBankError(
+            "the graph has no LoRA inputs (*.lora_A.MatMul.weight): export the package with at least one adapter "
+            "so that its LoRA weights become graph inputs"
+        )
+    return pairs
+
+
+def _batch_dim_name(graph) -> str:
+    for inp in graph.input:
+        if inp.name == "input_ids":
+            first = inp.type.tensor_type.shape.dim[0]
+            return first.dim_param or "batch_size"
+    raise LoraBankError("the graph has no input_ids input: is this a decoder exported by loraplex?")
+
+
+def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[LoraPair]:
+    """Write the banked version of `model_path` to `out_path` (same directory keeps external data shared).
+
+    Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
+    LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model_path, out_path = Path(model_path), Path(out_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    if model_path.parent.resolve() != out_path.parent.resolve() and _has_external_data(model):
+        raise LoraBankError(
+            f"{model_path.name} keeps weights in external data; write the banked graph into the same directory "
+            f"({model_path.parent}) so that it shares them"
+        )
+    graph = model.graph
+    pairs = _find_pairs(graph)
+    lora_names = {n for p in pairs for n in (p.a_name, p.b_name)}
+    batch = _batch_dim_name(graph)
+
+    consumers: dict[str, list] = {name: [] for name in lora_names}
+    for node in graph.node:
+        for name in node.input:
+            if name in consumers:
+                consumers[name].append(node)
+    for name, nodes in consumers.items():
+        if len(nodes) != 1 or nodes[0].op_type != "MatMul" or list(nodes[0].input).index(name) != 1:
+            raise LoraBankError(
+                f"LoRA input {name} feeds {[n.op_type for n in nodes]}; the rewrite expects exactly one MatMul "
+                "taking it as the right-hand operand (builder + ExtractAdapters graphs have that form)"
+            )
+
+    # Graph inputs: drop the per-adapter LoRA inputs (and their zero-rank default initializers).
+    kept = []
+    seen = set()
+    for inp in graph.input:
+        if inp.name in lora_names or inp.name in seen:
+            continue
+        seen.add(inp.name)
+        kept.append(inp)
+    del graph.input[:]
+    graph.input.extend(kept)
+    inits = [i for i in graph.initializer if i.name not in lora_names]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    vinfo = [v for v in graph.value_info if v.name not in lora_names]
+    del graph.value_info[:]
+    graph.value_info.extend(vinfo)
+
+    graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
+    for p in pairs:
+        graph.input.append(
+            helper.make_tensor_value_info(p.a_name, TensorProto.FLOAT, [SLOTS_DIM, p.in_features, RANK_DIM])
+        )
+        graph.input.append(
+            helper.make_tensor_value_info(p.b_name, TensorProto.FLOAT, [SLOTS_DIM, RANK_DIM, p.out_features])
+        )
+
+    # Nodes: a Gather in front of every LoRA MatMul; the MatMul itself becomes batched by shape alone.
+    new_nodes = []
+    for node in graph.node:
+        for name in node.input:
+            if name in lora_names:
+                rows = f"{name}/bank_rows"
+                new_nodes.append(
+                    helper.make_node("Gather", [name, SLOT_INPUT], [rows], name=f"/lora_bank/{name}/Gather", axis=0)
+                )
+                node.input[1] = rows
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out_path)
+    return pairs
+
+
+def _has_external_data(model) -> bool:
+    from onnx import TensorProto
+
+    return any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer)
+
+
+def _fingerprint(model_path: Path) -> str:
+    st = model_path.stat()
+    key = f"{REWRITE_VERSION}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_batched_model(model_path: str | Path) -> Path:
+    """The banked graph for `model_path`, rewritten on first use and cached beside it.
+
+    `<dir>/model.onnx` -> `<dir>/model.batched.onnx`; a stamp file records which source (size,
+    mtime) and rewrite version it came from, so a re-exported package is rewritten again.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found: is the package complete?")
+    out = model_path.with_name(model_path.name.removesuffix(".onnx") + BATCHED_SUFFIX)
+    stamp = model_path.with_name(model_path.name.removesuffix(".onnx") + _STAMP_SUFFIX)
+    want = _fingerprint(model_path)
+    if out.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("source") == want:
+                return out
+        except json.JSONDecodeError:
+            pass
+    pairs = rewrite_for_banks(model_path, out)
+    stamp.write_text(json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n")
+    return out
