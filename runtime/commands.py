@@ -1,16 +1,167 @@
-"""Runtime subcommands: serve, generate, demo, adapters list|load|unload."""
+"""Runtime subcommands: serve, generate, demo, adapters list|load|unload (thin: parse, call, print)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+from pathlib import Path
+
+import grpc
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser("demo", help="the main job: train, export, serve and query the demo tasks")
+    serve = commands.add_parser("serve", help="serve a package over gRPC (adapter chosen per request)")
+    serve.add_argument("--package", required=True, type=Path, help="package directory from `loraplex export`")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 = any free port (printed at start)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
+    serve.add_argument("--provider", choices=["cuda", "dml", "qnn", "openvino", "webgpu"], default=None,
+                       help="execution provider (default: cuda for gpu, qnn for npu)")
+    serve.add_argument("--engine", default="genai", choices=["genai", "batched"])
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
+    serve.add_argument("--adapter-root", type=Path, default=None,
+                       help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
+    serve.add_argument("--auth-token-file", type=Path, default=None, help="bearer token required by Load/Unload")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0 = any free port)")
+    serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    serve.set_defaults(func=_serve)
+
+    generate = commands.add_parser("generate", help="send one generation request to a running server")
+    generate.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
+    generate.add_argument("--adapter", default="", help="adapter name (empty = base model)")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw prompt text")
+    source.add_argument("--input", action="append", metavar="KEY=VALUE", help="task field for the adapter's template")
+    generate.add_argument("--max-new-tokens", type=int, default=0)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--stream", action="store_true", help="print text as it decodes")
+    generate.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    generate.set_defaults(func=_generate)
+
+    def admin(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
+        parser.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
+
+    listing = adapter_commands.add_parser("list", help="adapters loaded in a running server")
+    admin(listing)
+    listing.set_defaults(func=_adapters_list)
+    load = adapter_commands.add_parser("load", help="load or hot-replace an adapter in a running server")
+    admin(load)
+    load.add_argument("name")
+    load.add_argument("path", help=".onnx_adapter file under the server's adapter root")
+    load.add_argument("--version", default="")
+    load.set_defaults(func=_adapters_load)
+    unload = adapter_commands.add_parser("unload", help="unload an adapter from a running server")
+    admin(unload)
+    unload.add_argument("name")
+    unload.add_argument("--no-wait", action="store_true", help="fail instead of waiting for requests in flight")
+    unload.set_defaults(func=_adapters_unload)
+
+    demo = commands.add_parser("demo", help="the main job: train, export, serve, query and hot-swap the demo tasks")
+    demo.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="where the artefacts go")
+    demo.add_argument("--fresh", action="store_true", help="rebuild everything even if artefacts exist")
     demo.set_defaults(func=_demo)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from loraplex.runtime.errors import LoraplexError
+    from loraplex.runtime.server import ServerConfig, serve
+
+    config = ServerConfig(
+        package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
+        engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, adapter_root=args.adapter_root,
+        auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
+    )
+    try:
+        return asyncio.run(serve(config, drain_grace=args.drain_grace))
+    except (LoraplexError, OSError, ValueError) as exc:
+        print(f"loraplex serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _client(args: argparse.Namespace):
+    from loraplex.runtime.client import Client
+
+    token = args.token_file.read_text().strip() if getattr(args, "token_file", None) else None
+    return Client(args.target, token=token)
+
+
+def _rpc(call) -> int:
+    try:
+        call()
+        return 0
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    inputs = None
+    if args.input:
+        inputs = {}
+        for item in args.input:
+            key, sep, value = item.partition("=")
+            if not sep:
+                print(f"--input {item!r}: use KEY=VALUE", file=sys.stderr)
+                return 2
+            inputs[key] = value
+    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+    def run() -> None:
+        with _client(args) as client:
+            if args.stream:
+                for chunk in client.stream(args.adapter, args.prompt, inputs, **params):
+                    print(chunk.text, end="", flush=True)
+                print()
+                return
+            response = client.generate(args.adapter, args.prompt, inputs, **params)
+            if args.json:
+                print(json.dumps(MessageToDict(response), indent=2))
+            else:
+                print(response.text)
+
+    return _rpc(run)
+
+
+def _adapters_list(args: argparse.Namespace) -> int:
+    def run() -> None:
+        with _client(args) as client:
+            for info in client.list_adapters():
+                print(f"{info.name}\tversion={info.version}\trank={info.rank}\tserved={info.requests_served}"
+                      f"\tsize={info.size_bytes}")
+
+    return _rpc(run)
+
+
+def _adapters_load(args: argparse.Namespace) -> int:
+    def run() -> None:
+        with _client(args) as client:
+            info = client.load_adapter(args.name, args.path, args.version)
+            print(f"loaded {info.name} version {info.version}")
+
+    return _rpc(run)
+
+
+def _adapters_unload(args: argparse.Namespace) -> int:
+    def run() -> None:
+        with _client(args) as client:
+            info = client.unload_adapter(args.name, no_wait=args.no_wait)
+            print(f"unloaded {info.name} version {info.version} after {info.requests_served} request(s)")
+
+    return _rpc(run)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    print("loraplex demo: the server is not built yet (issue 4); nothing to run.", file=sys.stderr)
-    return 2
+    from loraplex.runtime.demo import run_demo
+
+    return run_demo(args.out, fresh=args.fresh)

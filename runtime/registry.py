@@ -125,7 +125,10 @@ class AdapterRegistry:
             check_adapter_name(name)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
-        file = self.resolve(path)
+        return await self.load_file(name, self.resolve(path), version)
+
+    async def load_file(self, name: str, file: Path, version: str | None = None) -> AdapterVersion:
+        """Load (or replace) `name` from a file already resolved and trusted (the package's own)."""
         async with self._admin:
             new = await asyncio.to_thread(self._prepare, name, file, version)
             new.handle = await asyncio.to_thread(self.engine.load_adapter, name, new.version, file)

@@ -196,7 +196,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
 async def _load_package_adapters(registry: AdapterRegistry, package: PackageInfo) -> None:
     for name, entry in sorted(package.manifest.adapters.items()):
-        await registry.load(name, (package.root / entry.file).resolve(), entry.version)
+        await registry.load_file(name, (package.root / entry.file).resolve(), entry.version)
 
 
 async def _warm_up(service: GenerationService, registry: AdapterRegistry) -> None:
