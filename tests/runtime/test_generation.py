@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from loraplex.adapters.manifest import Manifest
 from loraplex.v1 import generation_pb2
 
@@ -54,7 +53,8 @@ def test_base_model_output_equals_manifest_base_parity(server, manifest):
 def test_adapters_change_the_output(server, manifest):
     prompt = manifest.adapters["alpha"].parity.prompts[0]
     with server.client() as client:
-        outputs = {name: tuple(client.generate(name, prompt, max_new_tokens=8).token_ids) for name in ["", *manifest.adapters]}
+        names = ["", *manifest.adapters]
+        outputs = {name: tuple(client.generate(name, prompt, max_new_tokens=8).token_ids) for name in names}
     assert len(set(outputs.values())) == len(outputs), outputs
 
 
@@ -96,7 +96,9 @@ def test_task_inputs_are_rendered_through_the_adapter_template(server, manifest)
 def test_same_seed_same_output_and_other_seed_differs(server):
     with server.client() as client:
         def sample(seed):
-            return list(client.generate("gamma", "The weather", max_new_tokens=24, temperature=1.5, seed=seed).token_ids)
+            response = client.generate("gamma", "The weather", max_new_tokens=24, temperature=1.5, seed=seed)
+            return list(response.token_ids)
+
         first, again, other = sample(7), sample(7), sample(8)
     assert first == again
     assert first != other
