@@ -152,7 +152,33 @@ def extract_adapters(model_path: Path, out_dir: Path, work_dir: Path) -> Path:
     model = out_dir / "model.onnx"
     if not model.is_file():
         raise ExportError(f"Olive ExtractAdapters wrote no {model}; the builder graph may hold no LoRA MatMuls")
+    dedupe_graph_inputs(model)
     return model
+
+
+def dedupe_graph_inputs(model_path: Path) -> int:
+    """Drop repeated graph inputs; returns how many were dropped.
+
+    Olive 0.13's ExtractAdapters lists every LoRA input twice in `graph.input` (once when it turns
+    the initializer into an input, once when it adds the zero-rank default). ONNX Runtime tolerates
+    it, but the graph is not valid ONNX (`onnx.checker`: "not in single static assignment form") and
+    graph rewriters trip on it. Only the graph proto is rewritten: external weights are untouched.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    seen: set[str] = set()
+    unique = []
+    for value in model.graph.input:
+        if value.name not in seen:
+            seen.add(value.name)
+            unique.append(value)
+    dropped = len(model.graph.input) - len(unique)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(unique)
+        onnx.save(model, str(model_path))
+    return dropped
 
 
 # Files the builder writes next to the model that the package carries (tokenizer and genai config).

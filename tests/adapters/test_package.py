@@ -1,0 +1,81 @@
+"""The tiny package (tests/fixtures/packages.py): layout, manifest, parity records, genai loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from loraplex.adapters.manifest import Manifest, file_sha256
+
+ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_manifest_describes_the_package(tiny_package, tiny_base):
+    from loraplex.trainer.base_model import base_identity
+
+    m = Manifest.load(tiny_package)
+    assert (m.precision, m.device, m.provider, m.model_file) == ("fp32", "cpu", None, "model.onnx")
+    assert m.base.sha256 == base_identity(tiny_base)["sha256"]
+    assert m.base.model_type == "llama" and m.base.architecture == "LlamaForCausalLM"
+    assert m.lora_rank == 16  # the largest adapter rank
+    assert m.lora_modules == ALL  # union of alpha (q, v), beta (all) and gamma (MLP)
+    assert len(m.lora_inputs) == 4 * 7 * 2 and m.lora_inputs == sorted(m.lora_inputs)
+    assert {n: (e.rank, e.target_modules) for n, e in m.adapters.items()} == {
+        "alpha": (4, ["q_proj", "v_proj"]),
+        "beta": (8, ALL),
+        "gamma": (16, ["down_proj", "gate_proj", "up_proj"]),
+    }
+    for name, entry in m.adapters.items():
+        path = tiny_package / entry.file
+        assert entry.file == f"adapters/{name}.onnx_adapter"
+        assert entry.sha256 == file_sha256(path) and entry.version == entry.sha256[:12]
+        assert entry.size_bytes == path.stat().st_size
+        assert entry.template is not None and "{" in entry.template["prompt"]
+        assert entry.training["base"]["sha256"] == m.base.sha256
+    # every file is padded to the same rank and inputs, so all three have one size
+    assert len({e.size_bytes for e in m.adapters.values()}) == 1
+    assert json.loads((tiny_package / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+        "provider_options"] == []
+
+
+def test_parity_is_recorded_and_adapters_change_the_output(tiny_package):
+    m = Manifest.load(tiny_package)
+    outputs = {}
+    for name, entry in m.adapters.items():
+        p = entry.parity
+        assert p.reference == "pytorch-peft" and p.passed and p.tokens_equal
+        assert p.max_abs_logit_diff < 1e-3 and p.max_new_tokens == 8
+        assert len(p.prompts) == len(p.tokens) == 3 and all(0 < len(t) <= 8 for t in p.tokens)
+        outputs[name] = p.tokens
+    base = m.base_parity
+    assert base.reference == "pytorch" and base.tokens_equal and base.passed
+    # the same generic prompts through each adapter: every adapter changes what the model says
+    assert len({json.dumps(t) for t in [*outputs.values(), base.tokens]}) == 4
+
+
+def test_genai_reproduces_recorded_tokens_and_base_without_adapter(tiny_package):
+    """What the runtime will do: load the package, pick the adapter per generator."""
+    import onnxruntime_genai as og
+
+    m = Manifest.load(tiny_package)
+    model = og.Model(str(tiny_package))
+    tok = og.Tokenizer(model)
+    adapters = og.Adapters(model)
+    for name, entry in m.adapters.items():
+        adapters.load(str(tiny_package / entry.file), name)
+
+    def greedy(prompt, adapter):
+        ids = tok.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapter:
+            gen.set_active_adapter(adapters, adapter)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return [int(t) for t in np.asarray(gen.get_sequence(0))[len(ids):]]
+
+    for name, entry in m.adapters.items():
+        assert [greedy(p, name) for p in entry.parity.prompts] == entry.parity.tokens
+    assert [greedy(p, None) for p in m.base_parity.prompts] == m.base_parity.tokens
