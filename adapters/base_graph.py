@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -51,12 +52,19 @@ def _captured(stage: str):
     """Keep the builder's and Olive's chatter (prints, per-tensor progress bars) out of the console;
     show it only if the stage fails."""
     buffer = io.StringIO()
+    noisy = [logging.getLogger(name) for name in ("onnxruntime", "olive", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in noisy]
     try:
+        for logger in noisy:
+            logger.setLevel(logging.WARNING)
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             yield
     except Exception as exc:
         tail = buffer.getvalue()[-4000:]
         raise ExportError(f"{stage} failed: {exc}\n--- {stage} output (tail) ---\n{tail}") from exc
+    finally:
+        for logger, level in zip(noisy, levels, strict=True):
+            logger.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from loraplex.adapters.stages import StageTimer
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
-INT4_LOGIT_TOLERANCE = 2.0  # int4 base vs fp32 package, max |logit diff| (random tiny models; see tests)
+# Max |logit difference| vs the fp32 export (measured on the tiny random models: int4 ~0.25, fp16 ~0.003).
+REFERENCE_TOLERANCE = {"int4": 1.0, "fp16": 0.05}
 
 
 def _base_info(base_dir: Path) -> BaseModelInfo:
@@ -170,21 +171,22 @@ def export_package(
 
 def _verify_package(package_dir: Path, base_dir: Path, manifest: Manifest, adapters: Mapping[str, PeftAdapter],
                     files: Mapping[str, Path] | None = None, check_base: bool = True) -> None:
-    """Fill `manifest`'s parity records; raises ParityError naming the adapter that diverges."""
-    if manifest.precision == "fp16":
-        _check_graph_valid(package_dir / manifest.model_file)
-        log.warning("fp16 package: no GPU here to run it; checked graph validity only (onnx.checker)")
-        return
-    if manifest.precision == "int4":
-        _verify_int4(package_dir, base_dir, manifest, adapters, files or {})
+    """Fill `manifest`'s parity records; raises ParityError naming the adapter that diverges.
+
+    fp32: against PyTorch PEFT, tokens identical. int4 and fp16: against an fp32 export of the same
+    adapters, logits within REFERENCE_TOLERANCE (run on CPU whatever the device target, which also
+    proves the graph loads and runs in ONNX Runtime).
+    """
+    files = files or {}
+    if manifest.precision != "fp32":
+        _verify_against_fp32(package_dir, base_dir, manifest, adapters, files, check_base)
         return
     onnx = parity.OnnxDecoder(package_dir)
     ref = parity.TorchDecoder(base_dir, eos_token_id=None)
     for name, adapter in adapters.items():
         prompts = parity.prompts_for(adapter)
         ids = [onnx.encode(p) for p in prompts]
-        file = (files or {}).get(name) or package_dir / manifest.adapters[name].file
-        onnx.load(name, file)
+        onnx.load(name, files.get(name) or package_dir / manifest.adapters[name].file)
         ref.load(name, adapter.path)
         got = [onnx.greedy(i, name) for i in ids]
         want = [ref.greedy(i, name) for i in ids]
@@ -200,9 +202,9 @@ def _verify_package(package_dir: Path, base_dir: Path, manifest: Manifest, adapt
             reference="pytorch", tokens_must_match=True, tolerance=parity.FP32_LOGIT_TOLERANCE)
 
 
-def _verify_int4(package_dir: Path, base_dir: Path, manifest: Manifest, adapters: Mapping[str, PeftAdapter],
-                 files: Mapping[str, Path]) -> None:
-    """int4 vs an fp32 twin of the same package: logits within INT4_LOGIT_TOLERANCE (tokens recorded)."""
+def _verify_against_fp32(package_dir: Path, base_dir: Path, manifest: Manifest, adapters: Mapping[str, PeftAdapter],
+                         files: Mapping[str, Path], check_base: bool) -> None:
+    tolerance = REFERENCE_TOLERANCE[manifest.precision]
     with tempfile.TemporaryDirectory(prefix=".loraplex-fp32-ref-", dir=package_dir.parent) as tmp:
         ref_dir = Path(tmp) / "fp32"
         export_package(base_dir, {n: a.path for n, a in adapters.items()}, ref_dir, precision="fp32",
@@ -213,16 +215,30 @@ def _verify_int4(package_dir: Path, base_dir: Path, manifest: Manifest, adapters
             ids = [q.encode(p) for p in prompts]
             q.load(name, files.get(name) or package_dir / manifest.adapters[name].file)
             ref.load(name, ref_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
-            got = [q.greedy(i, name) for i in ids]
-            want = [_teacher_forced(ref, i, g.tokens, name) for i, g in zip(ids, got, strict=True)]
-            manifest.adapters[name].parity = parity.compare(
-                name, prompts, ids, got, want, reference="onnx-fp32", tokens_must_match=False,
-                tolerance=INT4_LOGIT_TOLERANCE)
+            manifest.adapters[name].parity = _reduced_precision_parity(name, prompts, ids, q, ref, name, tolerance)
+        if check_base:
+            prompts = list(parity.GENERIC_PROMPTS)
+            ids = [q.encode(p) for p in prompts]
+            manifest.base_parity = _reduced_precision_parity("(base, no adapter)", prompts, ids, q, ref, None,
+                                                             tolerance)
         del q, ref
 
 
-def _teacher_forced(decoder: parity.OnnxDecoder, ids: list[int], tokens: list[int], adapter: str) -> parity.Decoded:
-    """The fp32 model's logits along the int4 model's tokens (so the two are compared position by position)."""
+def _reduced_precision_parity(name: str, prompts: list[str], ids: list[list[int]], q: parity.OnnxDecoder,
+                              ref: parity.OnnxDecoder, adapter: str | None, tolerance: float) -> Parity:
+    """Logits compared along the reduced-precision model's own tokens (teacher-forced fp32); tokens
+    compared free-running and recorded, not required to match."""
+    got = [q.greedy(i, adapter) for i in ids]
+    forced = [_teacher_forced(ref, i, g.tokens, adapter) for i, g in zip(ids, got, strict=True)]
+    result = parity.compare(name, prompts, ids, got, forced, reference="onnx-fp32", tokens_must_match=False,
+                            tolerance=tolerance)
+    result.tokens_equal = all(g.tokens == ref.greedy(i, adapter).tokens for i, g in zip(ids, got, strict=True))
+    return result
+
+
+def _teacher_forced(decoder: parity.OnnxDecoder, ids: list[int], tokens: list[int],
+                    adapter: str | None) -> parity.Decoded:
+    """The fp32 model's logits along another model's tokens (so the two compare position by position)."""
     import numpy as np
 
     logits = []
@@ -230,12 +246,6 @@ def _teacher_forced(decoder: parity.OnnxDecoder, ids: list[int], tokens: list[in
         d = decoder.greedy(list(ids) + tokens[:step], adapter, max_new_tokens=1)
         logits.append(d.logits[0])
     return parity.Decoded(list(tokens), np.stack(logits) if logits else np.zeros((0, 0), np.float32))
-
-
-def _check_graph_valid(model_path: Path) -> None:
-    import onnx
-
-    onnx.checker.check_model(str(model_path), full_check=False)
 
 
 def add_adapter(package_dir: str | Path, name: str, adapter_dir: str | Path, *, version: str | None = None,

@@ -1,0 +1,94 @@
+"""PEFT adapter -> .onnx_adapter: equal to what Olive extracts, padding and scaling exact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from loraplex.adapters.base_graph import build_lora_model, extract_adapters
+from loraplex.adapters.convert import IncompatibleAdapter, adapter_tensors, convert_adapter
+from loraplex.adapters.lora_graph import read_lora_graph
+from loraplex.adapters.peft_adapter import AdapterError, load_peft_adapter
+
+from tests.fixtures.packages import ALL_LLAMA
+
+PHI3_ALL = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "phi3"])
+def test_converter_file_is_byte_identical_to_olive_extraction(architecture, tiny_base, tiny_base_factory,
+                                                              random_adapter_factory, tmp_path):
+    """Build a graph from the adapter itself (builder + ExtractAdapters): Olive's adapter file and
+    the converter's must be the same bytes. Phi-3 covers the fused qkv/gate_up split."""
+    base = tiny_base if architecture == "llama" else tiny_base_factory(architecture)
+    targets = ALL_LLAMA if architecture == "llama" else PHI3_ALL
+    adapter_dir = random_adapter_factory(base, f"olive_{architecture}", 8, targets, seed=11)
+    built = build_lora_model(base, adapter_dir, tmp_path / "built", tmp_path)
+    extracted = extract_adapters(built, tmp_path / "extracted", tmp_path)
+    olive_file = extracted.parent / "adapter_weights.onnx_adapter"
+
+    graph = read_lora_graph(extracted)
+    ours = convert_adapter(load_peft_adapter(adapter_dir), graph, 8, tmp_path / "ours.onnx_adapter")
+    assert len(graph.inputs) == 4 * 7 * 2  # q, k, v, o, gate, up, down in every layer, A and B
+    assert ours.read_bytes() == olive_file.read_bytes()
+
+
+def _peft(adapter_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def test_padding_and_scaling_are_exact(tiny_package, tiny_base, random_adapter_factory):
+    """alpha (r=4, q/v, lora_alpha=8) in a rank-16 graph: A^T and alpha/r * B^T top-left, zeros elsewhere."""
+    graph = read_lora_graph(tiny_package / "model.onnx")
+    adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1,
+                                         template={"prompt": "Review: {text}\nSentiment:", "completion": " {label}"})
+    tensors = adapter_tensors(load_peft_adapter(adapter_dir), graph, 16)
+    peft = _peft(adapter_dir)
+    assert list(tensors) == graph.names
+    a = peft["base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight"]  # [4, 128]
+    b = peft["base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"]  # [64, 4]
+    got_a = tensors["model.layers.2.attn.v_proj.lora_A.MatMul.weight"]
+    got_b = tensors["model.layers.2.attn.v_proj.lora_B.MatMul.weight"]
+    assert got_a.shape == (128, 16) and got_b.shape == (16, 64)
+    np.testing.assert_array_equal(got_a[:, :4], a.T)
+    np.testing.assert_array_equal(got_b[:4], (b * 2.0).T)  # lora_alpha 8 / r 4
+    assert not got_a[:, 4:].any() and not got_b[4:].any()
+    untargeted = tensors["model.layers.2.mlp.down_proj.lora_A.MatMul.weight"]
+    assert untargeted.shape == (352, 16) and not untargeted.any()
+
+
+def test_rslora_scales_by_alpha_over_sqrt_rank(tiny_base, random_adapter_factory, tiny_package):
+    adapter_dir = random_adapter_factory(tiny_base, "rs", 4, ("o_proj",), 5, alpha=6, rslora=True)
+    adapter = load_peft_adapter(adapter_dir)
+    assert adapter.rslora and adapter.modules["model.layers.0.self_attn.o_proj"].scaling == 6 / math.sqrt(4)
+    tensors = adapter_tensors(adapter, read_lora_graph(tiny_package / "model.onnx"), 4)
+    b = _peft(adapter_dir)["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"]
+    np.testing.assert_array_equal(tensors["model.layers.0.attn.o_proj.lora_B.MatMul.weight"], (b * 3.0).T)
+
+
+def test_rank_above_the_graph_rank_is_refused(tiny_base, random_adapter_factory, tiny_package):
+    adapter_dir = random_adapter_factory(tiny_base, "big", 32, ("q_proj",), 6)
+    with pytest.raises(IncompatibleAdapter, match="rank 32 .* padded to rank 16"):
+        adapter_tensors(load_peft_adapter(adapter_dir), read_lora_graph(tiny_package / "model.onnx"), 16)
+
+
+def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_factory):
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        load_peft_adapter(tmp_path)
+    src = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1)
+    for key, value, message in [("peft_type", "IA3", "only LoRA adapters"), ("use_dora", True, "use_dora=true")]:
+        bad = tmp_path / key
+        bad.mkdir()
+        config = json.loads((src / "adapter_config.json").read_text())
+        config[key] = value
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+        (bad / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+        with pytest.raises(AdapterError, match=message):
+            load_peft_adapter(bad)
+    (tmp_path / "peft_type" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
+        load_peft_adapter(tmp_path / "peft_type")
