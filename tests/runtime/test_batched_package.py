@@ -137,13 +137,15 @@ def bank_package(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @functools.cache
-def genai_reference(root: Path, adapter_file: Path | None, prompt: tuple[int, ...], max_new_tokens: int) -> list[int]:
+def genai_reference(root: Path, adapter_file: Path | None, prompt: tuple[int, ...], max_new_tokens: int,
+                    repetition_penalty: float = 1.0) -> list[int]:
     """Greedy completion tokens from onnxruntime-genai itself (EOS excluded), the engines' reference."""
     import onnxruntime_genai as og
 
     model = _genai_model(root)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1,
+                              repetition_penalty=repetition_penalty)
     generator = og.Generator(model, params)
     if adapter_file is not None:
         adapters = _genai_adapters(root)

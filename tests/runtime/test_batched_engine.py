@@ -1,0 +1,223 @@
+"""The batched engine: greedy tokens of every request equal onnxruntime-genai's for the same
+adapter and prompt, whatever shares the batch; slots, joins, cancellation, hot replacement."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from loraplex.runtime.batched_engine import BatchedEngine
+from loraplex.runtime.engine import AdapterHandle, FinishReason, GenerationJob, SamplingParams
+from loraplex.runtime.errors import AdapterIncompatible, InvalidRequest
+
+from tests.runtime.test_batched_package import BankPackage, bank_package, genai_reference
+
+WAIT_S = 120
+# Prompt lengths 1 to 14: the prompt-length mix GQA must handle through the masks.
+PROMPTS = [
+    [5, 17, 33, 2, 99, 4, 7],
+    [12, 13],
+    [100, 200, 300, 400, 500, 600, 7, 8, 9, 10, 11, 12, 13, 14],
+    [42],
+]
+
+
+class Collected:
+    """A job's sink: tokens in order, the finish reason, and an event for waiting.
+
+    With `pause_at=n` the sink holds the engine thread at the job's n-th token until `resume()`:
+    the test then acts (submits, cancels) at a known point of the decoding, whatever the speed.
+    """
+
+    def __init__(self, pause_at: int = 0):
+        self.tokens: list[int] = []
+        self.finish: FinishReason | None = None
+        self.done = threading.Event()
+        self.reached = threading.Event()  # set at the `pause_at`-th token
+        self._pause_at = pause_at
+        self._resume = threading.Event()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def __call__(self, token: int | None, finish: FinishReason | None) -> None:
+        if token is not None:
+            assert self.finish is None, "token after finish"
+            self.tokens.append(token)
+            if len(self.tokens) == self._pause_at:
+                self.reached.set()
+                assert self._resume.wait(WAIT_S), "the test never resumed the engine"
+        else:
+            assert self.finish is None, "finished twice"
+            self.finish = finish
+            self.reached.set()
+            self.done.set()
+
+    def wait(self) -> list[int]:
+        assert self.done.wait(WAIT_S), "job did not finish"
+        return self.tokens
+
+
+@pytest.fixture(scope="module")
+def package(request, tmp_path_factory) -> BankPackage:
+    return bank_package(request, tmp_path_factory)
+
+
+@pytest.fixture
+def make_engine(package):
+    engines: list[BatchedEngine] = []
+
+    def make(**kwargs) -> tuple[BatchedEngine, dict[str, AdapterHandle]]:
+        engine = BatchedEngine(package.root, intra_op_threads=2, **kwargs)
+        engines.append(engine)
+        handles = {name: engine.load_adapter(name, "1", path) for name, path in package.adapters.items()}
+        return engine, handles
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def submit(engine, prompt, handle, max_new_tokens=10, pause_at=0, **params) -> tuple[GenerationJob, Collected]:
+    sink = Collected(pause_at)
+    job = GenerationJob(
+        request_id=f"r{id(sink)}",
+        prompt_ids=list(prompt),
+        params=SamplingParams(max_new_tokens=max_new_tokens, **params),
+        adapter=handle,
+        sink=sink,
+    )
+    engine.submit(job)
+    return job, sink
+
+
+def reference(package: BankPackage, name: str | None, prompt, max_new_tokens=10) -> list[int]:
+    adapter = package.adapters[name] if name else None
+    return genai_reference(package.root, adapter, tuple(prompt), max_new_tokens)
+
+
+def test_mixed_batch_of_base_and_three_adapters_equals_genai_greedy(package, make_engine):
+    engine, handles = make_engine(max_batch=len(PROMPTS) * 4 + 1, max_slots=3)
+    names = [None, *sorted(handles)]
+    _, first = submit(engine, PROMPTS[0], None, pause_at=1)
+    first.reached.wait(WAIT_S)  # the engine waits at the first token while the others queue up
+    jobs = [(name, prompt, submit(engine, prompt, handles.get(name))[1]) for prompt in PROMPTS for name in names]
+    first.resume()
+    assert first.wait() == reference(package, None, PROMPTS[0])
+    for name, prompt, sink in jobs:
+        assert sink.wait() == reference(package, name, prompt), f"adapter {name}, prompt {prompt}"
+        assert sink.finish in (FinishReason.LENGTH, FinishReason.EOS)
+    assert engine.stats.max_rows == len(jobs) + 1  # they really shared the batch
+    # The adapters change the output, so the test can tell them apart.
+    outputs = {name: tuple(reference(package, name, PROMPTS[0])) for name in names}
+    assert len(set(outputs.values())) == len(names)
+
+
+def test_requests_joining_mid_flight_get_the_same_tokens(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    early = [submit(engine, PROMPTS[i], handles.get(name), max_new_tokens=16, pause_at=4)
+             for i, name in enumerate([None, "alpha"])]
+    early[0][1].reached.wait(WAIT_S)
+    late = [submit(engine, PROMPTS[i], handles.get(name)) for i, name in ((2, "gamma"), (3, "beta"), (1, None))]
+    for _, sink in early:
+        sink.resume()
+    for (i, name), (_, sink) in zip([(0, None), (1, "alpha")], early, strict=True):
+        assert sink.wait() == reference(package, name, PROMPTS[i], 16)
+    for (i, name), (_, sink) in zip([(2, "gamma"), (3, "beta"), (1, None)], late, strict=True):
+        assert sink.wait() == reference(package, name, PROMPTS[i])
+    assert engine.stats.prefill_runs >= 2 and engine.stats.max_rows == 5  # joined while the early ones ran
+
+
+def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=1)
+    names = ["alpha", "beta", "gamma", None, "alpha"]
+    jobs = [(name, submit(engine, PROMPTS[0], handles.get(name))[1]) for name in names]
+    for name, sink in jobs:
+        assert sink.wait() == reference(package, name, PROMPTS[0]), name
+    assert engine.stats.waits_for_slot > 0
+    assert engine.banks.fills >= 3
+
+
+def test_hot_replacement_keeps_the_old_version_for_running_jobs(package, make_engine):
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    old = handles["alpha"]
+    _, running = submit(engine, PROMPTS[1], old, max_new_tokens=20, pause_at=3)
+    running.reached.wait(WAIT_S)
+    new = engine.load_adapter("alpha", "2", package.adapters["gamma"])  # "retrained": other weights
+    _, fresh = submit(engine, PROMPTS[1], new)
+    running.resume()
+    assert running.wait() == reference(package, "alpha", PROMPTS[1], 20)
+    assert fresh.wait() == reference(package, "gamma", PROMPTS[1])
+    engine.unload_adapter(old)  # the registry does this after the last job on it finished
+    _, after = submit(engine, PROMPTS[1], new)  # a round trip through the engine thread
+    after.wait()
+    assert old.state is None
+    assert old not in engine.banks.resident().values() and new in engine.banks.resident().values()
+
+
+def test_cancel_and_stop_end_one_row_and_leave_the_others_exact(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    cancel_job, cancelled = submit(engine, PROMPTS[0], handles["beta"], max_new_tokens=40, pause_at=2)
+    stop_job, stopped = submit(engine, PROMPTS[2], None, max_new_tokens=40, pause_at=3)
+    _, other = submit(engine, PROMPTS[1], handles["gamma"], max_new_tokens=24)
+    cancelled.reached.wait(WAIT_S)
+    cancel_job.stop()
+    cancelled.resume()
+    stopped.reached.wait(WAIT_S)
+    stop_job.stop(FinishReason.STOP)  # what the server does when a stop string matched
+    stopped.resume()
+    cancelled.wait()
+    stopped.wait()
+    assert cancelled.finish is FinishReason.CANCELLED and len(cancelled.tokens) == 2
+    assert stopped.finish is FinishReason.STOP and len(stopped.tokens) == 3
+    assert cancelled.tokens == reference(package, "beta", PROMPTS[0], 40)[: len(cancelled.tokens)]
+    assert other.wait() == reference(package, "gamma", PROMPTS[1], 24)
+
+
+def test_eos_ends_a_row_without_emitting_it_unless_ignored(package, make_engine):
+    engine, _ = make_engine(max_batch=4, max_slots=1)
+    expected = reference(package, None, PROMPTS[3], 10)
+    engine.eos_ids = frozenset({expected[3]})  # pretend the 4th token is EOS
+    _, eos = submit(engine, PROMPTS[3], None)
+    _, ignoring = submit(engine, PROMPTS[3], None, ignore_eos=True)
+    first = expected.index(expected[3])
+    assert eos.wait() == expected[:first] and eos.finish is FinishReason.EOS
+    assert ignoring.wait() == expected and ignoring.finish is FinishReason.LENGTH
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_in_a_crowd(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    sampled = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7, max_new_tokens=12)
+    alone = submit(engine, PROMPTS[0], handles["alpha"], **sampled)[1].wait()
+    crowd = [submit(engine, p, handles.get(n)) for p, n in zip(PROMPTS, [None, "beta", "gamma", "alpha"], strict=True)]
+    again = submit(engine, PROMPTS[0], handles["alpha"], **sampled)[1].wait()
+    other_seed = submit(engine, PROMPTS[0], handles["alpha"], **{**sampled, "seed": 8})[1].wait()
+    for _, sink in crowd:
+        sink.wait()
+    assert again == alone and len(alone) == 12
+    assert other_seed != alone
+
+
+def test_greedy_with_repetition_penalty_equals_genai(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    jobs = [(p, n, submit(engine, p, handles.get(n), max_new_tokens=16, repetition_penalty=1.3)[1])
+            for p, n in zip(PROMPTS, [None, "beta", "gamma", "alpha"], strict=True)]
+    plain = submit(engine, PROMPTS[0], None, max_new_tokens=16)[1]  # shares the batch, no penalty
+    for prompt, name, sink in jobs:
+        want = genai_reference(package.root, package.adapters.get(name), tuple(prompt), 16, repetition_penalty=1.3)
+        assert sink.wait() == want, name
+    assert plain.wait() == reference(package, None, PROMPTS[0], 16)
+    assert plain.tokens != jobs[0][2].tokens  # the penalty changes this output
+
+
+def test_bad_prompts_and_incompatible_adapter_files_are_refused(package, make_engine, tmp_path):
+    engine, _ = make_engine(max_batch=2, max_slots=1)
+    with pytest.raises(InvalidRequest, match="empty"):
+        submit(engine, [], None)
+    with pytest.raises(InvalidRequest, match="shorten the prompt"):
+        submit(engine, [5] * engine.max_len, None)
+    bogus = tmp_path / "bogus.onnx_adapter"
+    bogus.write_bytes(b"not an adapter")
+    with pytest.raises(AdapterIncompatible, match="re-export"):
+        engine.load_adapter("bogus", "1", Path(bogus))
