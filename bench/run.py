@@ -1,0 +1,309 @@
+"""`python -m bench.run [--quick]`: loraplex against its peers, side by side in one run (issue 5).
+
+Builds (or reuses) the workload, starts a `loraplex serve` per engine, loads the in-process peers,
+runs every scenario with the systems interleaved, and writes `bench/RESULTS.md`,
+`bench/results.json` and PNG plots (`--quick` writes to `bench/out/quick/` instead, on a tiny
+model with small request counts: for developing the bench, not for quoting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench import machine, memory, roofline, scenarios, workload
+from bench.results import Prompt
+from bench.sys_loraplex import LoraplexServer, Unavailable
+
+log = logging.getLogger("bench")
+BENCH_DIR = Path(__file__).parent
+ENGINES = ("batched", "genai")
+SCENARIOS = ("single", "switch", "concurrency", "hotload", "memory")
+
+QUICK_GRID = scenarios.Grid(
+    single_reps=2,
+    switch_reps=1,
+    switch_block=2,
+    concurrency=(1, 4),
+    adapter_spread=(1, 4),
+    min_requests=4,
+    serial_measured=3,
+    peft_waves=1,
+    hot_load_requests=8,
+    hot_load_adapters=2,
+    memory_counts=(1, 4, 8),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, small counts (develop the bench)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="loraplex engines to serve (comma list)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios (comma list)")
+    parser.add_argument("--no-peft", action="store_true", help="leave PyTorch PEFT out")
+    parser.add_argument("--out", type=Path, help="where RESULTS.md, results.json and plots go")
+    parser.add_argument("--build-only", action="store_true", help="build or reuse the artefacts, then stop")
+    return parser.parse_args(argv)
+
+
+class Bench:
+    """The systems under test and what the run has measured so far."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.quick = args.quick
+        self.workload = (
+            workload.Workload(shape=dict(workload.QUICK_SHAPE), total_adapters=8, served_adapters=4, n_prompts=8)
+            if args.quick
+            else workload.Workload()
+        )
+        self.grid = QUICK_GRID if args.quick else scenarios.Grid()
+        self.out = args.out or (BENCH_DIR / "out" / "quick" if args.quick else BENCH_DIR)
+        self.engines = [e for e in args.engines.split(",") if e]
+        self.wanted = set(args.scenarios.split(","))
+        self.results: dict[str, Any] = {"unavailable": {}, "timings_s": {}}
+        self.servers: dict[str, LoraplexServer] = {}  # fp32, keyed by engine
+        self.peers: dict[str, Any] = {}
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def build(self) -> None:
+        start = time.perf_counter()
+        self.art = workload.build(self.workload)
+        self.prompts = [Prompt(t, ids) for t, ids in zip(self.art.prompts, self.art.prompt_ids, strict=True)]
+        self.served = self.workload.adapter_names(self.workload.served_adapters)
+        self.log_dir = self.art.root / "logs"
+        self.results["workload"] = {**self.workload.__dict__, "cache": str(self.art.root)}
+        self.results["timings_s"]["build"] = time.perf_counter() - start
+
+    def measure_machine(self) -> None:
+        self.results["machine"] = machine.machine_info()
+        self.results["versions"] = machine.package_versions()
+        bw = roofline.measure_copy_bandwidth(buffer_mb=128 if self.quick else 512)
+        self.results["bandwidth"] = bw.__dict__
+        roof = {}
+        for precision, package in self.art.packages.items():
+            sizes = workload.weight_bytes_per_token(package)
+            roof[precision] = {**sizes, "tokens_per_s": roofline.roofline_tokens_per_s(sizes["per_token"], bw)}
+        self.results["roofline"] = roof
+
+    def _unavailable(self, name: str, reason: str) -> None:
+        log.warning("%s is not available: %s", name, reason)
+        self.results["unavailable"][name] = reason
+
+    def start_servers(self, precision: str, label: str = "") -> dict[str, LoraplexServer]:
+        servers = {}
+        package = self.art.packages.get(precision)
+        for engine in self.engines:
+            name = f"loraplex[{engine}]{' ' + label if label else ''}"
+            if package is None:
+                self._unavailable(name, f"no {precision} package (export unavailable or failed)")
+                continue
+            try:
+                servers[engine] = LoraplexServer(
+                    package,
+                    engine,
+                    adapter_root=self.art.root / f"pkg_{precision}_all" / "adapters",
+                    log_dir=self.log_dir,
+                    max_batch=max(self.grid.concurrency),
+                    label=label,
+                )
+            except Unavailable as exc:
+                self._unavailable(name, str(exc))
+        return servers
+
+    def start_peers(self) -> None:
+        from bench.sys_genai import GenaiInProcess
+
+        for precision, package in self.art.packages.items():
+            name = "onnxruntime-genai" + ("" if precision == "fp32" else f" {precision}")
+            try:
+                self.peers[name] = GenaiInProcess(package, self.served, name=name)
+            except Exception as exc:
+                self._unavailable(name, repr(exc))
+        if "fp32" not in self.art.packages:
+            self._unavailable("onnxruntime-genai", "no fp32 package (export unavailable or failed)")
+        if not self.args.no_peft:
+            from bench.sys_peft import PeftSystem
+
+            try:
+                self.peers["pytorch-peft"] = PeftSystem(self.art.base, {n: self.art.peft[n] for n in self.served})
+            except Exception as exc:
+                self._unavailable("pytorch-peft", repr(exc))
+
+    # --- scenarios -------------------------------------------------------------------------
+
+    def fp32_systems(self) -> list[Any]:
+        return [
+            *self.servers.values(),
+            *(p for n, p in self.peers.items() if n in ("onnxruntime-genai", "pytorch-peft")),
+        ]
+
+    def _timed(self, key: str, fn) -> None:
+        if key not in self.wanted:
+            return
+        start = time.perf_counter()
+        fn()
+        self.results["timings_s"][key] = time.perf_counter() - start
+        log.info("scenario %s took %.0f s", key, self.results["timings_s"][key])
+
+    def run_single(self) -> None:
+        int4_servers = self.start_servers("int4", label="int4") if "int4" in self.art.packages else {}
+        try:
+            systems = [
+                *self.fp32_systems(),
+                *int4_servers.values(),
+                *(p for n, p in self.peers.items() if n.endswith("int4")),
+            ]
+            scenarios.warm_up(systems, self.prompts[0], self.served[0], self.workload.new_tokens)
+            with tqdm(total=self.grid.single_reps * len(systems), desc="single stream", unit="req") as bar:
+                self.results["single_stream"] = scenarios.single_stream(
+                    systems, self.prompts, self.served[0], self.workload.new_tokens, self.grid.single_reps, bar
+                )
+            for name, row in self.results["single_stream"].items():
+                row["precision"] = "int4" if "int4" in name else "fp32"
+        finally:
+            for server in int4_servers.values():
+                server.close()
+
+    def run_switch(self) -> None:
+        systems = self.fp32_systems()
+        with tqdm(total=self.grid.switch_reps * len(systems), desc="adapter switch", unit="block") as bar:
+            self.results["adapter_switch"] = scenarios.adapter_switch(
+                systems,
+                self.prompts,
+                (self.served[0], self.served[1]),
+                self.workload.new_tokens,
+                self.grid.switch_reps,
+                self.grid.switch_block,
+                bar,
+            )
+
+    def run_concurrency(self) -> None:
+        systems = self.fp32_systems()
+        total = len(self.grid.adapter_spread) * len(self.grid.concurrency) * len(systems)
+        with tqdm(total=total, desc="concurrency", unit="point") as bar:
+            self.results["concurrency"] = scenarios.concurrency(
+                systems, self.prompts, self.served, self.workload.new_tokens, self.grid, bar
+            )
+
+    def run_hot_load(self) -> None:
+        from loraplex.adapters.manifest import Manifest
+
+        full = self.art.root / "pkg_fp32_all"
+        manifest = Manifest.load(full)
+        n = self.workload.served_adapters
+        new, spare = f"a{n:02d}", f"a{n + 1:02d}"
+        new_file = Path(manifest.adapters[new].file).name  # relative to the adapter root
+        spare_file = Path(manifest.adapters[spare].file).name
+        peers = [p for name, p in self.peers.items() if name in ("onnxruntime-genai", "pytorch-peft")]
+        paths = {"onnxruntime-genai": full / manifest.adapters[new].file, "pytorch-peft": self.art.peft[new]}
+        with tqdm(total=len(self.servers) + len(peers), desc="hot load", unit="system") as bar:
+            self.results["hot_load"] = scenarios.hot_load(
+                list(self.servers.values()),
+                peers,
+                self.prompts,
+                self.served,
+                (new, new_file),
+                (self.served[1], spare_file),
+                paths,
+                self.workload.new_tokens,
+                self.grid,
+                bar,
+            )
+
+    def run_memory(self) -> None:
+        """Each reading in a fresh process; the long-lived servers and peers are closed first."""
+        self.close()
+        counts = [c for c in self.grid.memory_counts if c <= self.workload.total_adapters]
+        rows: dict[str, dict[str, Any]] = {}
+        total = len(counts) * (len(self.engines) + (1 if "fp32" in self.art.packages else 0) + (not self.args.no_peft))
+        with tqdm(total=total, desc="memory", unit="reading") as bar:
+            for n in counts:
+                names = self.workload.adapter_names(n)
+                if "fp32" in self.art.packages:
+                    package = self.art.package_with(n)
+                    for engine in self.engines:
+                        rows.setdefault(f"loraplex[{engine}]", {})[str(n)] = memory.server_rss(
+                            package, engine, names, self.prompts[0], self.log_dir
+                        )
+                        bar.update(1)
+                    rows.setdefault("onnxruntime-genai", {})[str(n)] = memory.peer_rss("genai", self.art.root, n)
+                    bar.update(1)
+                if not self.args.no_peft:
+                    rows.setdefault("pytorch-peft", {})[str(n)] = memory.peer_rss("peft", self.art.root, n)
+                    bar.update(1)
+        self.results["memory"] = rows
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        self.build()
+        self.measure_machine()
+        self.servers = self.start_servers("fp32")
+        self.start_peers()
+        try:
+            self._timed("single", self.run_single)
+            self._timed("switch", self.run_switch)
+            self._timed("concurrency", self.run_concurrency)
+            self._timed("hotload", self.run_hot_load)
+        finally:
+            self.close()
+        self._timed("memory", self.run_memory)
+        self.results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self.results["timings_s"]["total"] = time.perf_counter() - start
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            with suppress(Exception):
+                server.close()
+        self.servers = {}
+        for peer in self.peers.values():
+            with suppress(Exception):
+                peer.close()
+        self.peers = {}
+
+    def write(self) -> None:
+        from bench import plots, report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results["quick"] = self.quick
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        images = plots.write_plots(self.results, self.out / "plots")
+        (self.out / "RESULTS.md").write_text(report.render(self.results, images, self.out))
+        log.info("wrote %s", self.out / "RESULTS.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bench = Bench(args)
+    if args.build_only:
+        bench.build()
+        log.info("built %s in %.0f s", bench.art.root, bench.results["timings_s"]["build"])
+        return 0
+    try:
+        bench.run()
+    finally:
+        if "workload" in bench.results:
+            bench.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

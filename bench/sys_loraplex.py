@@ -1,0 +1,225 @@
+"""System 1: loraplex end to end, `loraplex serve` in a subprocess, driven over gRPC.
+
+The bench talks to the server through the generated `loraplex.v1` stubs (the public contract
+of issue 4), one channel per client thread, so what is measured is what any gRPC client sees:
+serialization, the server's queue and scheduler, and the engine. A server that cannot start
+(engine not built yet, say) raises `Unavailable` with the reason, and the bench reports that
+system as "not available".
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from bench.results import Prompt, RequestResult
+
+log = logging.getLogger("bench.loraplex")
+
+
+class Unavailable(RuntimeError):
+    """This system cannot run here; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stubs():
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+    except ImportError as exc:
+        raise Unavailable(f"the loraplex.v1 gRPC stubs are not importable ({exc})") from exc
+    return grpc, health_pb2, health_pb2_grpc, generation_pb2, generation_pb2_grpc, adapters_pb2, adapters_pb2_grpc
+
+
+class LoraplexServer:
+    """One `loraplex serve` process and a gRPC client for it."""
+
+    def __init__(
+        self,
+        package: Path,
+        engine: str,
+        *,
+        adapter_root: Path | None = None,
+        log_dir: Path,
+        start_timeout_s: float = 600.0,
+        max_batch: int = 16,
+        extra_args: tuple[str, ...] = (),
+        label: str = "",
+    ):
+        (self.grpc, self._health_pb2, self._health_grpc, self.gen_pb2, self._gen_grpc, self.adm_pb2, self._adm_grpc) = (
+            _stubs()
+        )
+        self.engine = engine
+        self.name = f"loraplex[{engine}]{' ' + label if label else ''}"
+        self.port = _free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"server_{engine}_{package.name}_{self.port}.log"
+        cmd = [sys.executable, "-m", "loraplex.runtime.cli", "serve", "--package", str(package),
+               "--host", "127.0.0.1", "--port", str(self.port), "--engine", engine,
+               "--max-batch", str(max_batch), "--max-queue", "1024", *extra_args]
+        if adapter_root is not None:
+            cmd += ["--adapter-root", str(adapter_root)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        log.info("starting %s: %s", self.name, " ".join(cmd))
+        self.process = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        self.start_s = 0.0
+        try:
+            self._wait_serving(start_timeout_s)
+        except Exception:
+            self.close()
+            raise
+        self._ignore_eos = "ignore_eos" in self.gen_pb2.SamplingParams.DESCRIPTOR.fields_by_name
+        if not self._ignore_eos:
+            log.warning("SamplingParams has no ignore_eos: %s requests may end early at EOS", self.name)
+        self._local = threading.local()
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait_serving(self, timeout_s: float) -> None:
+        start = time.perf_counter()
+        channel = self.grpc.insecure_channel(self.target)
+        health = self._health_grpc.HealthStub(channel)
+        serving = self._health_pb2.HealthCheckResponse.SERVING
+        try:
+            while time.perf_counter() - start < timeout_s:
+                if self.process.poll() is not None:
+                    raise Unavailable(
+                        f"`loraplex serve --engine {self.engine}` exited with "
+                        f"{self.process.returncode}:\n{self._log_tail()}"
+                    )
+                try:
+                    reply = health.Check(self._health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if reply.status == serving:
+                        self.start_s = time.perf_counter() - start
+                        return
+                except self.grpc.RpcError:
+                    pass
+                time.sleep(0.25)
+            raise Unavailable(f"{self.name} was not SERVING after {timeout_s:.0f} s:\n{self._log_tail()}")
+        finally:
+            channel.close()
+
+    # --- clients -----------------------------------------------------------------------------
+
+    def _thread_stubs(self):
+        """One channel per client thread: gRPC clients in separate threads do not share a connection."""
+        if getattr(self._local, "generation", None) is None:
+            channel = self.grpc.insecure_channel(self.target)
+            self._local.channel = channel
+            self._local.generation = self._gen_grpc.GenerationStub(channel)
+            self._local.adapters = self._adm_grpc.AdaptersStub(channel)
+        return self._local.generation, self._local.adapters
+
+    def _request(self, prompt: Prompt, adapter: str | None, new_tokens: int):
+        params = dict(max_new_tokens=new_tokens, temperature=0.0)
+        if self._ignore_eos:
+            params["ignore_eos"] = True
+        return self.gen_pb2.GenerateRequest(
+            adapter=adapter or "",
+            prompt=prompt.text,
+            params=self.gen_pb2.SamplingParams(**params),
+            request_id=uuid.uuid4().hex,
+        )
+
+    def generate(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
+        """One streamed request: client-side time to first token and total latency."""
+        generation, _ = self._thread_stubs()
+        start = time.perf_counter()
+        ttft = None
+        tokens = 0
+        try:
+            for chunk in generation.GenerateStream(self._request(prompt, adapter, new_tokens), timeout=600):
+                if chunk.token_ids:
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                    tokens += len(chunk.token_ids)
+        except self.grpc.RpcError as exc:
+            return RequestResult(time.perf_counter() - start, ttft, tokens, ok=False, error=str(exc.code()))
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=tokens)
+
+    def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
+        generation, _ = self._thread_stubs()
+        start = time.perf_counter()
+        try:
+            reply = generation.Generate(self._request(prompt, adapter, new_tokens), timeout=600)
+        except self.grpc.RpcError as exc:
+            return RequestResult(time.perf_counter() - start, None, 0, ok=False, error=str(exc.code()))
+        ttft = reply.timings.time_to_first_token_ms / 1000 if reply.HasField("timings") else None
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=reply.usage.completion_tokens)
+
+    def run_load(
+        self,
+        requests: list[tuple[Prompt, str | None]],
+        clients: int,
+        new_tokens: int,
+        until: threading.Event | None = None,
+    ) -> tuple[list[RequestResult], float, str]:
+        """`clients` closed-loop client threads share the request list (each sends its next when one returns).
+
+        With `until`, clients cycle through the list until the event is set (and at least once through it).
+        """
+        counter = itertools.count()
+        results: dict[int, RequestResult] = {}
+        start = time.perf_counter()
+
+        def more(i: int) -> bool:
+            return i < len(requests) or (until is not None and not until.is_set())
+
+        def client() -> None:
+            while more(i := next(counter)):
+                sent = time.perf_counter() - start
+                result = self.generate_unary(*requests[i % len(requests)], new_tokens)
+                result.start_s = sent
+                results[i] = result
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        return [results[i] for i in sorted(results)], wall, f"{clients} gRPC clients, closed loop"
+
+    def load_adapter(self, name: str, path: Path) -> float:
+        """`Adapters.Load` (path relative to the adapter root); returns its latency in seconds."""
+        _, adapters = self._thread_stubs()
+        start = time.perf_counter()
+        adapters.Load(self.adm_pb2.LoadAdapterRequest(name=name, path=str(path)), timeout=300)
+        return time.perf_counter() - start
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process and its children."""
+        import psutil
+
+        proc = psutil.Process(self.process.pid)
+        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()

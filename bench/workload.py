@@ -1,0 +1,275 @@
+"""The bench workload: a mid-size random-init Llama, random rank-16 adapters, exported packages.
+
+Everything is built locally (no hub) and cached under `bench/out/<key>/`, where the key hashes
+the workload's configuration: a second run with the same configuration reuses the model, the
+PEFT adapters, the packages and the prompts. Random weights are fine for speed; the adapters'
+B matrices are non-zero so every LoRA branch does real work and changes the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("bench.workload")
+
+OUT_ROOT = Path(__file__).parent / "out"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Issue 5: about 75M parameters.
+FULL_SHAPE = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
+# --quick: the tests' tiny shape, for developing the bench itself.
+QUICK_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is built and how requests look; hashed into the cache key."""
+
+    shape: dict = field(default_factory=lambda: dict(FULL_SHAPE))
+    total_adapters: int = 32  # built and exported (the memory scenario loads up to this many)
+    served_adapters: int = 8  # what the throughput scenarios spread requests over
+    rank: int = 16
+    alpha: int = 32
+    lora_b_std: float = 0.02  # non-zero B: the adapter changes the output
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    n_prompts: int = 16
+    precisions: tuple[str, ...] = ("fp32", "int4")
+    seed: int = 0
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def adapter_names(self, n: int | None = None) -> list[str]:
+        return [f"a{i:02d}" for i in range(self.total_adapters if n is None else n)]
+
+
+@dataclass
+class Artifacts:
+    """Paths of everything built for one workload."""
+
+    root: Path
+    base: Path
+    peft: dict[str, Path]  # adapter name -> PEFT directory (all `total_adapters`)
+    packages: dict[str, Path]  # precision -> package serving the first `served_adapters`
+    prompts: list[str]  # each exactly `prompt_tokens` tokens long
+    prompt_ids: list[list[int]]
+
+    def package_with(self, n_adapters: int, precision: str = "fp32") -> Path:
+        """A package view with the first `n_adapters` adapters (built on demand, cheap: hard links)."""
+        return _package_view(
+            self.root / f"pkg_{precision}_all", n_adapters, self.root / f"pkg_{precision}_n{n_adapters}"
+        )
+
+
+def _done(path: Path) -> bool:
+    return (path / ".bench_done").is_file()
+
+
+def _mark_done(path: Path) -> None:
+    (path / ".bench_done").write_text("ok\n")
+
+
+def build(workload: Workload, out_root: Path = OUT_ROOT) -> Artifacts:
+    """Build (or reuse) the base model, the adapters, the packages and the prompts."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    root = out_root / workload.key()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "workload.json").write_text(json.dumps(asdict(workload), indent=2))
+
+    base = _build_base(workload, root / "base")
+    peft = _build_adapters(workload, base, root / "peft")
+    packages: dict[str, Path] = {}
+    for precision in workload.precisions:
+        names = workload.adapter_names() if precision == "fp32" else workload.adapter_names(workload.served_adapters)
+        full = _export(base, {n: peft[n] for n in names}, root / f"pkg_{precision}_all", precision)
+        if full is None:
+            continue
+        packages[precision] = _package_view(
+            full, workload.served_adapters, root / f"pkg_{precision}_n{workload.served_adapters}"
+        )
+    prompts, prompt_ids = _build_prompts(workload, base, root / "prompts.json")
+    return Artifacts(root=root, base=base, peft=peft, packages=packages, prompts=prompts, prompt_ids=prompt_ids)
+
+
+def _build_base(workload: Workload, out: Path) -> Path:
+    if _done(out):
+        return out
+    from loraplex.trainer.tiny_base import build_tiny_base
+
+    log.info("building random-init llama base %s", workload.shape)
+    if out.exists():
+        shutil.rmtree(out)
+    build_tiny_base(out, seed=workload.seed, architecture="llama", **workload.shape)
+    _mark_done(out)
+    return out
+
+
+def _build_adapters(workload: Workload, base: Path, out: Path) -> dict[str, Path]:
+    """Rank-r LoRA on every projection, A and B random (seeded per adapter), saved as PEFT dirs."""
+    names = workload.adapter_names()
+    dirs = {name: out / name for name in names}
+    if _done(out):
+        return dirs
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=workload.rank, lora_alpha=workload.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
+    peft_model = get_peft_model(model, config)
+    for i, name in enumerate(tqdm(names, desc="random adapters", unit="adapter")):
+        gen = torch.Generator().manual_seed(workload.seed * 1000 + i)
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if ".lora_A." in pname:
+                    bound = 1.0 / param.shape[1] ** 0.5
+                    param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
+                elif ".lora_B." in pname:
+                    param.copy_(torch.randn(param.shape, generator=gen) * workload.lora_b_std)
+        peft_model.save_pretrained(dirs[name])
+    _mark_done(out)
+    return dirs
+
+
+def _export(base: Path, adapters: dict[str, Path], out: Path, precision: str) -> Path | None:
+    """`loraplex export` of the base with these adapters; None (logged) if export is unavailable."""
+    if _done(out):
+        return out
+    try:
+        from loraplex.adapters.export import export_package
+    except ImportError as exc:
+        log.warning("loraplex export is not available (%s): skipping the %s package", exc, precision)
+        return None
+    if out.exists():
+        shutil.rmtree(out)
+    log.info("exporting %s package with %d adapters to %s", precision, len(adapters), out)
+    try:
+        export_package(base, adapters, out, precision=precision, device="cpu", verify=False)
+    except Exception as exc:  # one precision failing must not cost the other systems' numbers
+        log.error("export of the %s package failed: %s", precision, exc, exc_info=True)
+        return None
+    _mark_done(out)
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (a copy across file systems). Not a symlink: ONNX Runtime refuses external data
+    that resolves outside the model's directory."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
+    """A package holding the first `n_adapters` of `full`: links to its files, a trimmed manifest."""
+    if _done(out):
+        return out
+    from loraplex.adapters.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
+
+    manifest = Manifest.load(full)
+    names = sorted(manifest.adapters)[:n_adapters]
+    if len(names) < n_adapters:
+        raise ValueError(f"package {full} has {len(names)} adapters, fewer than the {n_adapters} asked for")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for item in full.iterdir():
+        if item.is_file() and item.name not in (MANIFEST_NAME, ".bench_done"):
+            _link(item, out / item.name)
+    (out / ADAPTER_DIR).mkdir()
+    for name in names:
+        _link(full / manifest.adapters[name].file, out / manifest.adapters[name].file)
+    manifest.adapters = {name: manifest.adapters[name] for name in names}
+    manifest.save(out)
+    _mark_done(out)
+    return out
+
+
+def _build_prompts(workload: Workload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
+    """Texts that tokenize to exactly `prompt_tokens` ids and decode back to themselves."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return data["prompts"], data["ids"]
+    from loraplex.trainer import demo_tasks
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    words = sorted(set(demo_tasks.NOUNS + demo_tasks.POSITIVE + demo_tasks.NEGATIVE + list(demo_tasks.TRANSLATION)))
+    rng = random.Random(workload.seed)
+    prompts: list[str] = []
+    ids: list[list[int]] = []
+    for _ in range(workload.n_prompts * 50):
+        if len(prompts) == workload.n_prompts:
+            break
+        text = " ".join(rng.choice(words) for _ in range(workload.prompt_tokens * 2))
+        first = tokenizer.encode(text, add_special_tokens=False)[: workload.prompt_tokens]
+        text = tokenizer.decode(first)
+        again = tokenizer.encode(text, add_special_tokens=False)
+        if again == first and len(again) == workload.prompt_tokens:
+            prompts.append(text)
+            ids.append(again)
+    if len(prompts) < workload.n_prompts:
+        raise RuntimeError("could not make prompts that round-trip through the tokenizer at the asked length")
+    path.write_text(json.dumps({"prompts": prompts, "ids": ids}))
+    return prompts, ids
+
+
+def weight_bytes_per_token(package: Path, with_adapter: bool = True) -> dict[str, int]:
+    """Bytes of weights one batch-1 decode step reads: every initializer except the embedding
+    table (a gather reads one row), plus one adapter's LoRA weights (graph inputs)."""
+    import onnx
+    from loraplex.adapters.manifest import Manifest
+
+    manifest = Manifest.load(package)
+    model = onnx.load(str(package / manifest.model_file), load_external_data=False)
+    itemsize = {
+        onnx.TensorProto.FLOAT: 4,
+        onnx.TensorProto.FLOAT16: 2,
+        onnx.TensorProto.UINT8: 1,
+        onnx.TensorProto.INT8: 1,
+        onnx.TensorProto.INT32: 4,
+        onnx.TensorProto.INT64: 8,
+    }
+    weights = embedding = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        size = n * itemsize.get(init.data_type, 4)
+        if "embed_tokens" in init.name:
+            embedding += size
+        else:
+            weights += size
+    adapter = 0
+    if with_adapter and manifest.adapters:
+        first = next(iter(manifest.adapters.values()))
+        adapter = (package / first.file).stat().st_size
+    return {"weights": weights, "embedding": embedding, "adapter": adapter, "per_token": weights + adapter}
