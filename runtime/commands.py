@@ -65,8 +65,8 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     unload.set_defaults(func=_adapters_unload)
 
     demo = commands.add_parser("demo", help="the main job: train, export, serve, query and hot-swap the demo tasks")
-    demo.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="where the artefacts go")
-    demo.add_argument("--fresh", action="store_true", help="rebuild everything even if artefacts exist")
+    demo.add_argument("--out", type=Path, default=Path("artifacts/demo"),
+                      help="where the artefacts go (cleared first: every run is fresh)")
     demo.set_defaults(func=_demo)
 
 
@@ -164,4 +164,4 @@ def _adapters_unload(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from loraplex.runtime.demo import run_demo
 
-    return run_demo(args.out, fresh=args.fresh)
+    return run_demo(args.out)

@@ -25,6 +25,13 @@ PROBES = {
     "openvino": "is_openvino_available",
     "webgpu": "is_webgpu_available",
 }
+ORT_NAMES = {
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
 INSTALL_HINT = {
     "cuda": "pip install 'loraplex[cuda]' (onnxruntime-genai-cuda) on a machine with an NVIDIA GPU",
     "dml": "pip install 'loraplex[directml]' on Windows",
@@ -49,14 +56,21 @@ class DeviceChoice:
 
 
 def available_providers() -> list[str]:
-    """Providers this onnxruntime-genai build can run here ("cpu" always)."""
+    """Providers that can run here ("cpu" always): ONNX Runtime must list the execution provider and
+    onnxruntime-genai must be built for it. (onnxruntime-genai 0.18's `is_qnn_available`,
+    `is_openvino_available` and `is_webgpu_available` answer True on the plain CPU wheel, so its
+    probes alone would let a server start on a provider that fails at the first session.)"""
+    import onnxruntime as ort
     import onnxruntime_genai as og
 
+    listed = set(ort.get_available_providers())
     found = ["cpu"]
     for provider, probe in PROBES.items():
+        if ORT_NAMES[provider] not in listed:
+            continue
         check = getattr(og, probe, None)
         try:
-            if check is not None and check():
+            if check is None or check():
                 found.append(provider)
         except Exception:  # a probe of a missing runtime library raises instead of answering False
             continue
