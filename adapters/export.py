@@ -35,8 +35,11 @@ from loraplex.adapters.stages import StageTimer
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
-# Max |logit difference| vs the fp32 export (measured on the tiny random models: int4 ~0.25, fp16 ~0.003).
-REFERENCE_TOLERANCE = {"int4": 1.0, "fp16": 0.05}
+# Max |logit difference| vs the fp32 export, in units of the fp32 logits' standard deviation (the
+# absolute value used is recorded as Parity.tolerance). Measured on the tiny random-init models:
+# int4 ~0.8 (block-32 int4 of random weights is the worst case: no outliers, small logit spread),
+# fp16 ~0.002.
+REFERENCE_TOLERANCE = {"int4": 1.25, "fp16": 0.05}
 
 
 def _base_info(base_dir: Path) -> BaseModelInfo:
@@ -204,7 +207,7 @@ def _verify_package(package_dir: Path, base_dir: Path, manifest: Manifest, adapt
 
 def _verify_against_fp32(package_dir: Path, base_dir: Path, manifest: Manifest, adapters: Mapping[str, PeftAdapter],
                          files: Mapping[str, Path], check_base: bool) -> None:
-    tolerance = REFERENCE_TOLERANCE[manifest.precision]
+    factor = REFERENCE_TOLERANCE[manifest.precision]
     with tempfile.TemporaryDirectory(prefix=".loraplex-fp32-ref-", dir=package_dir.parent) as tmp:
         ref_dir = Path(tmp) / "fp32"
         export_package(base_dir, {n: a.path for n, a in adapters.items()}, ref_dir, precision="fp32",
@@ -215,21 +218,25 @@ def _verify_against_fp32(package_dir: Path, base_dir: Path, manifest: Manifest, 
             ids = [q.encode(p) for p in prompts]
             q.load(name, files.get(name) or package_dir / manifest.adapters[name].file)
             ref.load(name, ref_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
-            manifest.adapters[name].parity = _reduced_precision_parity(name, prompts, ids, q, ref, name, tolerance)
+            manifest.adapters[name].parity = _reduced_precision_parity(name, prompts, ids, q, ref, name, factor)
         if check_base:
             prompts = list(parity.GENERIC_PROMPTS)
             ids = [q.encode(p) for p in prompts]
             manifest.base_parity = _reduced_precision_parity("(base, no adapter)", prompts, ids, q, ref, None,
-                                                             tolerance)
+                                                             factor)
         del q, ref
 
 
 def _reduced_precision_parity(name: str, prompts: list[str], ids: list[list[int]], q: parity.OnnxDecoder,
-                              ref: parity.OnnxDecoder, adapter: str | None, tolerance: float) -> Parity:
-    """Logits compared along the reduced-precision model's own tokens (teacher-forced fp32); tokens
-    compared free-running and recorded, not required to match."""
+                              ref: parity.OnnxDecoder, adapter: str | None, factor: float) -> Parity:
+    """Logits compared along the reduced-precision model's own tokens (teacher-forced fp32), within
+    `factor` standard deviations of the fp32 logits; tokens compared free-running and recorded, not
+    required to match."""
+    import numpy as np
+
     got = [q.greedy(i, adapter) for i in ids]
     forced = [_teacher_forced(ref, i, g.tokens, adapter) for i, g in zip(ids, got, strict=True)]
+    tolerance = factor * float(np.std(np.concatenate([f.logits.reshape(-1) for f in forced])))
     result = parity.compare(name, prompts, ids, got, forced, reference="onnx-fp32", tokens_must_match=False,
                             tolerance=tolerance)
     result.tokens_equal = all(g.tokens == ref.greedy(i, adapter).tokens for i, g in zip(ids, got, strict=True))

@@ -1,0 +1,99 @@
+"""int4 base with float LoRA branches, fp16 for GPU targets, provider settings per device."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from loraplex.adapters.convert import adapter_tensors, write_onnx_adapter
+from loraplex.adapters.device_target import resolve_provider, write_provider
+from loraplex.adapters.export import export_package
+from loraplex.adapters.lora_graph import read_lora_graph
+from loraplex.adapters.manifest import Manifest
+from loraplex.adapters.parity import OnnxDecoder
+from loraplex.adapters.peft_adapter import load_peft_adapter
+
+from tests.fixtures.packages import TINY_SPEC
+
+
+def _ops(model_path) -> dict[str, str]:
+    return {n.name: n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+
+
+def test_int4_base_keeps_lora_in_float_and_any_rank_loads(package_factory, tiny_package, tiny_base,
+                                                          random_adapter_factory, tmp_path):
+    package = package_factory(TINY_SPEC, precision="int4")
+    ops = _ops(package / "model.onnx")
+    assert ops["/model/layers.0/attn/q_proj/MatMul_Q4"] == "MatMulNBits"  # base projection quantized
+    assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"  # LoRA branch float
+    assert ops["/model/layers.3/mlp/down_proj/lora_B/MatMul"] == "MatMul"
+    assert {i.dtype for i in read_lora_graph(package / "model.onnx").inputs} == {np.dtype("float32")}
+    assert (package / "model.onnx.data").stat().st_size < (tiny_package / "model.onnx.data").stat().st_size / 2
+
+    m = Manifest.load(package)
+    assert m.precision == "int4" and m.lora_rank == 16
+    for entry in [*m.adapters.values(), m.base_parity]:
+        parity = getattr(entry, "parity", entry)
+        assert parity.reference == "onnx-fp32" and parity.passed
+        assert 0 < parity.max_abs_logit_diff <= parity.tolerance
+
+    # The rank is not baked in: an unpadded rank-4 file runs too.
+    alpha = load_peft_adapter(random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1))
+    rank4 = write_onnx_adapter(adapter_tensors(alpha, read_lora_graph(package / "model.onnx"), 4),
+                               tmp_path / "alpha_r4.onnx_adapter")
+    decoder = OnnxDecoder(package)
+    decoder.load("r4", rank4)
+    decoder.load("r16", package / m.adapters["alpha"].file)
+    ids = decoder.encode(m.adapters["alpha"].parity.prompts[0])
+    r4, r16 = decoder.greedy(ids, "r4"), decoder.greedy(ids, "r16")
+    assert r4.tokens == r16.tokens == m.adapters["alpha"].parity.tokens[0]
+    np.testing.assert_allclose(r4.logits, r16.logits, atol=1e-4)
+
+
+def test_fp16_gpu_package(tiny_base, random_adapter_factory, tmp_path):
+    adapters = {name: random_adapter_factory(tiny_base, name, rank, targets, seed)
+                for name, rank, targets, seed in TINY_SPEC[:2]}
+    m = export_package(tiny_base, adapters, tmp_path / "pkg", precision="fp16", device="gpu", progress=False)
+    pkg = tmp_path / "pkg"
+    config = json.loads((pkg / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    assert (m.device, m.provider, m.precision) == ("gpu", "cuda", "fp16")
+    assert {i.dtype for i in read_lora_graph(pkg / "model.onnx").inputs} == {np.dtype("float16")}
+    import onnxruntime as ort
+
+    params = ort.AdapterFormat.read_adapter(str(pkg / m.adapters["beta"].file)).get_parameters()
+    assert {v.data_type() for v in params.values()} == {"tensor(float16)"}
+    # No GPU here: the graph is checked by running it on CPU against the fp32 export.
+    for parity in [m.adapters["alpha"].parity, m.adapters["beta"].parity, m.base_parity]:
+        assert parity.reference == "onnx-fp32" and 0 < parity.max_abs_logit_diff <= parity.tolerance
+
+
+def test_device_targets_and_provider_warnings(tmp_path, caplog):
+    assert resolve_provider("cpu") is None
+    assert resolve_provider("gpu") == "cuda"
+    with caplog.at_level(logging.WARNING):
+        assert resolve_provider("gpu", "dml") == "dml"
+        assert resolve_provider("npu") == "qnn"
+    assert "DirectML cannot load LoRA adapters" in caplog.text and "EP-context" in caplog.text
+    with pytest.raises(ValueError, match="provider 'cuda' targets device 'gpu', not 'npu'"):
+        resolve_provider("npu", "cuda")
+    with pytest.raises(ValueError, match="device 'tpu' is not supported"):
+        resolve_provider("tpu")
+    config = tmp_path / "genai_config.json"
+    config.write_text(json.dumps({"model": {"decoder": {"session_options": {"provider_options": []}}}}))
+    write_provider(config, "qnn")
+    assert list(json.loads(config.read_text())["model"]["decoder"]["session_options"]["provider_options"][0]) == ["qnn"]
+
+
+def test_bad_precision_and_device_are_refused(tiny_base, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a GPU target"):
+        export_package(tiny_base, {"a": tmp_path}, tmp_path / "x", precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="precision 'int8' is not supported"):
+        export_package(tiny_base, {"a": tmp_path}, tmp_path / "x", precision="int8")
+    with pytest.raises(ValueError, match="adapter name 'a b' is invalid"):
+        export_package(tiny_base, {"a b": tmp_path}, tmp_path / "x")
+    with pytest.raises(ValueError, match="at least one adapter"):
+        export_package(tiny_base, {}, tmp_path / "x")
