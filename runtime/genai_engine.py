@@ -68,14 +68,16 @@ class GenaiEngine(Engine):
 
     # -- adapters -------------------------------------------------------------------------
     def load_adapter(self, name: str, version: str, path: Path) -> AdapterHandle:
-        if self.choice.adapter_limit:
-            raise AdapterIncompatible(self.choice.adapter_limit)
+        limit = self.choice.adapter_limit
+        if self.choice.provider == "dml":
+            raise AdapterIncompatible(limit)
         key = f"{name}@{version}#{next(self._keys)}"
         try:
             with self._og_lock:
                 self._adapters.load(str(path), key)
         except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
-            raise AdapterIncompatible(f"onnxruntime-genai could not load {path.name}: {exc}") from exc
+            hint = f" ({limit})" if limit else ""
+            raise AdapterIncompatible(f"onnxruntime-genai could not load {path.name}: {exc}{hint}") from exc
         return AdapterHandle(name=name, version=version, path=Path(path), state=key)
 
     def unload_adapter(self, handle: AdapterHandle) -> None:

@@ -1,0 +1,96 @@
+"""The demo pipeline end to end: trained demo adapters -> exported package -> gRPC server -> each
+task's outputs equal PyTorch's and its eval split is answered correctly, all tasks at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from loraplex.v1 import generation_pb2
+
+from tests.fixtures.serving import ServerThread, serving_config
+
+
+@pytest.fixture(scope="module")
+def demo_package(tmp_path_factory, tiny_base: Path, demo_adapters: dict[str, Path]) -> Path:
+    from loraplex.adapters.export import export_package
+
+    out = tmp_path_factory.mktemp("demo_package") / "package"
+    export_package(tiny_base, demo_adapters, out, verify=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_package: Path):
+    handle = ServerThread(serving_config(demo_package, max_batch=8, max_queue=64, metrics_port=None))
+    yield handle
+    handle.stop()
+
+
+def training_record(adapter_dir: Path) -> dict:
+    return json.loads((adapter_dir / "training.json").read_text())
+
+
+def test_served_completions_equal_the_trainers_pytorch_completions(demo_server, demo_adapters):
+    compared = 0
+    with demo_server.client() as client:
+        for task, adapter_dir in demo_adapters.items():
+            for sample in training_record(adapter_dir)["eval_samples"]:
+                response = client.generate(task, sample["prompt"], max_new_tokens=32)
+                if sample["correct"]:  # PyTorch stopped at EOS right after the expected completion
+                    assert response.text == sample["generated"], (task, sample)
+                    assert response.finish_reason == generation_pb2.EOS
+                else:  # PyTorch's budget may have cut its text short
+                    assert response.text.startswith(sample["generated"]), (task, sample)
+                compared += 1
+    assert compared >= 3 * len(demo_adapters)
+
+
+def test_concurrent_task_clients_answer_their_eval_split(demo_server, demo_adapters):
+    from loraplex.runtime.demo import eval_examples, query_all
+    from loraplex.trainer.config import TaskConfig
+
+    examples = {
+        task: eval_examples(TaskConfig.from_dict(training_record(d)["config"])) for task, d in demo_adapters.items()
+    }
+    rows = demo_server.call(query_all(demo_server.target, examples))
+    assert [r for r in rows if r.failed] == []
+    for task in demo_adapters:
+        mine = [r for r in rows if r.task == task]
+        assert len(mine) == len(examples[task]) > 0
+        accuracy = sum(r.correct for r in mine) / len(mine)
+        trained = training_record(demo_adapters[task])["eval_exact_match"]
+        assert accuracy >= min(0.9, trained), (task, accuracy, trained)
+
+
+def test_adapter_outputs_differ_from_the_base_model(demo_server, demo_adapters):
+    with demo_server.client() as client:
+        for task, adapter_dir in demo_adapters.items():
+            sample = training_record(adapter_dir)["eval_samples"][0]
+            tuned = client.generate(task, sample["prompt"], max_new_tokens=8).text
+            base = client.generate("", sample["prompt"], max_new_tokens=8).text
+            assert tuned != base, task
+
+
+def test_demo_hot_swap_under_load_fails_no_request(demo_server, demo_adapters, demo_package):
+    """The demo's swap step against this server: replace one task's adapter while all tasks send."""
+    from loraplex.runtime.client import AsyncClient
+    from loraplex.runtime.demo import SWAPPED_TASK, eval_examples, swap_under_load
+    from loraplex.trainer.config import TaskConfig
+
+    if SWAPPED_TASK not in demo_adapters:
+        pytest.skip(f"demo_adapters has no {SWAPPED_TASK}")
+    examples = {
+        task: eval_examples(TaskConfig.from_dict(training_record(d)["config"]))[:4] for task, d in demo_adapters.items()
+    }
+
+    async def swap() -> str:  # the same trained weights under a new version: outputs must not change
+        async with AsyncClient(demo_server.target) as admin:
+            info = await admin.load_adapter(SWAPPED_TASK, f"{SWAPPED_TASK}.onnx_adapter", version="2")
+            return info.version
+
+    rows = demo_server.call(swap_under_load(demo_server.target, examples, swap), timeout=300)
+    assert [r for r in rows if r.failed] == []
+    versions = [r.version for r in rows if r.task == SWAPPED_TASK]
+    assert versions[-1] == "2" and len(set(versions)) == 2
