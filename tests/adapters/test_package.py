@@ -79,3 +79,19 @@ def test_genai_reproduces_recorded_tokens_and_base_without_adapter(tiny_package)
     for name, entry in m.adapters.items():
         assert [greedy(p, name) for p in entry.parity.prompts] == entry.parity.tokens
     assert [greedy(p, None) for p in m.base_parity.prompts] == m.base_parity.tokens
+
+
+def test_parity_failure_names_adapter_prompt_and_position():
+    import pytest
+    from loraplex.adapters.parity import Decoded, ParityError, compare
+
+    logits = np.zeros((3, 5), np.float32)
+    same = compare("x", ["p"], [[1]], [Decoded([1, 2, 3], logits)], [Decoded([1, 2, 3], logits + 1e-5)],
+                   reference="pytorch-peft", tokens_must_match=True, tolerance=1e-3)
+    assert same.tokens == [[1, 2, 3]] and same.tokens_equal and same.max_abs_logit_diff == pytest.approx(1e-5)
+    with pytest.raises(ParityError, match=r"adapter 'sentiment': on prompt 'Hi' the ONNX model's greedy token 2 "):
+        compare("sentiment", ["Hi"], [[1]], [Decoded([1, 2, 4], logits)], [Decoded([1, 2, 3], logits)],
+                reference="pytorch-peft", tokens_must_match=True, tolerance=1e-3)
+    with pytest.raises(ParityError, match="exceeds tolerance"):
+        compare("s", ["Hi"], [[1]], [Decoded([1], logits[:1] + 1)], [Decoded([1], logits[:1])],
+                reference="onnx-fp32", tokens_must_match=False, tolerance=0.5)
