@@ -18,6 +18,13 @@ def _series(rows: list[dict], key: str) -> dict[int, dict[str, list[tuple[int, f
     return out
 
 
+def _client_ticks(ax, rows: list[dict]) -> None:
+    clients = sorted({r["clients"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.minorticks_off()
+
+
 def write_plots(results: dict, out_dir: Path) -> list[Path]:
     """Write the plots this run has data for; returns their paths (none without matplotlib)."""
     rows = results.get("concurrency") or []
@@ -46,7 +53,7 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             ax.axhline(roof, color="grey", linestyle=":", label="batch-1 bandwidth roofline")
         ax.set_title(f"requests over {spread} adapter{'s' if spread > 1 else ''}")
         ax.set_xlabel("concurrent clients")
-        ax.set_xscale("log", base=2)
+        _client_ticks(ax, rows)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("throughput (completion tokens/s)")
     axes[0][-1].legend(fontsize=8)
@@ -69,7 +76,7 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
                 ax.plot(xs, ys, marker="x", linestyle="--", color=color, label=f"{system} p99")
         ax.set_title(f"requests over {spread} adapter{'s' if spread > 1 else ''}")
         ax.set_xlabel("concurrent clients")
-        ax.set_xscale("log", base=2)
+        _client_ticks(ax, rows)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("request latency (s)")

@@ -196,6 +196,7 @@ def _concurrency(results: dict) -> list[str]:
     if not rows:
         return []
     index = _conc_index(rows)
+    errors = {(r["system"], r["adapters"], r["clients"]): str(r["error"]) for r in rows if "error" in r}
     systems = list(dict.fromkeys(r["system"] for r in rows))
     ref = reference(systems)
     lines = [
@@ -217,12 +218,12 @@ def _concurrency(results: dict) -> list[str]:
             cells = [str(clients)]
             for system in systems:
                 r = index.get((system, spread, clients))
-                cells.append(
-                    f"{_f(r['tokens_per_s'])} ({_f(r['p50_s'], 2)} / {_f(r['p99_s'], 2)})"
-                    + (f", {r['failed']} failed" if r["failed"] else "")
-                    if r
-                    else "error"
-                )
+                if r is None:
+                    error = errors.get((system, spread, clients), "")
+                    cells.append("skipped" if error.startswith("skipped") else "error")
+                    continue
+                failed = f", {r['failed']} failed" if r["failed"] else ""
+                cells.append(f"{_f(r['tokens_per_s'])} ({_f(r['p50_s'], 2)} / {_f(r['p99_s'], 2)}){failed}")
             if ref:
                 ref_row = index.get((ref, spread, clients))
                 for peer in PEERS:

@@ -73,6 +73,7 @@ class Bench:
         self.results: dict[str, Any] = {"unavailable": {}, "timings_s": {}}
         self.servers: dict[str, LoraplexServer] = {}  # fp32, keyed by engine
         self.peers: dict[str, Any] = {}
+        self.deadline: float | None = None  # of the scenario running now (Grid.budget_s)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -152,6 +153,7 @@ class Bench:
         if key not in self.wanted:
             return
         start = time.perf_counter()
+        self.deadline = start + self.grid.budget_s.get(key, 600)
         fn()
         self.results["timings_s"][key] = time.perf_counter() - start
         log.info("scenario %s took %.0f s", key, self.results["timings_s"][key])
@@ -167,7 +169,8 @@ class Bench:
             scenarios.warm_up(systems, self.prompts[0], self.served[0], self.workload.new_tokens)
             with tqdm(total=self.grid.single_reps * len(systems), desc="single stream", unit="req") as bar:
                 self.results["single_stream"] = scenarios.single_stream(
-                    systems, self.prompts, self.served[0], self.workload.new_tokens, self.grid.single_reps, bar
+                    systems, self.prompts, self.served[0], self.workload.new_tokens, self.grid.single_reps, bar,
+                    deadline=self.deadline,
                 )
             for name, row in self.results["single_stream"].items():
                 row["precision"] = "int4" if "int4" in name else "fp32"
@@ -186,6 +189,7 @@ class Bench:
                 self.grid.switch_reps,
                 self.grid.switch_block,
                 bar,
+                deadline=self.deadline,
             )
 
     def run_concurrency(self) -> None:
@@ -193,7 +197,7 @@ class Bench:
         total = len(self.grid.adapter_spread) * len(self.grid.concurrency) * len(systems)
         with tqdm(total=total, desc="concurrency", unit="point") as bar:
             self.results["concurrency"] = scenarios.concurrency(
-                systems, self.prompts, self.served, self.workload.new_tokens, self.grid, bar
+                systems, self.prompts, self.served, self.workload.new_tokens, self.grid, bar, deadline=self.deadline
             )
 
     def run_hot_load(self) -> None:
@@ -229,6 +233,9 @@ class Bench:
         total = len(counts) * (len(self.engines) + (1 if "fp32" in self.art.packages else 0) + (not self.args.no_peft))
         with tqdm(total=total, desc="memory", unit="reading") as bar:
             for n in counts:
+                if scenarios.over(self.deadline):
+                    log.warning("memory: time budget used up; %d adapters and above skipped", n)
+                    break
                 names = self.workload.adapter_names(n)
                 if "fp32" in self.art.packages:
                     package = self.art.package_with(n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.results import Prompt, RequestResult, median, summarize_load
@@ -29,7 +29,8 @@ class Grid:
     switch_block: int = 4
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     adapter_spread: tuple[int, ...] = (1, 4, 8)
-    min_requests: int = 8  # per grid point; at least 2 waves of clients above 4 clients
+    min_requests: int = 8  # per grid point
+    requests_per_client: float = 1.5  # per grid point: max(min_requests, clients x this)
     serial_measured: int = 6  # serial peers: requests measured per grid point (then replayed)
     peft_waves: int = 2
     hot_load_clients: int = 8
@@ -37,6 +38,11 @@ class Grid:
     hot_load_requests: int = 24  # at least; clients go on until both loads are done
     hot_load_delay_s: float = 2.0  # load before the first Load RPC, and after each
     memory_counts: tuple[int, ...] = (1, 8, 32)
+    # Seconds each scenario may take before its remaining points are skipped (and reported as
+    # skipped): a safety net that keeps `make bench` under 20 minutes on a slow or shared machine.
+    budget_s: dict = field(
+        default_factory=lambda: {"single": 120, "switch": 120, "concurrency": 540, "hotload": 90, "memory": 240}
+    )
 
 
 def _requests(prompts: list[Prompt], adapters: list[str | None], n: int) -> list[tuple[Prompt, str | None]]:
@@ -57,13 +63,27 @@ def warm_up(systems: list[Any], prompt: Prompt, adapter: str | None, new_tokens:
         _guarded(system, "warm-up", system.generate, prompt, adapter, new_tokens)
 
 
+def over(deadline: float | None) -> bool:
+    """True once a scenario has used up its time budget."""
+    return deadline is not None and time.perf_counter() > deadline
+
+
 def single_stream(
-    systems: list[Any], prompts: list[Prompt], adapter: str, new_tokens: int, reps: int, progress=None
+    systems: list[Any],
+    prompts: list[Prompt],
+    adapter: str,
+    new_tokens: int,
+    reps: int,
+    progress=None,
+    deadline: float | None = None,
 ) -> dict[str, dict]:
     """Time to first token and tokens/s, one request at a time (streamed for gRPC clients)."""
     runs: dict[str, list[RequestResult]] = {s.name: [] for s in systems}
     errors: dict[str, str] = {}
     for rep in range(reps):
+        if rep and over(deadline):
+            log.warning("single stream: time budget used up after %d repetitions", rep)
+            break
         for system in systems:
             result = _guarded(
                 system, "single stream", system.generate, prompts[rep % len(prompts)], adapter, new_tokens
@@ -103,11 +123,15 @@ def adapter_switch(
     reps: int,
     block: int,
     progress=None,
+    deadline: float | None = None,
 ) -> dict[str, dict]:
     """Serial requests on the same adapter vs alternating between two: what a switch costs."""
     patterns = {"same": [adapters[0]] * block, "alternating": [adapters[i % 2] for i in range(block)]}
     lat: dict[str, dict[str, list[float]]] = {s.name: {p: [] for p in patterns} for s in systems}
     for rep in range(reps):
+        if rep and over(deadline):
+            log.warning("adapter switch: time budget used up after %d repetitions", rep)
+            break
         for system in systems:
             for pattern, sequence in patterns.items():
                 for i, adapter in enumerate(sequence):
@@ -139,16 +163,28 @@ def adapter_switch(
 
 
 def concurrency(
-    systems: list[Any], prompts: list[Prompt], adapter_names: list[str], new_tokens: int, grid: Grid, progress=None
+    systems: list[Any],
+    prompts: list[Prompt],
+    adapter_names: list[str],
+    new_tokens: int,
+    grid: Grid,
+    progress=None,
+    deadline: float | None = None,
 ) -> list[dict]:
     """Closed-loop clients over a spread of adapters: throughput and latency percentiles."""
     rows = []
     for n_adapters in grid.adapter_spread:
         spread = adapter_names[:n_adapters]
         for clients in grid.concurrency:
-            n = max(grid.min_requests, 2 * clients)
+            n = max(grid.min_requests, int(clients * grid.requests_per_client))
             requests = _requests(prompts, spread, n)
             for system in systems:
+                if over(deadline):
+                    rows.append({"system": system.name, "adapters": n_adapters, "clients": clients,
+                                 "error": "skipped: the scenario's time budget was used up"})
+                    if progress:
+                        progress.update(1)
+                    continue
                 kwargs = {}
                 if getattr(system, "serial", False):
                     kwargs["max_measured"] = grid.serial_measured

@@ -198,7 +198,7 @@ class LoraplexServer:
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        return [results[i] for i in sorted(results)], wall, f"{clients} gRPC clients, closed loop"
+        return [results[i] for i in sorted(results)], wall, "one gRPC channel per client thread, closed loop"
 
     def load_adapter(self, name: str, path: Path) -> float:
         """`Adapters.Load` (path relative to the adapter root); returns its latency in seconds."""

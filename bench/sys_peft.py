@@ -108,7 +108,7 @@ class PeftSystem:
                 r.start_s = wall
             wall += batch[0].latency_s
             results.extend(batch)
-        return results, wall, f"static mixed-adapter batches of {clients}; {len(waves)} waves measured"
+        return results, wall, f"static mixed-adapter batches of `clients` requests, up to {max_waves} batches measured"
 
     def close(self) -> None:
         del self.model
