@@ -249,6 +249,7 @@ class BatchedEngine(Engine):
         k = len(new)
         lengths = np.array([row.length for row in new], dtype=np.int64)
         width = int(lengths.max())
+        self.kv.ensure(width, rows=start)
         ids = np.full((k, width), self.pad_id, dtype=np.int64)
         for i, row in enumerate(new):
             ids[i, : row.length] = row.job.prompt_ids
@@ -265,6 +266,7 @@ class BatchedEngine(Engine):
         # Each row's mask sums to its own total length (GQA reads only the sum); the width is the
         # longest row's, and must exceed 1 so GQA does not take a one-token step for a prompt.
         width = max(int(totals.max()), 2)
+        self.kv.ensure(int(totals.max()), rows=len(rows))
         mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
         logits = self._run(ids, mask, rows, 0)[:, 0, :]
         for row in rows:
@@ -331,6 +333,8 @@ class BatchedEngine(Engine):
             self._running.pop()
             self.banks.release(row.slot)
             finished.append(row)
+        if not self._running:
+            self.kv.reset()  # idle: give the memory back
         for row in reversed(finished):
             _finish_sink(row.job, row.finish)
 

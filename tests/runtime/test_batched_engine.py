@@ -129,6 +129,22 @@ def test_requests_joining_mid_flight_get_the_same_tokens(package, make_engine):
     assert engine.stats.prefill_runs >= 2 and engine.stats.max_rows == 5  # joined while the early ones ran
 
 
+def test_cache_growth_while_rows_run_keeps_them_exact(package, make_engine):
+    """The KV cache starts at 64 positions and doubles: a long prompt joining (prefill growth) and
+    rows decoding past 128 positions (decode growth) must not disturb any row."""
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    long_prompt = [(7 * i) % 500 + 2 for i in range(120)]
+    _, short = submit(engine, PROMPTS[1], handles["beta"], max_new_tokens=80, pause_at=2)
+    short.reached.wait(WAIT_S)
+    _, long = submit(engine, long_prompt, handles["gamma"], max_new_tokens=24)
+    short.resume()
+    assert short.wait() == reference(package, "beta", PROMPTS[1], 80)
+    assert long.wait() == reference(package, "gamma", long_prompt, 24)
+    assert len(long.tokens) > 10
+    assert engine.kv.growths == 2  # 64 -> 128 at the long prefill, 128 -> 256 while decoding
+    assert engine.kv.capacity == 64  # back to the smallest buffers once idle
+
+
 def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_engine):
     engine, handles = make_engine(max_batch=8, max_slots=1)
     names = ["alpha", "beta", "gamma", None, "alpha"]
