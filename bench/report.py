@@ -100,10 +100,11 @@ def _single(results: dict) -> list[str]:
     ref = reference(n for n, r in rows.items() if _ok(r) and r.get("precision") == "fp32")
     ref_tps = rows[ref]["tokens_per_s"] if ref else None
     roof = results.get("roofline", {})
+    agree = results.get("greedy_agreement", {})
     table = []
     for name, r in rows.items():
         if not _ok(r):
-            table.append([name, "", "error", "", "", "", "", r.get("error", "")[:80]])
+            table.append([name, "", "error", "", "", "", "", r.get("error", "")[:80], ""])
             continue
         roof_tps = roof.get(r["precision"], {}).get("tokens_per_s")
         decode = r.get("decode_tokens_per_s")
@@ -117,6 +118,7 @@ def _single(results: dict) -> list[str]:
                 _f(decode),
                 _ratio(r["tokens_per_s"], ref_tps),
                 f"{decode / roof_tps:.0%}" if decode and roof_tps else "—",
+                agree.get(name, "—"),
             ]
         )
     for precision, rf in roof.items():
@@ -130,6 +132,7 @@ def _single(results: dict) -> list[str]:
                 _f(rf["tokens_per_s"]),
                 "",
                 f"{rf['per_token'] / 1e6:.1f} MB/token",
+                "",
             ]
         )
     lines = [
@@ -150,6 +153,7 @@ def _single(results: dict) -> list[str]:
             "decode tokens/s",
             "tokens/s ÷ loraplex",
             "of roofline",
+            "greedy tokens vs onnxruntime-genai",
         ],
         table,
     )

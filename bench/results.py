@@ -24,6 +24,7 @@ class RequestResult:
     ok: bool = True
     error: str = ""
     start_s: float = 0.0  # relative to the start of its scenario (for closed-loop replays)
+    token_ids: list[int] | None = None  # completion, where the system returns it (agreement check)
 
 
 def percentile(values: list[float], q: float) -> float:

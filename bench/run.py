@@ -166,7 +166,14 @@ class Bench:
                 *int4_servers.values(),
                 *(p for n, p in self.peers.items() if n.endswith("int4")),
             ]
-            scenarios.warm_up(systems, self.prompts[0], self.served[0], self.workload.new_tokens)
+            tokens = scenarios.warm_up(systems, self.prompts[0], self.served[0], self.workload.new_tokens)
+            # Each precision against onnxruntime-genai on the same package: same work, same answer.
+            fp32 = {n: t for n, t in tokens.items() if "int4" not in n}
+            int4 = {n: t for n, t in tokens.items() if "int4" in n}
+            self.results["greedy_agreement"] = {
+                **scenarios.agreement(fp32, "onnxruntime-genai"),
+                **scenarios.agreement(int4, "onnxruntime-genai int4"),
+            }
             with tqdm(total=self.grid.single_reps * len(systems), desc="single stream", unit="req") as bar:
                 self.results["single_stream"] = scenarios.single_stream(
                     systems, self.prompts, self.served[0], self.workload.new_tokens, self.grid.single_reps, bar,

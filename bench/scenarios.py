@@ -58,9 +58,29 @@ def _guarded(system: Any, what: str, fn, *args, **kwargs):
         return exc
 
 
-def warm_up(systems: list[Any], prompt: Prompt, adapter: str | None, new_tokens: int) -> None:
+def warm_up(systems: list[Any], prompt: Prompt, adapter: str | None, new_tokens: int) -> dict[str, list[int] | None]:
+    """One request per system (not timed); returns each system's greedy completion ids."""
+    tokens = {}
     for system in systems:
-        _guarded(system, "warm-up", system.generate, prompt, adapter, new_tokens)
+        result = _guarded(system, "warm-up", system.generate, prompt, adapter, new_tokens)
+        ok = not isinstance(result, Exception) and result.ok
+        tokens[system.name] = result.token_ids if ok else None
+    return tokens
+
+
+def agreement(tokens: dict[str, list[int] | None], reference: str) -> dict[str, str]:
+    """Whether each system's greedy completion equals the reference system's (same work, same answer)."""
+    ref = tokens.get(reference)
+    out = {}
+    for name, ids in tokens.items():
+        if ids is None or ref is None:
+            out[name] = "unknown"
+        elif ids == ref:
+            out[name] = "same"
+        else:
+            first = next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b), min(len(ids), len(ref)))
+            out[name] = f"differs from token {first}"
+    return out
 
 
 def over(deadline: float | None) -> bool:

@@ -50,14 +50,14 @@ class GenaiInProcess:
             generator.set_active_adapter(self.adapters, adapter)
         generator.append_tokens(prompt_ids)
         ttft = None
-        tokens = 0
-        while not generator.is_done() and tokens < new_tokens:
+        ids: list[int] = []
+        while not generator.is_done() and len(ids) < new_tokens:
             generator.generate_next_token()
-            tokens += 1
+            ids.append(int(generator.get_next_tokens()[0]))
             if ttft is None:
                 ttft = time.perf_counter() - start
         del generator
-        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=tokens)
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids)
 
     def close(self) -> None:
         del self.adapters

@@ -146,16 +146,16 @@ class LoraplexServer:
         generation, _ = self._thread_stubs()
         start = time.perf_counter()
         ttft = None
-        tokens = 0
+        ids: list[int] = []
         try:
             for chunk in generation.GenerateStream(self._request(prompt, adapter, new_tokens), timeout=600):
                 if chunk.token_ids:
                     if ttft is None:
                         ttft = time.perf_counter() - start
-                    tokens += len(chunk.token_ids)
+                    ids.extend(chunk.token_ids)
         except self.grpc.RpcError as exc:
-            return RequestResult(time.perf_counter() - start, ttft, tokens, ok=False, error=str(exc.code()))
-        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=tokens)
+            return RequestResult(time.perf_counter() - start, ttft, len(ids), ok=False, error=str(exc.code()))
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids)
 
     def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
         generation, _ = self._thread_stubs()

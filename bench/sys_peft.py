@@ -80,8 +80,8 @@ class PeftSystem:
         else:
             with self.model.disable_adapter():
                 out = self._generate(input_ids, new_tokens, streamer=clock)
-        tokens = out.shape[1] - len(prompt.ids)
-        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=clock.ttft, tokens=tokens)
+        ids = out[0, len(prompt.ids) :].tolist()
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=clock.ttft, tokens=len(ids), token_ids=ids)
 
     def generate_batch(
         self, prompts: list[list[int]], adapters: list[str | None], new_tokens: int
