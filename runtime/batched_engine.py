@@ -182,19 +182,40 @@ class BatchedEngine(Engine):
                 forget, self._forget = self._forget, []
                 if self._closing and not (self._waiting or self._running):
                     break
-            for handle in forget:
-                self.banks.forget(handle)
-                handle.state = None
-            self._end_stopped()
-            new = self._admit()
-            if new:
-                self._step(self._prefill, new)
-            if self._running:
-                self._step(self._decode, self._running)
-            elif self._waiting and not new:
-                # Nothing runs yet some jobs wait: only possible while slots are being freed.
-                with self._cv:
-                    self._cv.wait(timeout=0.01)
+            try:
+                self._iterate(forget)
+            except Exception as exc:  # a bug here must not leave every client hanging
+                log.exception("batched engine loop failed; ending all jobs")
+                self._fail_all(exc)
+
+    def _iterate(self, forget: list[AdapterHandle]) -> None:
+        for handle in forget:
+            self.banks.forget(handle)
+            handle.state = None
+        self._end_stopped()
+        new = self._admit()
+        if new:
+            self._step(self._prefill, new)
+        if self._running:
+            self._step(self._decode, self._running)
+        elif self._waiting and not new:
+            # Nothing runs yet some jobs wait: only possible while slots are being freed.
+            with self._cv:
+                self._cv.wait(timeout=0.01)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for row in self._running:
+            row.job.fail(EngineFailure(f"the batched engine failed: {exc}"))
+            row.finish = FinishReason.CANCELLED
+        try:
+            self._retire()
+        except Exception:
+            log.exception("could not retire rows after a failure")
+            self._running.clear()
+        waiting, self._waiting = self._waiting, deque()
+        for job in waiting:
+            job.fail(EngineFailure(f"the batched engine failed: {exc}"))
+            _finish_sink(job, FinishReason.CANCELLED)
 
     def _step(self, run, rows: list[_Row]) -> None:
         try:
@@ -235,6 +256,7 @@ class BatchedEngine(Engine):
             slot = self.banks.acquire(job.adapter)
             if slot is None:
                 self.stats.waits_for_slot += 1
+                self.banks.drain_one()
                 kept.append(job)
                 continue
             longest = longest_if

@@ -5,7 +5,9 @@ Every LoRA input pair of the banked graph (loraplex.adapters.lora_bank) is one b
 all zeros, the base model. Adapters live in host memory (numpy, read with onnxruntime's
 AdapterFormat API); a slot is filled when a request needs an adapter that is not resident,
 evicting the least recently used slot that no running row uses. A slot in use is never evicted:
-a request whose adapter finds no free slot waits in the queue.
+a request whose adapter finds no free slot waits in the queue. So that it cannot wait forever
+behind a steady stream of requests for resident adapters, the engine then *drains* one busy
+slot: no new row joins it, and once its rows finish the waiting request takes it.
 
 The banks are numpy arrays wrapped once in OrtValues that share their memory, so filling a slot
 is a copy into the array and the session sees it at its next run, with nothing rebound. Only
@@ -80,6 +82,7 @@ class AdapterBanks:
         self._users: dict[int, int] = {}  # slot -> running rows on it
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unused slots: LRU first
         self._free = list(range(max_slots, 0, -1))  # never-filled slots, popped from the end
+        self.draining: int | None = None  # a busy slot no new row may join (see drain_one)
         self.fills = 0  # adapter copies into a slot (a metric: swapping cost)
 
     def _allocate(self, rank: int) -> None:
@@ -104,14 +107,24 @@ class AdapterBanks:
         if handle is None:
             return BASE_SLOT
         slot = self._slot_of.get(handle)
+        if slot is not None and slot == self.draining:
+            if slot in self._users:
+                return None
+            self.draining = None  # drained; the waiting request came first in the queue if it still waits
         if slot is None:
             slot = self._take_slot()
             if slot is None:
                 return None
             self._fill(slot, handle)
+            self.draining = None  # a waiting adapter got its slot
         self._idle.pop(slot, None)
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot
+
+    def drain_one(self) -> None:
+        """A request waits for a slot: stop new rows joining the busy slot with the fewest rows."""
+        if self.draining is None and self._users:
+            self.draining = min(self._users, key=self._users.__getitem__)
 
     def release(self, slot: int) -> None:
         if slot == BASE_SLOT:
@@ -131,6 +144,8 @@ class AdapterBanks:
         del self._owner[slot]
         self._idle.pop(slot, None)
         self._free.append(slot)
+        if self.draining == slot:
+            self.draining = None
 
     def resident(self) -> dict[int, AdapterHandle]:
         return dict(self._owner)

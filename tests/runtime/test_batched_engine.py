@@ -155,6 +155,19 @@ def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_e
     assert engine.banks.fills >= 3
 
 
+def test_a_request_waiting_for_a_slot_is_not_starved_by_resident_adapters(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=1)
+    first_job, first = submit(engine, PROMPTS[0], handles["alpha"], max_new_tokens=12, pause_at=2)
+    first.reached.wait(WAIT_S)
+    waiting_job, waiting = submit(engine, PROMPTS[1], handles["beta"])  # needs alpha's slot
+    later_job, later = submit(engine, PROMPTS[2], handles["alpha"])  # alpha is resident, but must queue
+    first.resume()
+    assert waiting.wait() == reference(package, "beta", PROMPTS[1])
+    assert later.wait() == reference(package, "alpha", PROMPTS[2])
+    assert first.wait() == reference(package, "alpha", PROMPTS[0], 12)
+    assert waiting_job.started_at < later_job.started_at
+
+
 def test_hot_replacement_keeps_the_old_version_for_running_jobs(package, make_engine):
     engine, handles = make_engine(max_batch=4, max_slots=2)
     old = handles["alpha"]
