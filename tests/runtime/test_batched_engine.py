@@ -11,7 +11,7 @@ from loraplex.runtime.batched_engine import BatchedEngine
 from loraplex.runtime.engine import AdapterHandle, FinishReason, GenerationJob, SamplingParams
 from loraplex.runtime.errors import AdapterIncompatible, InvalidRequest
 
-from tests.runtime.test_batched_package import BankPackage, bank_package, genai_reference
+from tests.runtime.test_batched_package import BankPackage, bank_package, genai_reference, package_from_manifest
 
 WAIT_S = 120
 # Prompt lengths 1 to 14: the prompt-length mix GQA must handle through the masks.
@@ -238,6 +238,26 @@ def test_greedy_with_repetition_penalty_equals_genai(package, make_engine):
         assert sink.wait() == want, name
     assert plain.wait() == reference(package, None, PROMPTS[0], 16)
     assert plain.tokens != jobs[0][2].tokens  # the penalty changes this output
+
+
+def test_int4_package_mixed_batch_equals_genai(request, tmp_path):
+    """int4 base (MatMulNBits) with float LoRA branches: the rewrite and the engine work the same."""
+    try:
+        factory = request.getfixturevalue("package_factory")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/fixtures/packages.py has no package_factory yet (export stage)")
+    from tests.fixtures.packages import TINY_SPEC
+
+    package = package_from_manifest(Path(factory(TINY_SPEC, precision="int4")))
+    engine = BatchedEngine(package.root, max_batch=8, max_slots=2, intra_op_threads=2)
+    try:
+        handles = {name: engine.load_adapter(name, "1", path) for name, path in package.adapters.items()}
+        names = [None, *sorted(handles)]
+        jobs = [(p, n, submit(engine, p, handles.get(n))[1]) for p in PROMPTS[:2] for n in names]
+        for prompt, name, sink in jobs:
+            assert sink.wait() == reference(package, name, prompt), name
+    finally:
+        engine.close()
 
 
 def test_bad_prompts_and_incompatible_adapter_files_are_refused(package, make_engine, tmp_path):
