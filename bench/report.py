@@ -140,7 +140,8 @@ def _single(results: dict) -> list[str]:
         "",
         f"One request at a time, adapter `a00`, median of the repetitions. Ratio: tokens/s over {ref}'s "
         "(above 1 = faster than loraplex). Roofline: decode tokens/s as a share of copy bandwidth / weight "
-        "bytes per token.",
+        "bytes per token. loraplex is timed at the gRPC client (text in, tokenized by the server, streamed "
+        "back); the in-process peers are handed token ids.",
         "",
     ]
     return lines + _table(
@@ -403,7 +404,7 @@ def _gaps(results: dict) -> list[str]:
             if r.get("rss") and peers:
                 best = min(peers, key=peers.get)
                 lines.append(
-                    f"- Memory, {count} adapters: {ref} {r['rss'] / 2**20:.0f} MiB vs {best} "
+                    f"- Memory, {count} adapter(s): {ref} {r['rss'] / 2**20:.0f} MiB vs {best} "
                     f"{peers[best] / 2**20:.0f} MiB ({r['rss'] / peers[best]:.2f}x)."
                 )
     return lines + [""]

@@ -41,7 +41,7 @@ class Grid:
     # Seconds each scenario may take before its remaining points are skipped (and reported as
     # skipped): a safety net that keeps `make bench` under 20 minutes on a slow or shared machine.
     budget_s: dict = field(
-        default_factory=lambda: {"single": 120, "switch": 120, "concurrency": 540, "hotload": 90, "memory": 240}
+        default_factory=lambda: {"single": 100, "switch": 110, "concurrency": 500, "hotload": 80, "memory": 200}
     )
 
 
