@@ -25,6 +25,7 @@ class RequestResult:
     error: str = ""
     start_s: float = 0.0  # relative to the start of its scenario (for closed-loop replays)
     token_ids: list[int] | None = None  # completion, where the system returns it (agreement check)
+    server_total_s: float | None = None  # the server's own timing (loraplex): latency minus this = RPC overhead
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,6 +43,7 @@ def summarize_load(results: list[RequestResult], wall_s: float) -> dict:
     """Throughput and latency percentiles of one concurrent run."""
     ok = [r for r in results if r.ok]
     latencies = [r.latency_s for r in ok]
+    server = [r.server_total_s for r in ok if r.server_total_s is not None]
     return {
         "requests": len(results),
         "failed": len(results) - len(ok),
@@ -51,6 +53,7 @@ def summarize_load(results: list[RequestResult], wall_s: float) -> dict:
         "p50_s": percentile(latencies, 50) if latencies else None,
         "p99_s": percentile(latencies, 99) if latencies else None,
         "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "server_total_p50_s": percentile(server, 50) if server else None,
     }
 
 

@@ -132,6 +132,9 @@ def single_stream(
             "tokens_per_s": median([r.tokens / r.latency_s for r in results]),
             "decode_tokens_per_s": median(decode) if decode else None,
         }
+        overhead = [r.latency_s - r.server_total_s for r in results if r.server_total_s is not None]
+        if overhead:
+            out[name]["rpc_overhead_ms_p50"] = median(overhead) * 1000
     return out
 
 

@@ -146,6 +146,7 @@ class LoraplexServer:
         generation, _ = self._thread_stubs()
         start = time.perf_counter()
         ttft = None
+        server_total = None
         ids: list[int] = []
         try:
             for chunk in generation.GenerateStream(self._request(prompt, adapter, new_tokens), timeout=600):
@@ -153,9 +154,12 @@ class LoraplexServer:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                     ids.extend(chunk.token_ids)
+                if chunk.HasField("timings") and chunk.timings.total_ms:
+                    server_total = chunk.timings.total_ms / 1000
         except self.grpc.RpcError as exc:
             return RequestResult(time.perf_counter() - start, ttft, len(ids), ok=False, error=str(exc.code()))
-        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids)
+        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids,
+                             server_total_s=server_total)
 
     def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
         generation, _ = self._thread_stubs()
@@ -164,8 +168,13 @@ class LoraplexServer:
             reply = generation.Generate(self._request(prompt, adapter, new_tokens), timeout=600)
         except self.grpc.RpcError as exc:
             return RequestResult(time.perf_counter() - start, None, 0, ok=False, error=str(exc.code()))
-        ttft = reply.timings.time_to_first_token_ms / 1000 if reply.HasField("timings") else None
-        return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=reply.usage.completion_tokens)
+        timed = reply.HasField("timings")
+        return RequestResult(
+            latency_s=time.perf_counter() - start,
+            ttft_s=reply.timings.time_to_first_token_ms / 1000 if timed else None,
+            tokens=reply.usage.completion_tokens,
+            server_total_s=reply.timings.total_ms / 1000 if timed and reply.timings.total_ms else None,
+        )
 
     def run_load(
         self,
