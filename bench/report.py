@@ -83,6 +83,9 @@ def _header(results: dict) -> list[str]:
         f"- Built artefacts cached in `{wl.get('cache')}`.",
         "",
     ]
+    if results.get("scenario_errors"):
+        lines += ["## Scenarios that failed", ""]
+        lines += [f"- **{name}**: {error[:300]}" for name, error in results["scenario_errors"].items()] + [""]
     if results.get("unavailable"):
         lines += ["## Systems not available in this run", ""]
         lines += [

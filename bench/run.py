@@ -154,7 +154,11 @@ class Bench:
             return
         start = time.perf_counter()
         self.deadline = start + self.grid.budget_s.get(key, 600)
-        fn()
+        try:
+            fn()
+        except Exception as exc:  # one broken scenario must not cost the others' numbers
+            log.error("scenario %s failed: %s", key, exc, exc_info=True)
+            self.results.setdefault("scenario_errors", {})[key] = repr(exc)
         self.results["timings_s"][key] = time.perf_counter() - start
         log.info("scenario %s took %.0f s", key, self.results["timings_s"][key])
 
