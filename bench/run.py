@@ -40,6 +40,7 @@ QUICK_GRID = scenarios.Grid(
     peft_waves=1,
     hot_load_requests=8,
     hot_load_adapters=2,
+    hot_load_delay_s=0.5,
     memory_counts=(1, 4, 8),
 )
 
