@@ -190,8 +190,13 @@ class BatchedEngine(Engine):
 
     def _iterate(self, forget: list[AdapterHandle]) -> None:
         for handle in forget:
-            self.banks.forget(handle)
-            handle.state = None
+            if self.banks.forget(handle):
+                handle.state = None
+            else:  # the registry unloads only unused versions; should rows still use it, wait for them
+                log.warning("adapter %s@%s unloaded while in use; freeing it when its rows finish",
+                            handle.name, handle.version)
+                with self._cv:
+                    self._forget.append(handle)
         self._end_stopped()
         new = self._admit()
         if new:
@@ -249,6 +254,11 @@ class BatchedEngine(Engine):
         kept: deque[GenerationJob] = deque()
         longest = 0
         for job in self._waiting:
+            if job.adapter is not None and job.adapter.state is None:
+                job.fail(EngineFailure(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded before "
+                                       "this request started"))
+                _finish_sink(job, FinishReason.CANCELLED)
+                continue
             longest_if = max(longest, len(job.prompt_ids))
             if len(new) >= free or (new and longest_if * (len(new) + 1) > self.max_prefill_tokens):
                 kept.append(job)

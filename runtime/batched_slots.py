@@ -134,18 +134,20 @@ class AdapterBanks:
             del self._users[slot]
             self._idle[slot] = None  # most recently used at the end
 
-    def forget(self, handle: AdapterHandle) -> None:
-        """Drop an unloaded adapter version from its slot (no running row uses it)."""
-        slot = self._slot_of.pop(handle, None)
+    def forget(self, handle: AdapterHandle) -> bool:
+        """Drop an unloaded adapter version from its slot; False (nothing done) while rows still use it."""
+        slot = self._slot_of.get(handle)
         if slot is None:
-            return
+            return True
         if slot in self._users:
-            raise RuntimeError(f"adapter {handle.name}@{handle.version} unloaded while rows still use slot {slot}")
+            return False
+        del self._slot_of[handle]
         del self._owner[slot]
         self._idle.pop(slot, None)
         self._free.append(slot)
         if self.draining == slot:
             self.draining = None
+        return True
 
     def resident(self) -> dict[int, AdapterHandle]:
         return dict(self._owner)
