@@ -37,7 +37,7 @@ class ExportError(RuntimeError):
 
 
 def offline_environment() -> None:
-    """No hub look-ups and no telemetry (Olive would otherwise log a heartbeat on import)."""
+    """No hub look-ups and no telemetry."""
     for key, value in {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -45,6 +45,35 @@ def offline_environment() -> None:
         "OLIVE_DISABLE_TELEMETRY": "1",
     }.items():
         os.environ.setdefault(key, value)
+
+
+_olive_telemetry_silenced = False
+
+
+def silence_olive_telemetry() -> None:
+    """Create Olive's telemetry singleton disabled, before any Olive code logs an event.
+
+    Olive 0.13 logs a heartbeat when its `Telemetry` singleton is first built and only then reads
+    OLIVE_DISABLE_TELEMETRY, so the heartbeat is queued anyway; offline, its exporter retries and
+    the process then waits ~10 s at exit joining the exporter thread. Olive skips the heartbeat and
+    disables itself when it sees a CI variable: build the singleton once under `CI=1`, then restore
+    the environment. Later events go to the disabled logger and are dropped.
+    """
+    global _olive_telemetry_silenced
+    if _olive_telemetry_silenced:
+        return
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "1"
+    try:
+        from olive.telemetry import Telemetry
+
+        Telemetry()
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+    _olive_telemetry_silenced = True
 
 
 @contextlib.contextmanager
@@ -143,6 +172,7 @@ def extract_adapters(model_path: Path, out_dir: Path, work_dir: Path) -> Path:
     defaults). Returns out_dir/model.onnx; Olive's adapter file is out_dir/adapter_weights.onnx_adapter."""
     offline_environment()
     with _captured("Olive ExtractAdapters"):
+        silence_olive_telemetry()
         from olive.workflows import run as olive_run
 
         olive_run({

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -92,3 +93,19 @@ def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_f
     (tmp_path / "peft_type" / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
         load_peft_adapter(tmp_path / "peft_type")
+
+
+def test_olive_telemetry_is_off_before_any_event():
+    """Olive would queue a heartbeat and, offline, hold the process ~10 s at exit (see base_graph).
+    Fresh interpreter: Olive's telemetry is a process-wide singleton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from loraplex.adapters.base_graph import silence_olive_telemetry; silence_olive_telemetry()\n"
+        "from olive.telemetry import Telemetry; t = Telemetry()\n"
+        "print(t._logger is None or t._logger._logger.disabled, t._cache_handler._events_logged, os.environ.get('CI'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["True", "0", "None"]  # disabled, no heartbeat queued, CI restored
