@@ -81,12 +81,13 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         base, adapters = adapters_from_args(args)
+        timings: dict[str, float] = {}
         manifest = export_package(base, adapters, args.out, precision=args.precision, device=args.device,
-                                  provider=args.provider, verify=args.verify, progress=True)
+                                  provider=args.provider, verify=args.verify, progress=True, timings=timings)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"loraplex export: error: {exc}", file=sys.stderr)
         return 2
-    print_summary(manifest, args.out, getattr(export_package, "last_timings", {}))
+    print_summary(manifest, args.out, timings)
     return 0
 
 
@@ -108,7 +109,7 @@ def parity_text(parity) -> str:
     if parity is None:
         return "not checked"
     tokens = "tokens equal" if parity.tokens_equal else "tokens differ"
-    return f"{tokens}, max Δlogit {parity.max_abs_logit_diff:.2g} vs {parity.reference}"
+    return f"{tokens}, Δlogit≤{parity.max_abs_logit_diff:.1g} ({parity.reference})"
 
 
 def print_summary(manifest, package_dir: Path, timings: dict[str, float], only: str | None = None) -> None:

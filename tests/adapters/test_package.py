@@ -95,3 +95,23 @@ def test_parity_failure_names_adapter_prompt_and_position():
     with pytest.raises(ParityError, match="exceeds tolerance"):
         compare("s", ["Hi"], [[1]], [Decoded([1], logits[:1] + 1)], [Decoded([1], logits[:1])],
                 reference="onnx-fp32", tokens_must_match=False, tolerance=0.5)
+
+
+def test_parity_prompts_come_from_the_task_template_and_data(tmp_path, tiny_base, random_adapter_factory):
+    from loraplex.adapters.parity import GENERIC_PROMPTS, prompts_for
+    from loraplex.adapters.peft_adapter import load_peft_adapter
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": "x"}) for t in ["good", "bad", "fine", "odd"]))
+    src = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1)
+    training = json.loads((src / "training.json").read_text())
+    adapter_dir = tmp_path / "trained"
+    adapter_dir.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter_dir / name).write_bytes((src / name).read_bytes())
+    training.update(template={"prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
+                    config={"data": str(data)})  # the trainer's training.json layout
+    (adapter_dir / "training.json").write_text(json.dumps(training))
+    assert prompts_for(load_peft_adapter(adapter_dir)) == [
+        "Review: good\nSentiment:", "Review: bad\nSentiment:", "Review: fine\nSentiment:"]
+    assert prompts_for(load_peft_adapter(src)) == list(GENERIC_PROMPTS)  # no data recorded
