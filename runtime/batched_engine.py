@@ -66,7 +66,15 @@ class BatchedStats:
 
 
 class BatchedEngine(Engine):
-    """Continuous batching with per-row adapters on onnxruntime (CPU execution provider)."""
+    """Continuous batching with per-row adapters on onnxruntime (CPU execution provider).
+
+    max_batch: rows decoding at once (the KV cache holds this many sequences).
+    max_slots: adapters resident in the weight banks at once (default: max_batch, so no request
+        waits for a slot); fewer saves host memory, and requests then wait for an LRU swap.
+    max_seq_len: cap on prompt + completion (default and maximum: the package's context length).
+    max_prefill_tokens: padded prompt tokens one prefill run may take (bounds a join's stall).
+    intra_op_threads: onnxruntime's intra-op threads (0 = one per physical core).
+    """
 
     name = "batched"
 
@@ -77,7 +85,7 @@ class BatchedEngine(Engine):
         device: str = "cpu",
         provider: str | None = None,
         max_batch: int = 16,
-        max_slots: int = 4,
+        max_slots: int | None = None,
         max_seq_len: int | None = None,
         max_prefill_tokens: int = 4096,
         intra_op_threads: int = 0,
@@ -119,7 +127,9 @@ class BatchedEngine(Engine):
         banked = ensure_batched_model(self.package_dir / model_file)
         self.session = ort.InferenceSession(str(banked), options, providers=["CPUExecutionProvider"])
         self._lora_shapes = _bank_shapes(self.session)
-        self.banks = AdapterBanks(self._lora_shapes, max_slots, rank)
+        # Slots cost host memory only (a step gathers one slot per row whatever the bank size), so
+        # by default there is one per row: no request then ever waits for a slot.
+        self.banks = AdapterBanks(self._lora_shapes, max_slots or max_batch, rank)
         self.kv = KVCache(
             layers, max_batch, int(decoder["num_key_value_heads"]), self.max_len, int(decoder["head_size"])
         )
