@@ -35,6 +35,7 @@ from loraplex.adapters.stages import StageTimer
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
+INCOMPLETE_MARKER = ".export-incomplete"
 # Max |logit difference| vs the fp32 export, in units of the fp32 logits' standard deviation (the
 # absolute value used is recorded as Parity.tolerance). Measured on the tiny random-init models:
 # int4 ~0.8 (block-32 int4 of random weights is the worst case: no outliers, small logit spread),
@@ -81,11 +82,43 @@ def _entry(name: str, adapter: PeftAdapter, package_dir: Path, file: Path, versi
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+    """`out_dir` must be new, empty, a package, or an export that failed; it is then marked incomplete
+    (and loses its manifest) until this export succeeds."""
+    reusable = (out_dir / MANIFEST_NAME).is_file() or (out_dir / INCOMPLETE_MARKER).is_file()
+    if out_dir.exists() and any(out_dir.iterdir()) and not reusable:
         raise FileExistsError(
             f"{out_dir} exists and is not a loraplex package; choose an empty or new directory for --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INCOMPLETE_MARKER).write_text("a `loraplex export` into this directory has not finished\n")
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def _build_base_graph(base_dir: Path, union: base_graph.LoraUnion, out_dir: Path, *, precision: str, device: str,
+                      provider: str | None, timer: StageTimer) -> None:
+    """Synthetic adapter -> builder -> ExtractAdapters, in a scratch directory beside `out_dir`;
+    then the graph, its weights, tokenizer and genai_config (with the provider) move into `out_dir`."""
+    with tempfile.TemporaryDirectory(prefix=".loraplex-export-", dir=out_dir.parent) as tmp:
+        work = Path(tmp)
+        with timer.stage("synthetic adapter"):
+            synthetic = base_graph.write_synthetic_adapter(base_dir, union, work / "synthetic_adapter")
+        with timer.stage(f"build graph ({precision}, builder)"):
+            built = base_graph.build_lora_model(base_dir, synthetic, work / "built", work,
+                                                precision=precision, device=device, union=union)
+        with timer.stage("extract LoRA inputs (Olive)"):
+            extracted = base_graph.extract_adapters(built, work / "extracted", work)
+            for stale in [MODEL_FILE, MODEL_FILE + ".data", ADAPTER_DIR]:
+                target = out_dir / stale
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            for part in (MODEL_FILE, MODEL_FILE + ".data"):
+                if (extracted.parent / part).exists():
+                    shutil.move(str(extracted.parent / part), out_dir / part)
+                    os.chmod(out_dir / part, convert.readable_mode())
+            base_graph.copy_side_files(built.parent, out_dir)
+            device_target.write_provider(out_dir / "genai_config.json", provider)
 
 
 def export_package(
@@ -128,28 +161,7 @@ def export_package(
         union = base_graph.LoraUnion.of(list(loaded.values()))
 
     _prepare_out_dir(out_dir)
-    with tempfile.TemporaryDirectory(prefix=".loraplex-export-", dir=out_dir.parent) as tmp:
-        work = Path(tmp)
-        with timer.stage("synthetic adapter"):
-            synthetic = base_graph.write_synthetic_adapter(base_dir, union, work / "synthetic_adapter")
-        with timer.stage(f"build graph ({precision}, builder)"):
-            built = base_graph.build_lora_model(base_dir, synthetic, work / "built", work,
-                                                precision=precision, device=device, union=union)
-        with timer.stage("extract LoRA inputs (Olive)"):
-            extracted = base_graph.extract_adapters(built, work / "extracted", work)
-            for stale in [MODEL_FILE, MODEL_FILE + ".data", ADAPTER_DIR]:
-                target = out_dir / stale
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            for part in (MODEL_FILE, MODEL_FILE + ".data"):
-                if (extracted.parent / part).exists():
-                    shutil.move(str(extracted.parent / part), out_dir / part)
-                    os.chmod(out_dir / part, convert.readable_mode())
-            base_graph.copy_side_files(built.parent, out_dir)
-            device_target.write_provider(out_dir / "genai_config.json", provider)
-
+    _build_base_graph(base_dir, union, out_dir, precision=precision, device=device, provider=provider, timer=timer)
     with timer.stage("convert adapters"):
         graph = read_lora_graph(out_dir / MODEL_FILE)
         entries = {}
@@ -161,12 +173,12 @@ def export_package(
             base=base, precision=precision, device=device, provider=provider, model_file=MODEL_FILE,
             lora_rank=union.rank, lora_modules=graph.kinds, lora_inputs=sorted(graph.names), adapters=entries,
         )
-        manifest.save(out_dir)
-
     if verify:
         with timer.stage("verify parity"):
             _verify_package(out_dir, base_dir, manifest, loaded)
-            manifest.save(out_dir)
+    # The manifest is what makes the directory a package: written last, only once verified.
+    manifest.save(out_dir)
+    (out_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
     timer.close()
     log.info("export of %s done: %s", out_dir, ", ".join(f"{k} {v:.1f}s" for k, v in timer.timings.items()))
     if timings is not None:

@@ -115,3 +115,27 @@ def test_parity_prompts_come_from_the_task_template_and_data(tmp_path, tiny_base
     assert prompts_for(load_peft_adapter(adapter_dir)) == [
         "Review: good\nSentiment:", "Review: bad\nSentiment:", "Review: fine\nSentiment:"]
     assert prompts_for(load_peft_adapter(src)) == list(GENERIC_PROMPTS)  # no data recorded
+
+
+def test_export_that_diverges_fails_and_leaves_no_package(tiny_base, random_adapter_factory, tmp_path, monkeypatch):
+    import pytest
+    from loraplex.adapters import convert
+    from loraplex.adapters.export import INCOMPLETE_MARKER, export_package
+    from loraplex.adapters.manifest import MANIFEST_NAME
+    from loraplex.adapters.parity import ParityError
+
+    original = convert.adapter_tensors
+
+    def unscaled_b(adapter, graph, rank):  # a converter bug: B at half its scale
+        tensors = original(adapter, graph, rank)
+        return {k: v / np.float32(2.0) if ".lora_B." in k else v for k, v in tensors.items()}
+
+    adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1)
+    out = tmp_path / "pkg"
+    monkeypatch.setattr(convert, "adapter_tensors", unscaled_b)
+    with pytest.raises(ParityError, match="adapter 'solo'"):
+        export_package(tiny_base, {"solo": adapter_dir}, out, progress=False)
+    assert not (out / MANIFEST_NAME).exists() and (out / INCOMPLETE_MARKER).exists()
+    monkeypatch.setattr(convert, "adapter_tensors", original)
+    export_package(tiny_base, {"solo": adapter_dir}, out, verify=False, progress=False)  # the directory is reusable
+    assert (out / MANIFEST_NAME).exists() and not (out / INCOMPLETE_MARKER).exists()
