@@ -17,6 +17,11 @@ provider. The bank inputs keep the LoRA input names of the original graph, so an
 tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
 (x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's `lora_r` are zero-padded: exact.
 
+A second, independent change: the LM head computes one position per row, picked by a new input
+`logits_index [batch]` (GatherND before the head), so `logits` is `[batch, 1, vocab]`. A
+prefill then needs only each prompt's last position, not `[batch, seq, vocab]`: for a small
+model with a large vocabulary the head is a large share of the prefill's compute and memory.
+
 Only `onnx` is needed (no torch, no olive): the runtime calls `ensure_batched_model` on first
 load and the result is cached next to the package's model. Initializers stored as external
 data stay where they are: the rewritten model is written into the same directory and points at
@@ -32,6 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SLOT_INPUT = "adapter_slot"
+LOGITS_INDEX_INPUT = "logits_index"
+LOGITS_OUTPUT = "logits"
+_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
 RANK_DIM = "lora_r"
 BATCHED_SUFFIX = ".batched.onnx"
@@ -39,7 +48,7 @@ _STAMP_SUFFIX = ".batched.json"
 _LORA_A = ".lora_A.MatMul.weight"
 _LORA_B = ".lora_B.MatMul.weight"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 1
+REWRITE_VERSION = 2
 
 
 class LoraBankError(ValueError):
@@ -175,11 +184,48 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
     del graph.node[:]
     graph.node.extend(new_nodes)
 
+    _pick_logits_rows(graph, batch)
     model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
     tmp = out_path.with_name(out_path.name + ".tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, out_path)
     return pairs
+
+
+def _pick_logits_rows(graph, batch: str) -> None:
+    """Make the LM head compute only position `logits_index[i]` of each row i (see module doc)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(LOGITS_OUTPUT)
+    while node is not None and node.op_type in _ELEMENTWISE:  # scaling/softcap after the head
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in _HEAD_OPS:
+        raise LoraBankError(
+            f"cannot find the LM head MatMul feeding '{LOGITS_OUTPUT}' (found {node.op_type if node else None}); "
+            "export the package with `loraplex export`"
+        )
+    hidden = node.input[0]
+    axes = "/lora_bank/logits_rows/axes"
+    graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+    index_2d, rows, rows_3d = (f"/lora_bank/logits_rows/{n}" for n in ("index", "gather", "rows"))
+    new_nodes = [
+        helper.make_node("Unsqueeze", [LOGITS_INDEX_INPUT, axes], [index_2d], name="/lora_bank/logits_rows/Unsqueeze"),
+        helper.make_node("GatherND", [hidden, index_2d], [rows], name="/lora_bank/logits_rows/GatherND", batch_dims=1),
+        helper.make_node("Unsqueeze", [rows, axes], [rows_3d], name="/lora_bank/logits_rows/Unsqueeze_1"),
+    ]
+    node.input[0] = rows_3d
+    position = list(graph.node).index(node)
+    for offset, extra in enumerate(new_nodes):
+        graph.node.insert(position + offset, extra)
+    graph.input.append(helper.make_tensor_value_info(LOGITS_INDEX_INPUT, TensorProto.INT64, [batch]))
+    for out in graph.output:
+        if out.name == LOGITS_OUTPUT:
+            dims = out.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].Clear()
+                dims[1].dim_value = 1
 
 
 def _has_external_data(model) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from loraplex.adapters.lora_bank import SLOT_INPUT, ensure_batched_model
+from loraplex.adapters.lora_bank import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
 from loraplex.runtime.batched_kv import KVCache
 from loraplex.runtime.batched_sampling import RowSampler, choose_tokens
 from loraplex.runtime.batched_slots import AdapterBanks, read_adapter_weights
@@ -297,8 +297,7 @@ class BatchedEngine(Engine):
             ids[i, : row.length] = row.job.prompt_ids
             row.job.mark_started()
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        logits = self._run(ids, mask, new, start)
-        last = logits[np.arange(k), lengths - 1]
+        last = self._run(ids, mask, new, start, lengths - 1)[:, 0, :]
         self.stats.prefill_runs += 1
         self._emit(new, choose_tokens(last, [row.sampler for row in new]))
 
@@ -310,7 +309,7 @@ class BatchedEngine(Engine):
         width = max(int(totals.max()), 2)
         self.kv.ensure(int(totals.max()), rows=len(rows))
         mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
-        logits = self._run(ids, mask, rows, 0)[:, 0, :]
+        logits = self._run(ids, mask, rows, 0, np.zeros(len(rows), dtype=np.int64))[:, 0, :]
         for row in rows:
             row.length += 1
         self.stats.decode_steps += 1
@@ -318,8 +317,10 @@ class BatchedEngine(Engine):
         del self.stats.row_steps[:-1024]
         self._emit(rows, choose_tokens(logits, [row.sampler for row in rows]))
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: list[_Row], start: int) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: list[_Row], start: int, last: np.ndarray) -> np.ndarray:
+        """One session run over KV rows [start, start + len(rows)); logits [rows, 1, vocab] at `last`."""
         binding = self.session.io_binding()
+        binding.bind_cpu_input(LOGITS_INDEX_INPUT, last)
         binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from loraplex.adapters.lora_bank import (
+    LOGITS_INDEX_INPUT,
     SLOT_INPUT,
     LoraBankError,
     ensure_batched_model,
@@ -56,7 +57,7 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
     out.unlink()
     lora = sorted({i.name for i in original.input if ".lora_" in i.name})
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
-    assert inputs[SLOT_INPUT] == ["batch_size"]
+    assert inputs[SLOT_INPUT] == ["batch_size"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size"]
     assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now banks
     for name in lora:
@@ -66,7 +67,9 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
     assert not any(i.name in lora for i in banked.initializer)  # zero-rank defaults gone
     gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
     assert sorted(n.input[0] for n in gathers) == lora
-    assert len(banked.node) == len(original.node) + len(lora)
+    assert len(banked.node) == len(original.node) + len(lora) + 3  # + Unsqueeze, GatherND, Unsqueeze
+    head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
+    assert head.input[0] == "/lora_bank/logits_rows/rows"
 
 
 def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
@@ -90,9 +93,11 @@ def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
     rows = len(expected)
     batch_feeds = {k: np.repeat(v, rows, axis=0) for k, v in _prompt_feeds(package, ids).items()}
     slots = np.arange(rows, dtype=np.int64)[::-1].copy()  # row i uses slot rows-1-i
-    got = banked.run(["logits"], {**batch_feeds, **banks, SLOT_INPUT: slots})[0]
-    for row, slot in enumerate(slots):
-        np.testing.assert_allclose(got[row], expected[slot], rtol=0, atol=1e-5)
+    positions = np.array([8, 0, 5, 8][:rows], dtype=np.int64)  # the one position each row's head computes
+    got = banked.run(["logits"], {**batch_feeds, **banks, SLOT_INPUT: slots, LOGITS_INDEX_INPUT: positions})[0]
+    assert got.shape == (rows, 1, expected[0].shape[-1])
+    for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+        np.testing.assert_allclose(got[row, 0], expected[slot][position], rtol=0, atol=1e-5)
     # Adapters really change the output, so the comparison above can fail.
     assert all(np.abs(expected[k] - expected[0]).max() > 1e-2 for k in range(1, rows))
 
