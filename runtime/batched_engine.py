@@ -269,6 +269,10 @@ class BatchedEngine(Engine):
                                        "this request started"))
                 _finish_sink(job, FinishReason.CANCELLED)
                 continue
+            if job.params.max_new_tokens <= 0:  # nothing to generate: no row, no prefill
+                job.mark_started()
+                _finish_sink(job, FinishReason.LENGTH)
+                continue
             longest_if = max(longest, len(job.prompt_ids))
             if len(new) >= free or (new and longest_if * (len(new) + 1) > self.max_prefill_tokens):
                 kept.append(job)

@@ -262,6 +262,8 @@ def test_int4_package_mixed_batch_equals_genai(request, tmp_path):
 
 def test_bad_prompts_and_incompatible_adapter_files_are_refused(package, make_engine, tmp_path):
     engine, _ = make_engine(max_batch=2, max_slots=1)
+    _, nothing = submit(engine, PROMPTS[0], None, max_new_tokens=0)
+    assert nothing.wait() == [] and nothing.finish is FinishReason.LENGTH
     with pytest.raises(InvalidRequest, match="empty"):
         submit(engine, [], None)
     with pytest.raises(InvalidRequest, match="shorten the prompt"):
