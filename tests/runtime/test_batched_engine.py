@@ -185,6 +185,17 @@ def test_hot_replacement_keeps_the_old_version_for_running_jobs(package, make_en
     assert old not in engine.banks.resident().values() and new in engine.banks.resident().values()
 
 
+def test_unloading_a_version_still_in_use_waits_for_its_rows(package, make_engine):
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    _, running = submit(engine, PROMPTS[0], handles["gamma"], max_new_tokens=12, pause_at=2)
+    running.reached.wait(WAIT_S)
+    engine.unload_adapter(handles["gamma"])  # a registry bug: the engine must not pull the weights
+    running.resume()
+    assert running.wait() == reference(package, "gamma", PROMPTS[0], 12)
+    submit(engine, PROMPTS[1], None)[1].wait()  # a round trip through the engine thread
+    assert handles["gamma"].state is None and handles["gamma"] not in engine.banks.resident().values()
+
+
 def test_cancel_and_stop_end_one_row_and_leave_the_others_exact(package, make_engine):
     engine, handles = make_engine(max_batch=8, max_slots=3)
     cancel_job, cancelled = submit(engine, PROMPTS[0], handles["beta"], max_new_tokens=40, pause_at=2)
