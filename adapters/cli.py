@@ -108,8 +108,8 @@ def _add(args: argparse.Namespace) -> int:
 def parity_text(parity) -> str:
     if parity is None:
         return "not checked"
-    tokens = "tokens equal" if parity.tokens_equal else "tokens differ"
-    return f"{tokens}, Δlogit≤{parity.max_abs_logit_diff:.1g} ({parity.reference})"
+    tokens = "equal" if parity.tokens_equal else "differ"
+    return f"tokens {tokens}, Δlogit≤{parity.max_abs_logit_diff:.1g} vs {parity.reference}"
 
 
 def print_summary(manifest, package_dir: Path, timings: dict[str, float], only: str | None = None) -> None:
@@ -123,7 +123,8 @@ def print_summary(manifest, package_dir: Path, timings: dict[str, float], only: 
     for name, entry in manifest.adapters.items():
         if only and name != only:
             continue
-        table.add_row(name, entry.version, str(entry.rank), ",".join(entry.target_modules),
+        modules = ",".join(m.removesuffix("_proj") for m in entry.target_modules)
+        table.add_row(name, entry.version, str(entry.rank), modules,
                       f"{entry.size_bytes / 1024:.0f} KiB", parity_text(entry.parity))
     if manifest.base_parity is not None and not only:
         table.add_row("(base)", "-", "-", "-", "-", parity_text(manifest.base_parity))

@@ -141,7 +141,7 @@ def export_package(
     `timings`, if given, receives the seconds each stage took.
     """
     base_graph.offline_environment()
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
     if not adapters:
         raise ValueError("export needs at least one adapter (--adapter NAME=DIR)")
     for name in adapters:
@@ -277,7 +277,7 @@ def add_adapter(package_dir: str | Path, name: str, adapter_dir: str | Path, *, 
     (and passes parity with `verify`), so a running server never sees a half-written or bad file.
     """
     base_graph.offline_environment()
-    package_dir = Path(package_dir)
+    package_dir = Path(package_dir).resolve()
     check_adapter_name(name)
     manifest = Manifest.load(package_dir)
     adapter = load_peft_adapter(adapter_dir)

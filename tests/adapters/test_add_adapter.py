@@ -94,9 +94,10 @@ def test_diverging_adapter_fails_and_leaves_the_old_file(package, tiny_base, ran
     assert not [p for p in (package / "adapters").iterdir() if p.name.startswith(".")]
 
 
-def test_cli_adapters_add(package, tiny_base, random_adapter_factory, capsys):
+def test_cli_adapters_add(package, tiny_base, random_adapter_factory, capsys, monkeypatch):
     adapter_dir = random_adapter_factory(tiny_base, "delta", 8, ("q_proj", "k_proj", "o_proj"), 21)
-    assert main(["adapters", "add", str(package), f"delta={adapter_dir}", "--no-verify"]) == 0
+    monkeypatch.chdir(package.parent)  # relative package path, as typed at a shell
+    assert main(["adapters", "add", package.name, f"delta={adapter_dir}", "--no-verify"]) == 0
     assert "delta" in capsys.readouterr().out and "delta" in Manifest.load(package).adapters
     assert main(["adapters", "add", str(package), "no-equals-sign"]) == 2
     assert "must be NAME=DIR" in capsys.readouterr().err
