@@ -1,0 +1,44 @@
+"""The thin CLI: `loraplex generate` and `loraplex adapters list|load|unload` against a live server."""
+
+from __future__ import annotations
+
+import json
+
+from loraplex.runtime.cli import main
+
+
+def test_generate_prints_the_servers_completion(server, capsys):
+    with server.client() as client:
+        want = client.generate("alpha", inputs={"text": "the movie was great"}, max_new_tokens=6).text
+    assert main(["generate", "--target", server.target, "--adapter", "alpha", "--input", "text=the movie was great",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--target", server.target, "--adapter", "alpha", "--input", "text=the movie was great",
+                 "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--target", server.target, "--adapter", "beta", "--prompt", "hi", "--max-new-tokens",
+                 "3", "--json"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert response["adapter"] == "beta" and response["usage"]["completionTokens"] == 3
+
+
+def test_generate_reports_the_status_code_and_exits_non_zero(server, capsys):
+    assert main(["generate", "--target", server.target, "--adapter", "nope", "--prompt", "hi"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_adapters_list_load_unload(server_factory, adapter_root, tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    live = server_factory(adapter_root=adapter_root, auth_token_file=token, metrics_port=None)
+    target = ["--target", live.target]
+    assert main(["adapters", "load", *target, "delta", "beta.onnx_adapter", "--version", "7"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["adapters", "load", *target, "--token-file", str(token), "delta", "beta.onnx_adapter",
+                 "--version", "7"]) == 0
+    assert capsys.readouterr().out == "loaded delta version 7\n"
+    assert main(["adapters", "list", *target]) == 0
+    listed = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
+    assert ["delta", "version=7"] in listed and len(listed) == 4
+    assert main(["adapters", "unload", *target, "--token-file", str(token), "delta"]) == 0
+    assert capsys.readouterr().out.startswith("unloaded delta version 7")
