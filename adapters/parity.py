@@ -60,10 +60,14 @@ def prompts_for(adapter: PeftAdapter | None, count: int = PROMPTS_PER_ADAPTER) -
 
 
 def _training_data_path(adapter: PeftAdapter) -> Path | None:
+    """The data file the trainer recorded: `data.path` (dataset summary) or `config.data` (options)."""
     training = adapter.training or {}
-    for holder in (training, training.get("config") or {}, training.get("hyperparameters") or {}):
-        if isinstance(holder, dict) and holder.get("data"):
-            return Path(holder["data"])
+    for holder in (training, training.get("config")):
+        value = holder.get("data") if isinstance(holder, dict) else None
+        if isinstance(value, dict):
+            value = value.get("path")
+        if isinstance(value, str) and value:
+            return Path(value)
     return None
 
 

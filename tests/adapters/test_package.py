@@ -112,8 +112,12 @@ def test_parity_prompts_come_from_the_task_template_and_data(tmp_path, tiny_base
     training.update(template={"prompt": "Review: {text}\nSentiment:", "completion": " {label}"},
                     config={"data": str(data)})  # the trainer's training.json layout
     (adapter_dir / "training.json").write_text(json.dumps(training))
-    assert prompts_for(load_peft_adapter(adapter_dir)) == [
-        "Review: good\nSentiment:", "Review: bad\nSentiment:", "Review: fine\nSentiment:"]
+    rendered = ["Review: good\nSentiment:", "Review: bad\nSentiment:", "Review: fine\nSentiment:"]
+    assert prompts_for(load_peft_adapter(adapter_dir)) == rendered
+    training["data"] = {"path": str(data), "records": 4}  # the trainer's dataset summary
+    training["config"] = {"data": 7}  # ignored: not a path
+    (adapter_dir / "training.json").write_text(json.dumps(training))
+    assert prompts_for(load_peft_adapter(adapter_dir)) == rendered
     assert prompts_for(load_peft_adapter(src)) == list(GENERIC_PROMPTS)  # no data recorded
 
 
