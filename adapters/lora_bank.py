@@ -23,18 +23,22 @@ prefill then needs only each prompt's last position, not `[batch, seq, vocab]`: 
 model with a large vocabulary the head is a large share of the prefill's compute and memory.
 
 Only `onnx` is needed (no torch, no olive): the runtime calls `ensure_batched_model` on first
-load and the result is cached next to the package's model. Initializers stored as external
-data stay where they are: the rewritten model is written into the same directory and points at
-the same data file, so no weights are copied.
+load and the result is cached next to the package's model (or, for a read-only package, in a
+user cache directory). Initializers stored as external data stay where they are: the rewritten
+model points at the same data file (hard-linked when it lives elsewhere), so no weights are copied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SLOT_INPUT = "adapter_slot"
 LOGITS_INDEX_INPUT = "logits_index"
@@ -112,7 +116,8 @@ def _batch_dim_name(graph) -> str:
 
 
 def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[LoraPair]:
-    """Write the banked version of `model_path` to `out_path` (same directory keeps external data shared).
+    """Write the banked version of `model_path` to `out_path`; external data is shared (hard-linked
+    into `out_path`'s directory when that is another one), never copied.
 
     Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
     LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
@@ -122,11 +127,8 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
 
     model_path, out_path = Path(model_path), Path(out_path)
     model = onnx.load(str(model_path), load_external_data=False)
-    if model_path.parent.resolve() != out_path.parent.resolve() and _has_external_data(model):
-        raise LoraBankError(
-            f"{model_path.name} keeps weights in external data; write the banked graph into the same directory "
-            f"({model_path.parent}) so that it shares them"
-        )
+    if model_path.parent.resolve() != out_path.parent.resolve():
+        _link_external_data(model, model_path.parent, out_path.parent)
     graph = model.graph
     pairs = _find_pairs(graph)
     lora_names = {n for p in pairs for n in (p.a_name, p.b_name)}
@@ -186,7 +188,7 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
 
     _pick_logits_rows(graph, batch)
     model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
     onnx.save(model, str(tmp))
     os.replace(tmp, out_path)
     return pairs
@@ -228,10 +230,40 @@ def _pick_logits_rows(graph, batch: str) -> None:
                 dims[1].dim_value = 1
 
 
-def _has_external_data(model) -> bool:
+def _link_external_data(model, source_dir: Path, out_dir: Path) -> None:
+    """Hard-link the model's external data files into `out_dir` so a graph written there shares them.
+
+    Not symlinks: onnxruntime resolves them and refuses data outside the model's directory. On
+    another filesystem a hard link is impossible and the file is copied (once, with a warning).
+    """
     from onnx import TensorProto
 
-    return any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer)
+    locations = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for location in locations:
+        link, target = out_dir / location, source_dir / location
+        if link.exists() and os.path.samefile(link, target):
+            continue
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        try:
+            os.link(target, link)
+        except OSError:
+            log.warning("copying %s to %s: cannot hard-link across filesystems", target, out_dir)
+            shutil.copyfile(target, link)
+
+
+def default_cache_dir(model_path: Path) -> Path:
+    """Where the banked graph goes when the package directory is read-only."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
+    return root / "loraplex" / "banked" / key
 
 
 def _fingerprint(model_path: Path) -> str:
@@ -240,17 +272,28 @@ def _fingerprint(model_path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def ensure_batched_model(model_path: str | Path) -> Path:
-    """The banked graph for `model_path`, rewritten on first use and cached beside it.
+def ensure_batched_model(model_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The banked graph for `model_path`, rewritten on first use and cached.
 
-    `<dir>/model.onnx` -> `<dir>/model.batched.onnx`; a stamp file records which source (size,
-    mtime) and rewrite version it came from, so a re-exported package is rewritten again.
+    `<dir>/model.onnx` -> `<dir>/model.batched.onnx`, or into `cache_dir` when given, or into
+    `default_cache_dir()` when the package directory is read-only (external data is then
+    hard-linked, not copied). A stamp file records the source (size, mtime) and rewrite version,
+    so a re-exported package is rewritten again.
     """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found: is the package complete?")
-    out = model_path.with_name(model_path.name.removesuffix(".onnx") + BATCHED_SUFFIX)
-    stamp = model_path.with_name(model_path.name.removesuffix(".onnx") + _STAMP_SUFFIX)
+    if cache_dir is not None:
+        return _ensure_in(model_path, Path(cache_dir))
+    try:
+        return _ensure_in(model_path, model_path.parent)
+    except OSError:  # read-only package directory
+        return _ensure_in(model_path, default_cache_dir(model_path))
+
+
+def _ensure_in(model_path: Path, out_dir: Path) -> Path:
+    stem = model_path.name.removesuffix(".onnx")
+    out, stamp = out_dir / (stem + BATCHED_SUFFIX), out_dir / (stem + _STAMP_SUFFIX)
     want = _fingerprint(model_path)
     if out.is_file() and stamp.is_file():
         try:
@@ -258,6 +301,10 @@ def ensure_batched_model(model_path: str | Path) -> Path:
                 return out
         except json.JSONDecodeError:
             pass
+    out_dir.mkdir(parents=True, exist_ok=True)
     pairs = rewrite_for_banks(model_path, out)
-    stamp.write_text(json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n")
+    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n"
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(record)
+    os.replace(tmp, stamp)
     return out

@@ -114,6 +114,23 @@ def test_cached_rewrite_is_reused_and_redone_when_the_graph_changes(package, tmp
     assert first.stat().st_mtime_ns != stamp
 
 
+def test_banked_graph_in_another_directory_shares_the_external_data(package, tmp_path):
+    """A read-only package gets its banked graph in a cache directory, weights linked, not copied."""
+    cached = ensure_batched_model(package.model, cache_dir=tmp_path / "cache")
+    assert cached.parent == tmp_path / "cache"
+    for data in package.model.parent.glob(package.model.name + ".data"):  # the same file, not a copy
+        assert os.path.samefile(data, cached.parent / data.name)
+    beside = _session(ensure_batched_model(package.model))
+    elsewhere = _session(cached)
+    ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
+    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([3])}
+    for inp in beside.get_inputs():
+        if ".lora_" in inp.name:
+            fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 slot (zeros), rank 1
+            feeds[inp.name] = np.zeros(fixed, dtype=np.float32)
+    np.testing.assert_array_equal(beside.run(["logits"], feeds)[0], elsewhere.run(["logits"], feeds)[0])
+
+
 def test_graph_without_lora_inputs_is_refused_with_the_fix(tmp_path):
     from onnx import TensorProto, helper
 
