@@ -19,7 +19,6 @@ step runs. See batched_kv.py for the KV layout and why padding cannot change any
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import deque
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from loraplex.adapters.lora_bank import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
+from loraplex.runtime.batched_graph import bank_shapes, model_file_and_rank, read_genai_config
 from loraplex.runtime.batched_kv import KVCache
 from loraplex.runtime.batched_sampling import RowSampler, choose_tokens
 from loraplex.runtime.batched_slots import AdapterBanks, read_adapter_weights
@@ -98,7 +98,7 @@ class BatchedEngine(Engine):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         self.package_dir = Path(package_dir)
-        config = _read_genai_config(self.package_dir)
+        config = read_genai_config(self.package_dir)
         decoder = config["decoder"]
         self.vocab_size = int(config["vocab_size"])
         eos = config.get("eos_token_id", [])
@@ -120,13 +120,13 @@ class BatchedEngine(Engine):
             for i in range(layers)
         ]
 
-        model_file, rank = _model_file_and_rank(self.package_dir, decoder)
+        model_file, rank = model_file_and_rank(self.package_dir, decoder)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3
         banked = ensure_batched_model(self.package_dir / model_file)
         self.session = ort.InferenceSession(str(banked), options, providers=["CPUExecutionProvider"])
-        self._lora_shapes = _bank_shapes(self.session)
+        self._lora_shapes = bank_shapes(self.session)
         # Slots cost host memory only (a step gathers one slot per row whatever the bank size), so
         # by default there is one per row: no request then ever waits for a slot.
         self.banks = AdapterBanks(self._lora_shapes, max_slots or max_batch, rank)
@@ -138,6 +138,7 @@ class BatchedEngine(Engine):
         self._cv = threading.Condition()
         self._incoming: deque[GenerationJob] = deque()
         self._forget: list[AdapterHandle] = []
+        self._deferred: set[AdapterHandle] = set()  # unloads waiting for their rows to finish
         self._closing = False
         self._waiting: deque[GenerationJob] = deque()
         self._running: list[_Row] = []
@@ -202,11 +203,15 @@ class BatchedEngine(Engine):
         for handle in forget:
             if self.banks.forget(handle):
                 handle.state = None
-            else:  # the registry unloads only unused versions; should rows still use it, wait for them
+                self._deferred.discard(handle)
+                continue
+            # The registry unloads only unused versions; should rows still use it, wait for them.
+            if handle not in self._deferred:
+                self._deferred.add(handle)
                 log.warning("adapter %s@%s unloaded while in use; freeing it when its rows finish",
                             handle.name, handle.version)
-                with self._cv:
-                    self._forget.append(handle)
+            with self._cv:
+                self._forget.append(handle)
         self._end_stopped()
         new = self._admit()
         if new:
@@ -391,31 +396,3 @@ def _finish_sink(job: GenerationJob, reason: FinishReason) -> None:
         job.sink(None, reason)
     except Exception:
         log.exception("finish sink of request %s raised", job.request_id)
-
-
-def _read_genai_config(package_dir: Path) -> dict:
-    path = package_dir / "genai_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {package_dir} a package written by `loraplex export`?")
-    return json.loads(path.read_text())["model"]
-
-
-def _model_file_and_rank(package_dir: Path, decoder: dict) -> tuple[str, int]:
-    """The graph file and LoRA rank from the manifest when there is one, else from genai_config."""
-    from loraplex.adapters.manifest import MANIFEST_NAME, Manifest
-
-    if (package_dir / MANIFEST_NAME).is_file():
-        manifest = Manifest.load(package_dir)
-        return manifest.model_file, int(manifest.lora_rank)
-    return decoder["filename"], 1
-
-
-def _bank_shapes(session: ort.InferenceSession) -> dict[str, tuple[int, int]]:
-    """LoRA bank inputs of the banked graph: name -> (in, 0) for A banks, (0, out) for B banks."""
-    shapes = {}
-    for inp in session.get_inputs():
-        if ".lora_A." in inp.name:
-            shapes[inp.name] = (int(inp.shape[1]), 0)
-        elif ".lora_B." in inp.name:
-            shapes[inp.name] = (0, int(inp.shape[2]))
-    return shapes
