@@ -31,6 +31,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--base", help="base model directory (Hugging Face format); overrides the YAML's base")
     train.add_argument("--config", help="YAML task file (base, out, defaults, tasks); see loraplex.trainer.config")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 suits tiny models)")
     add_config_options(train)
     train.set_defaults(func=_train)
 
@@ -96,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
             base, configs = args.base, [TaskConfig.from_dict(options, where="command line")]
         if base is None:
             raise ConfigError("no base model: pass --base DIR or set 'base' in the task file")
-        train_tasks(base, configs, progress=not args.no_progress)
+        train_tasks(base, configs, progress=not args.no_progress, num_threads=args.threads)
     except (ConfigError, DatasetError, TemplateError, BaseModelError, QLoRAUnavailable) as exc:
         print(f"loraplex train: error: {exc}", file=sys.stderr)
         return 2
