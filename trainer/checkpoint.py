@@ -41,7 +41,7 @@ def load_checkpoint(path: Path, config: TaskConfig) -> dict[str, Any]:
     """The saved state, after checking it was written by a run with the same training options."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved, now = state["config"], config.to_dict()
     for key in sorted(set(saved) | set(now)):
         if key not in NOT_COMPARED and saved.get(key) != now.get(key):

@@ -1,7 +1,9 @@
 """The three built-in demo tasks: generated, small, and visibly different per adapter.
 
 `python -m loraplex.trainer.demo_tasks` regenerates the shipped files in `demo_data/`
-(a few hundred JSONL records each, fixed seed) and `demo_data/tasks.yaml`.
+(a few hundred JSONL records each, fixed seed; a test checks they are current).
+`demo_data/tasks.yaml` (templates and the hyper-parameters that meet the demo's accuracy
+targets) is written by hand.
 """
 
 from __future__ import annotations

@@ -78,3 +78,10 @@ def test_eval_split_is_deterministic_disjoint_and_keeps_training_data():
     assert len(split_indices(3, 0.1, seed=0)[1]) == 1  # at least one record is held out
     with pytest.raises(DatasetError, match=r"eval_split=0.5 holds out 1 of 1 records and leaves no training data"):
         split_indices(1, 0.5, seed=0, where="one.jsonl")
+
+
+def test_shipped_demo_data_is_what_the_generator_writes():
+    from loraplex.trainer.demo_tasks import DATA_DIR, TASKS, generate
+
+    for task in TASKS:
+        assert read_records(DATA_DIR / f"{task}.jsonl") == generate(task), "run python -m loraplex.trainer.demo_tasks"
