@@ -85,7 +85,7 @@ def test_deadline_stops_generation_and_frees_the_slot(server_factory):
 def test_long_generation_does_not_block_health_or_admin_calls(server_factory, adapter_root):
     """Decoding runs off the asyncio loop: while a generation is mid-way, other RPCs are answered."""
     server = server_factory(adapter_root=adapter_root, metrics_port=None)
-    with EngineBrake(server, delay=0.01), server.client() as client:  # 300 tokens: seconds of decoding
+    with EngineBrake(server, gil_busy=True), server.client() as client:  # GIL-holding steps, 300 of them
         stream = client.stream("gamma", "The weather today", max_new_tokens=300)
         next(stream)
         with grpc.insecure_channel(server.target) as channel:
