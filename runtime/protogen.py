@@ -1,6 +1,6 @@
 """Regenerate the Python code of the gRPC contract: `python -m loraplex.runtime.protogen` (`make proto`).
 
-The generated `*_pb2.py`, `*_pb2.pyi` and `*_pb2_grpc.py` are committed beside the .proto files in
+The generated `*_pb2.py` and `*_pb2_grpc.py` are committed beside the .proto files in
 `proto/loraplex/v1/` (package `loraplex.v1`) so that a server needs no protoc;
 tests/runtime/test_protogen.py fails when they are stale. grpc_tools is a dev dependency and is
 imported only here, only when run.
@@ -38,14 +38,13 @@ def generate(out_root: Path = PROTO_ROOT, proto_root: Path = PROTO_ROOT) -> list
         f"--proto_path={proto_root}",
         f"--proto_path={well_known}",
         f"--python_out={out_root}",
-        f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
         *files,
     ]
     code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc failed (exit {code}) on {', '.join(files)}")
-    generated = ("_pb2.py", "_pb2.pyi", "_grpc.py")
+    generated = ("_pb2.py", "_grpc.py")
     return sorted(p for p in (out_root / PROTO_PACKAGE).iterdir() if p.name.endswith(generated))
 
 

@@ -8,8 +8,8 @@ from loraplex.runtime import protogen
 def test_committed_generated_code_is_fresh(tmp_path):
     fresh = protogen.generate(out_root=tmp_path)
     assert {p.name for p in fresh} == {
-        "adapters_pb2.py", "adapters_pb2.pyi", "adapters_pb2_grpc.py",
-        "generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py",
+        "adapters_pb2.py", "adapters_pb2_grpc.py",
+        "generation_pb2.py", "generation_pb2_grpc.py",
     }
     committed = protogen.PROTO_ROOT / protogen.PROTO_PACKAGE
     stale = [p.name for p in fresh if (committed / p.name).read_bytes() != p.read_bytes()]
