@@ -97,7 +97,7 @@ async def query_all(target: str, examples: dict[str, list[Example]], phase: str 
     return [row for rows in results for row in rows]
 
 
-async def swap_under_load(target: str, examples: dict[str, list[Example]], swap, minimum: int = 6) -> list[Row]:
+async def swap_under_load(target: str, examples: dict[str, list[Example]], swap, minimum: int = 20) -> list[Row]:
     """Every task's client loops over its examples while `swap()` runs; stops once the swapped task
     has served `minimum` requests on the new version."""
     from loraplex.runtime.client import AsyncClient
@@ -118,7 +118,7 @@ async def swap_under_load(target: str, examples: dict[str, list[Example]], swap,
                     done.set()
 
     senders = [asyncio.create_task(keep_sending(t)) for t in examples]
-    while len(rows) < 3 * len(examples):  # the load is on before the swap
+    while len(rows) < minimum * len(examples):  # the load is on before the swap
         await asyncio.sleep(0.01)
     new_version.append(await swap())
     await asyncio.wait_for(done.wait(), timeout=120)
