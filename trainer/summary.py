@@ -11,13 +11,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_summary(results: Sequence[Any], console: Any = None) -> None:
-    """Task, steps, final train loss, eval loss, perplexity, exact match (adapter vs base), time, output."""
+    """Task, steps, final train loss, eval loss, perplexity, exact match (adapter vs base), time."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="loraplex train")
-    for name in ("task", "steps", "train loss", "eval loss", "eval ppl", "exact match", "base EM", "time", "adapter"):
-        table.add_column(name, justify="left" if name in ("task", "adapter") else "right")
+    folders = sorted({str(result.adapter_dir.parent) for result in results})
+    table = Table(title="loraplex train", caption="adapters in " + ", ".join(folders))
+    for name in ("task", "steps", "train loss", "eval loss", "eval ppl", "exact match", "base EM", "time"):
+        table.add_column(name, justify="left" if name == "task" else "right", no_wrap=name == "task")
     for result in results:
         t = result.training
         last_train = t["train_loss"][-1][1] if t["train_loss"] else None
@@ -31,6 +32,5 @@ def print_summary(results: Sequence[Any], console: Any = None) -> None:
             _fmt(t["eval_exact_match"], ".1%"),
             _fmt(t["base_eval_exact_match"], ".1%"),
             f"{t['wall_time_s']:.1f}s",
-            str(result.adapter_dir),
         )
     (console or Console()).print(table)
