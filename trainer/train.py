@@ -334,7 +334,7 @@ def _finish(
         "steps": run.step,
         "total_steps": run.total_steps,
         "stopped_early": run.stopped_early,
-        "best_step": run.best_step if config.restore_best else run.step,
+        "best_step": run.best_step if config.restore_best and run.best_state is not None else run.step,
         "train_loss": run.train_loss,
         "eval_loss": run.eval_loss,
         "final_eval_loss": final_loss,
