@@ -1,7 +1,9 @@
 """Prometheus metrics of one server (its own CollectorRegistry, so several servers can share a process).
 
 Exposed over HTTP on --metrics-port. Labels: `adapter` (empty = base model) and `status` (a gRPC
-status code name, "OK" for success).
+status code name, "OK" for success). Requests are counted once they name a loaded adapter and
+pass parameter validation: a label per unknown adapter name would let any client grow the
+metric without bound.
 """
 
 from __future__ import annotations
