@@ -100,3 +100,56 @@ def test_long_generation_does_not_block_health_or_admin_calls(server_factory, ad
         assert server.running.service.in_flight == 1
         tokens = [t for chunk in stream for t in chunk.token_ids]
     assert len(tokens) == 300
+
+
+def test_health_is_not_serving_until_the_model_is_loaded_and_warm(tiny_package, monkeypatch):
+    import threading
+
+    from loraplex.runtime import server as server_module
+    from loraplex.runtime.client import Client
+
+    from tests.fixtures.serving import ServerThread, serving_config
+
+    loading = threading.Event()
+    build = server_module.build_engine
+
+    def slow_build(config):
+        loading.wait(60)  # the model "loads" until the test has looked
+        return build(config)
+
+    monkeypatch.setattr(server_module, "build_engine", slow_build)
+    config = serving_config(tiny_package, port=_free_port(), metrics_port=None)
+    holder: list[ServerThread] = []
+    starting = threading.Thread(target=lambda: holder.append(ServerThread(config)))
+    starting.start()
+    try:
+        with Client(f"127.0.0.1:{config.port}", timeout=10) as client:
+            wait_until(lambda: _health_or_none(client) is not None, what="the port to open")
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("alpha", "hi")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            loading.set()
+            starting.join(60)
+            assert client.health() == "SERVING"
+            assert len(client.generate("alpha", "hi", max_new_tokens=2).token_ids) == 2
+    finally:
+        loading.set()
+        starting.join(60)
+        for handle in holder:
+            handle.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health_or_none(client):
+    try:
+        return client.health()
+    except grpc.RpcError:
+        return None
