@@ -19,7 +19,10 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     serve.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
     serve.add_argument("--provider", choices=["cuda", "dml", "qnn", "openvino", "webgpu"], default=None,
                        help="execution provider (default: cuda for gpu, qnn for npu)")
-    serve.add_argument("--engine", default="genai", choices=["genai", "batched"])
+    serve.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
+                       help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
+    serve.add_argument("--max-slots", type=int, default=0,
+                       help="batched engine: adapters resident in the weight bank at once (0 = one per batch row)")
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
     serve.add_argument("--adapter-root", type=Path, default=None,
@@ -70,14 +73,23 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     demo.set_defaults(func=_demo)
 
 
+def resolve_engine(engine: str, device: str) -> str:
+    """`auto` picks the batched engine where it runs (CPU; its per-row KV views need host memory)."""
+    if engine != "auto":
+        return engine
+    return "batched" if device == "cpu" else "genai"
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
     from loraplex.runtime.server import ServerConfig, serve
 
+    engine = resolve_engine(args.engine, args.device)
     config = ServerConfig(
         package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
-        engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, adapter_root=args.adapter_root,
+        engine=engine, max_batch=args.max_batch, max_queue=args.max_queue, adapter_root=args.adapter_root,
         auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
+        engine_options={"max_slots": args.max_slots or None} if engine == "batched" else {},
     )
     try:
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
