@@ -255,7 +255,8 @@ async def run_async(out: Path) -> int:
     base, package, configs = await asyncio.to_thread(build_package, out, stages)
     examples = {c.task: eval_examples(c) for c in configs}
     started = time.perf_counter()
-    server = await start_server(ServerConfig(package=package, port=0, max_batch=8, max_queue=64))
+    # The batched engine: the three task clients' requests share decode steps across adapters.
+    server = await start_server(ServerConfig(package=package, port=0, engine="batched", max_batch=8, max_queue=64))
     stages.times["start server"] = time.perf_counter() - started
     try:
         started = time.perf_counter()
