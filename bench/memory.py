@@ -34,10 +34,10 @@ def peer_rss(system: str, root: Path, n: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def server_rss(package: Path, engine: str, adapters: list[str], prompt: Prompt, log_dir: Path) -> dict:
+def server_rss(package: Path, engine: str, adapters: list[str], prompt: Prompt, log_dir: Path, max_batch: int) -> dict:
     """RSS of `loraplex serve` on a package with these adapters, after one request on each."""
     try:
-        server = LoraplexServer(package, engine, log_dir=log_dir)
+        server = LoraplexServer(package, engine, log_dir=log_dir, max_batch=max_batch)
     except Unavailable as exc:
         return {"error": str(exc).splitlines()[0]}
     try:

@@ -97,6 +97,7 @@ class Bench:
             sizes = workload.weight_bytes_per_token(package)
             roof[precision] = {**sizes, "tokens_per_s": roofline.roofline_tokens_per_s(sizes["per_token"], bw)}
         self.results["roofline"] = roof
+        self.results["server_max_batch"] = max(self.grid.concurrency)
 
     def _unavailable(self, name: str, reason: str) -> None:
         log.warning("%s is not available: %s", name, reason)
@@ -253,7 +254,7 @@ class Bench:
                     package = self.art.package_with(n)
                     for engine in self.engines:
                         rows.setdefault(f"loraplex[{engine}]", {})[str(n)] = memory.server_rss(
-                            package, engine, names, self.prompts[0], self.log_dir
+                            package, engine, names, self.prompts[0], self.log_dir, max(self.grid.concurrency)
                         )
                         bar.update(1)
                     rows.setdefault("onnxruntime-genai", {})[str(n)] = memory.peer_rss("genai", self.art.root, n)
