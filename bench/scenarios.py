@@ -41,7 +41,7 @@ class Grid:
     # Seconds each scenario may take before its remaining points are skipped (and reported as
     # skipped): a safety net that keeps `make bench` under 20 minutes on a slow or shared machine.
     budget_s: dict = field(
-        default_factory=lambda: {"single": 100, "switch": 110, "concurrency": 500, "hotload": 80, "memory": 200}
+        default_factory=lambda: {"single": 90, "switch": 100, "concurrency": 560, "hotload": 60, "memory": 180}
     )
 
 
