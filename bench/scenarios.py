@@ -35,7 +35,7 @@ class Grid:
     peft_waves: int = 2
     hot_load_clients: int = 8
     hot_load_adapters: int = 4
-    hot_load_requests: int = 24  # at least; clients go on until both loads are done
+    hot_load_requests: int = 16  # at least; clients go on until both loads are done
     hot_load_delay_s: float = 2.0  # load before the first Load RPC, and after each
     memory_counts: tuple[int, ...] = (1, 8, 32)
     # Seconds each scenario may take before its remaining points are skipped (and reported as
