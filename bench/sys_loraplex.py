@@ -35,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stubs():
+def _import_grpc():
     try:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,10 +60,11 @@ class LoraplexServer:
         extra_args: tuple[str, ...] = (),
         label: str = "",
     ):
-        (self.grpc, self._health_pb2, self._health_grpc, self.gen_pb2, self._gen_grpc, self.adm_pb2, self._adm_grpc) = (
-            _stubs()
-        )
+        (self.grpc, self._health_pb2, self._health_grpc, self.gen_pb2, self._gen_grpc, self.adm_pb2,
+         self._adm_grpc) = _import_grpc()
         self.engine = engine
+        self._channels: dict[int, tuple] = {}  # client index -> (channel, generation stub, adapters stub)
+        self._lock = threading.Lock()
         self.name = f"loraplex[{engine}]{' ' + label if label else ''}"
         self.port = _free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -87,7 +88,7 @@ class LoraplexServer:
         self._ignore_eos = "ignore_eos" in self.gen_pb2.SamplingParams.DESCRIPTOR.fields_by_name
         if not self._ignore_eos:
             log.warning("SamplingParams has no ignore_eos: %s requests may end early at EOS", self.name)
-        self._local = threading.local()
+
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
@@ -121,14 +122,18 @@ class LoraplexServer:
 
     # --- clients -----------------------------------------------------------------------------
 
-    def _thread_stubs(self):
-        """One channel per client thread: gRPC clients in separate threads do not share a connection."""
-        if getattr(self._local, "generation", None) is None:
-            channel = self.grpc.insecure_channel(self.target)
-            self._local.channel = channel
-            self._local.generation = self._gen_grpc.GenerationStub(channel)
-            self._local.adapters = self._adm_grpc.AdaptersStub(channel)
-        return self._local.generation, self._local.adapters
+    def _stubs(self, client: int = 0):
+        """Stubs on client `client`'s own channel, made once per server and reused by every scenario."""
+        with self._lock:
+            if client not in self._channels:
+                channel = self.grpc.insecure_channel(self.target)
+                self._channels[client] = (
+                    channel,
+                    self._gen_grpc.GenerationStub(channel),
+                    self._adm_grpc.AdaptersStub(channel),
+                )
+            _, generation, adapters = self._channels[client]
+        return generation, adapters
 
     def _request(self, prompt: Prompt, adapter: str | None, new_tokens: int):
         params = dict(max_new_tokens=new_tokens, temperature=0.0)
@@ -143,7 +148,7 @@ class LoraplexServer:
 
     def generate(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
         """One streamed request: client-side time to first token and total latency."""
-        generation, _ = self._thread_stubs()
+        generation, _ = self._stubs()
         start = time.perf_counter()
         ttft = None
         server_total = None
@@ -161,8 +166,8 @@ class LoraplexServer:
         return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids,
                              server_total_s=server_total)
 
-    def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int) -> RequestResult:
-        generation, _ = self._thread_stubs()
+    def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int, client: int = 0) -> RequestResult:
+        generation, _ = self._stubs(client)
         start = time.perf_counter()
         try:
             reply = generation.Generate(self._request(prompt, adapter, new_tokens), timeout=600)
@@ -194,24 +199,24 @@ class LoraplexServer:
         def more(i: int) -> bool:
             return i < len(requests) or (until is not None and not until.is_set())
 
-        def client() -> None:
+        def client(c: int) -> None:
             while more(i := next(counter)):
                 sent = time.perf_counter() - start
-                result = self.generate_unary(*requests[i % len(requests)], new_tokens)
+                result = self.generate_unary(*requests[i % len(requests)], new_tokens, client=c)
                 result.start_s = sent
                 results[i] = result
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        return [results[i] for i in sorted(results)], wall, "one gRPC channel per client thread, closed loop"
+        return [results[i] for i in sorted(results)], wall, "one gRPC channel per client, closed loop"
 
     def load_adapter(self, name: str, path: Path) -> float:
         """`Adapters.Load` (path relative to the adapter root); returns its latency in seconds."""
-        _, adapters = self._thread_stubs()
+        _, adapters = self._stubs(-1)  # an admin channel of its own
         start = time.perf_counter()
         adapters.Load(self.adm_pb2.LoadAdapterRequest(name=name, path=str(path)), timeout=300)
         return time.perf_counter() - start
@@ -224,6 +229,9 @@ class LoraplexServer:
         return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
 
     def close(self) -> None:
+        for channel, _, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
         if self.process.poll() is None:
             self.process.terminate()
             try:
