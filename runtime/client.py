@@ -25,6 +25,7 @@ def generate_request(
     seed: int | None = None,
     repetition_penalty: float = 0.0,
     stop: Sequence[str] = (),
+    ignore_eos: bool = False,
     request_id: str = "",
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest from plain values (0 = the server's default, see generation.proto)."""
@@ -37,6 +38,7 @@ def generate_request(
         top_k=top_k,
         repetition_penalty=repetition_penalty,
         stop=list(stop),
+        ignore_eos=ignore_eos,
     )
     if seed is not None:
         params.seed = seed

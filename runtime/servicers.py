@@ -85,6 +85,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             seed=p.seed if p.HasField("seed") else None,
             repetition_penalty=p.repetition_penalty,
             stop=list(p.stop),
+            ignore_eos=p.ignore_eos,
             context_length=self.package.context_length,
         )
         which = request.WhichOneof("input")

@@ -27,6 +27,7 @@ def sampling_params(
     seed: int | None = None,
     repetition_penalty: float = 0.0,
     stop: Sequence[str] = (),
+    ignore_eos: bool = False,
     context_length: int,
 ) -> SamplingParams:
     """Validated SamplingParams from wire values (0 = default)."""
@@ -60,6 +61,7 @@ def sampling_params(
         seed=seed,
         repetition_penalty=float(repetition_penalty) or 1.0,
         stop=tuple(stop),
+        ignore_eos=bool(ignore_eos),
     )
 
 

@@ -94,3 +94,21 @@ def test_demo_hot_swap_under_load_fails_no_request(demo_server, demo_adapters, d
     assert [r for r in rows if r.failed] == []
     versions = [r.version for r in rows if r.task == SWAPPED_TASK]
     assert versions[-1] == "2" and len(set(versions)) == 2
+
+
+@pytest.mark.parametrize("engine", ["genai", "batched"])
+def test_ignore_eos_decodes_past_eos_on_every_engine(demo_package, demo_adapters, engine):
+    """Benchmarks ask every request to do the same work: `ignore_eos` keeps decoding to the budget."""
+    handle = ServerThread(serving_config(demo_package, engine=engine, metrics_port=None))
+    try:
+        with handle.client() as client:
+            for task, adapter_dir in demo_adapters.items():
+                sample = next(s for s in training_record(adapter_dir)["eval_samples"] if s["correct"])
+                stopped = client.generate(task, sample["prompt"], max_new_tokens=16)
+                assert stopped.finish_reason == generation_pb2.EOS and len(stopped.token_ids) < 16
+                full = client.generate(task, sample["prompt"], max_new_tokens=16, ignore_eos=True)
+                assert full.finish_reason == generation_pb2.LENGTH, task
+                assert len(full.token_ids) == full.usage.completion_tokens == 16
+                assert list(full.token_ids[: len(stopped.token_ids)]) == list(stopped.token_ids)
+    finally:
+        handle.stop()
