@@ -17,10 +17,14 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from loraplex.trainer.base_model import target_modules_for
+from loraplex.trainer.tiny_base import DEFAULT_SHAPE
+
 log = logging.getLogger("bench.workload")
 
 OUT_ROOT = Path(__file__).parent / "out"
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PROJECTIONS = target_modules_for("llama")  # all attention and MLP projections
 
 # Issue 5: about 75M parameters.
 FULL_SHAPE = dict(
@@ -32,14 +36,7 @@ FULL_SHAPE = dict(
     max_position_embeddings=512,
 )
 # --quick: the tests' tiny shape, for developing the bench itself.
-QUICK_SHAPE = dict(
-    hidden_size=128,
-    intermediate_size=352,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
+QUICK_SHAPE = dict(DEFAULT_SHAPE)
 
 
 @dataclass(frozen=True)
