@@ -25,6 +25,24 @@ def _client_ticks(ax, rows: list[dict]) -> None:
     ax.minorticks_off()
 
 
+def _panel(ax, spread: int, rows: list[dict]) -> None:
+    """What every per-spread panel shares: title, x axis, grid."""
+    ax.set_title(f"requests over {spread} adapter{'s' if spread > 1 else ''}")
+    ax.set_xlabel("concurrent clients")
+    _client_ticks(ax, rows)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axes, plt, ylabel: str, legend_size: int, title: str, path: Path) -> Path:
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=legend_size)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: dict, out_dir: Path) -> list[Path]:
     """Write the plots this run has data for; returns their paths (none without matplotlib)."""
     rows = results.get("concurrency") or []
@@ -51,18 +69,10 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             ax.plot(xs, ys, marker="o", label=system)
         if roof:
             ax.axhline(roof, color="grey", linestyle=":", label="batch-1 bandwidth roofline")
-        ax.set_title(f"requests over {spread} adapter{'s' if spread > 1 else ''}")
-        ax.set_xlabel("concurrent clients")
-        _client_ticks(ax, rows)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("throughput (completion tokens/s)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Throughput vs concurrency (fp32, 32 new tokens, greedy)")
-    fig.tight_layout()
-    path = out_dir / "throughput_vs_concurrency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+        _panel(ax, spread, rows)
+    paths.append(_save(fig, axes, plt, "throughput (completion tokens/s)", 8,
+                       "Throughput vs concurrency (fp32, 32 new tokens, greedy)",
+                       out_dir / "throughput_vs_concurrency.png"))
 
     p50, p99 = _series(rows, "p50_s"), _series(rows, "p99_s")
     fig, axes = plt.subplots(1, len(spreads), figsize=(5 * len(spreads), 4), squeeze=False, sharey=True)
@@ -74,17 +84,9 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             if system in p99.get(spread, {}):
                 xs, ys = zip(*sorted(p99[spread][system]), strict=True)
                 ax.plot(xs, ys, marker="x", linestyle="--", color=color, label=f"{system} p99")
-        ax.set_title(f"requests over {spread} adapter{'s' if spread > 1 else ''}")
-        ax.set_xlabel("concurrent clients")
-        _client_ticks(ax, rows)
+        _panel(ax, spread, rows)
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("request latency (s)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Latency percentiles vs concurrency (p50 solid, p99 dashed)")
-    fig.tight_layout()
-    path = out_dir / "latency_percentiles.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(fig, axes, plt, "request latency (s)", 7,
+                       "Latency percentiles vs concurrency (p50 solid, p99 dashed)",
+                       out_dir / "latency_percentiles.png"))
     return paths

@@ -25,7 +25,7 @@ from typing import Any
 
 from loraplex.runtime import devices
 from loraplex.runtime.engine import AdapterHandle, Engine, FinishReason, GenerationJob, SamplingParams
-from loraplex.runtime.errors import AdapterIncompatible
+from loraplex.runtime.errors import AdapterIncompatible, ShuttingDown
 from loraplex.runtime.tokenizer import GenaiTokenizer
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class GenaiEngine(Engine):
     def submit(self, job: GenerationJob) -> None:
         with self._cond:
             if self._closing:
-                raise RuntimeError("engine is closed")
+                raise ShuttingDown("the engine is closing and takes no new requests")
             self._pending.append(job)
             self._cond.notify()
 
