@@ -1,4 +1,1 @@
-"""Export: base model -> ONNX with LoRA inputs, PEFT adapters -> .onnx_adapter, parity, manifest.
-
-Modules here import torch/olive lazily; `manifest` is stdlib-only so the runtime can read packages.
-"""
+"""The adapters stage: `package` (the package format every stage reads) and `export` (writes packages)."""

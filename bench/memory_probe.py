@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     prompt = Prompt(text=data["prompts"][0], ids=data["ids"][0])
     names = [f"a{i:02d}" for i in range(n)]
     if system == "genai":
-        from loraplex.adapters.manifest import Manifest
+        from loraplex.adapters.package.manifest import Manifest
 
         from bench.sys_genai import GenaiInProcess
 

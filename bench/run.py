@@ -214,7 +214,7 @@ class Bench:
             )
 
     def run_hot_load(self) -> None:
-        from loraplex.adapters.manifest import Manifest
+        from loraplex.adapters.package.manifest import Manifest
 
         full = self.art.root / "pkg_fp32_all"
         manifest = Manifest.load(full)

@@ -18,7 +18,7 @@ class GenaiInProcess:
 
     def __init__(self, package: Path, adapter_names: list[str], name: str = "onnxruntime-genai"):
         import onnxruntime_genai as og
-        from loraplex.adapters.manifest import Manifest
+        from loraplex.adapters.package.manifest import Manifest
 
         self._og = og
         self.name = name

@@ -189,7 +189,7 @@ def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
     """A package holding the first `n_adapters` of `full`: links to its files, a trimmed manifest."""
     if _done(out):
         return out
-    from loraplex.adapters.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
+    from loraplex.adapters.package.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
 
     manifest = Manifest.load(full)
     names = sorted(manifest.adapters)[:n_adapters]
@@ -243,7 +243,7 @@ def weight_bytes_per_token(package: Path, with_adapter: bool = True) -> dict[str
     """Bytes of weights one batch-1 decode step reads: every initializer except the embedding
     table (a gather reads one row), plus one adapter's LoRA weights (graph inputs)."""
     import onnx
-    from loraplex.adapters.manifest import Manifest
+    from loraplex.adapters.package.manifest import Manifest
 
     manifest = Manifest.load(package)
     model = onnx.load(str(package / manifest.model_file), load_external_data=False)

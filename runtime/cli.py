@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loraplex.adapters import cli as adapters_cli
+    from loraplex.adapters.export import cli as export_cli
     from loraplex.runtime import commands as runtime_commands
     from loraplex.trainer import cli as trainer_cli
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
 
     trainer_cli.register(commands)
-    adapters_cli.register(commands, adapter_commands)
+    export_cli.register(commands, adapter_commands)
     runtime_commands.register(commands, adapter_commands)
     return parser
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grpc
+from loraplex.adapters.package.devices import DEVICES, PROVIDERS
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
@@ -16,8 +17,8 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     serve.add_argument("--package", required=True, type=Path, help="package directory from `loraplex export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 = any free port (printed at start)")
-    serve.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
-    serve.add_argument("--provider", choices=["cuda", "dml", "qnn", "openvino", "webgpu"], default=None,
+    serve.add_argument("--device", default="cpu", choices=DEVICES)
+    serve.add_argument("--provider", choices=[p for p in PROVIDERS if p != "cpu"], default=None,
                        help="execution provider (default: cuda for gpu, qnn for npu)")
     serve.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
                        help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
@@ -27,7 +28,10 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
     serve.add_argument("--adapter-root", type=Path, default=None,
                        help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
-    serve.add_argument("--auth-token-file", type=Path, default=None, help="bearer token required by Load/Unload")
+    serve.add_argument("--auth-token-file", type=Path, default=None,
+                       help="bearer token required by Load/Unload (or by every call: --auth-scope all)")
+    serve.add_argument("--auth-scope", choices=["admin", "all"], default="admin",
+                       help="which calls need the token: admin (Load/Unload) or all loraplex.v1 calls")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0 = any free port)")
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     serve.set_defaults(func=_serve)
@@ -73,25 +77,17 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     demo.set_defaults(func=_demo)
 
 
-def resolve_engine(engine: str, device: str) -> str:
-    """`auto` picks the batched engine where it runs (CPU; its per-row KV views need host memory)."""
-    if engine != "auto":
-        return engine
-    return "batched" if device == "cpu" else "genai"
-
-
 def _serve(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
     from loraplex.runtime.server import ServerConfig, serve
 
-    engine = resolve_engine(args.engine, args.device)
-    config = ServerConfig(
-        package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
-        engine=engine, max_batch=args.max_batch, max_queue=args.max_queue, adapter_root=args.adapter_root,
-        auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
-        engine_options={"max_slots": args.max_slots or None} if engine == "batched" else {},
-    )
     try:
+        config = ServerConfig(
+            package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
+            engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
+            adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+            metrics_port=args.metrics_port,
+        )
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
     except (LoraplexError, OSError, ValueError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)

@@ -71,10 +71,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from loraplex.adapters.package.template import TemplateError
     from loraplex.trainer.base_model import BaseModelError
     from loraplex.trainer.config import ConfigError, TaskConfig, load_tasks_yaml
     from loraplex.trainer.dataset import DatasetError
-    from loraplex.trainer.template import TemplateError
     from loraplex.trainer.train import QLoRAUnavailable, train_tasks
 
     options = overrides_from_args(args)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex.trainer.template import PromptTemplate, TemplateError
+from loraplex.adapters.package.template import PromptTemplate, TemplateError
 
 METHODS = ("lora", "qlora")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
@@ -183,9 +183,6 @@ class TaskConfig:
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-
-    def replace(self, **changes: Any) -> TaskConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.trainer.template import PromptTemplate
+from loraplex.adapters.package.template import PromptTemplate
 
 IGNORE_INDEX = -100
 

@@ -6,11 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-from loraplex.adapters import convert
-from loraplex.adapters.convert import IncompatibleAdapter
-from loraplex.adapters.export import add_adapter
-from loraplex.adapters.manifest import Manifest
-from loraplex.adapters.parity import ParityError
+from loraplex.adapters.export import add_adapter, convert
+from loraplex.adapters.export.convert import IncompatibleAdapter
+from loraplex.adapters.export.parity import ParityError
+from loraplex.adapters.package.manifest import Manifest
 from loraplex.runtime.cli import main
 
 from tests.fixtures.packages import TINY_TEMPLATES

@@ -7,7 +7,7 @@ builder unpacks (shared A, B split row-wise) and the converter must split the sa
 from __future__ import annotations
 
 import pytest
-from loraplex.adapters.manifest import Manifest
+from loraplex.adapters.package.manifest import Manifest
 
 SPECS = {
     "qwen2": (("a", 4, ("q_proj", "v_proj"), 1), ("b", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), 2),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from loraplex.adapters.manifest import Manifest
+from loraplex.adapters.package.manifest import Manifest
 from loraplex.runtime.cli import main
 
 from tests.fixtures.packages import TINY_SPEC

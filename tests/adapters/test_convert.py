@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 import pytest
-from loraplex.adapters.base_graph import build_lora_model, extract_adapters
-from loraplex.adapters.convert import IncompatibleAdapter, adapter_tensors, convert_adapter
-from loraplex.adapters.lora_graph import read_lora_graph
-from loraplex.adapters.peft_adapter import AdapterError, load_peft_adapter
+from loraplex.adapters.export.base_graph import build_lora_model, extract_adapters
+from loraplex.adapters.export.convert import IncompatibleAdapter, adapter_tensors, convert_adapter
+from loraplex.adapters.export.peft_adapter import AdapterError, load_peft_adapter
+from loraplex.adapters.package.lora_inputs import read_lora_inputs
 
 from tests.fixtures.packages import ALL_LLAMA
 
@@ -30,7 +30,7 @@ def test_converter_file_is_byte_identical_to_olive_extraction(architecture, tiny
     extracted = extract_adapters(built, tmp_path / "extracted", tmp_path)
     olive_file = extracted.parent / "adapter_weights.onnx_adapter"
 
-    graph = read_lora_graph(extracted)
+    graph = read_lora_inputs(extracted)
     ours = convert_adapter(load_peft_adapter(adapter_dir), graph, 8, tmp_path / "ours.onnx_adapter")
     assert len(graph.inputs) == 4 * 7 * 2  # q, k, v, o, gate, up, down in every layer, A and B
     assert ours.read_bytes() == olive_file.read_bytes()
@@ -44,7 +44,7 @@ def _peft(adapter_dir):
 
 def test_padding_and_scaling_are_exact(tiny_package, tiny_base, random_adapter_factory):
     """alpha (r=4, q/v, lora_alpha=8) in a rank-16 graph: A^T and alpha/r * B^T top-left, zeros elsewhere."""
-    graph = read_lora_graph(tiny_package / "model.onnx")
+    graph = read_lora_inputs(tiny_package / "model.onnx")
     adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1,
                                          template={"prompt": "Review: {text}\nSentiment:", "completion": " {label}"})
     tensors = adapter_tensors(load_peft_adapter(adapter_dir), graph, 16)
@@ -66,7 +66,7 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(tiny_base, random_adapter_factory
     adapter_dir = random_adapter_factory(tiny_base, "rs", 4, ("o_proj",), 5, alpha=6, rslora=True)
     adapter = load_peft_adapter(adapter_dir)
     assert adapter.rslora and adapter.modules["model.layers.0.self_attn.o_proj"].scaling == 6 / math.sqrt(4)
-    tensors = adapter_tensors(adapter, read_lora_graph(tiny_package / "model.onnx"), 4)
+    tensors = adapter_tensors(adapter, read_lora_inputs(tiny_package / "model.onnx"), 4)
     b = _peft(adapter_dir)["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"]
     np.testing.assert_array_equal(tensors["model.layers.0.attn.o_proj.lora_B.MatMul.weight"], (b * 3.0).T)
 
@@ -74,7 +74,7 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(tiny_base, random_adapter_factory
 def test_rank_above_the_graph_rank_is_refused(tiny_base, random_adapter_factory, tiny_package):
     adapter_dir = random_adapter_factory(tiny_base, "big", 32, ("q_proj",), 6)
     with pytest.raises(IncompatibleAdapter, match="rank 32 .* padded to rank 16"):
-        adapter_tensors(load_peft_adapter(adapter_dir), read_lora_graph(tiny_package / "model.onnx"), 16)
+        adapter_tensors(load_peft_adapter(adapter_dir), read_lora_inputs(tiny_package / "model.onnx"), 16)
 
 
 def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_factory):
@@ -102,7 +102,8 @@ def test_olive_telemetry_is_off_before_any_event():
     import sys
 
     code = (
-        "import os; from loraplex.adapters.base_graph import silence_olive_telemetry; silence_olive_telemetry()\n"
+        "import os\nfrom loraplex.adapters.export.base_graph import silence_olive_telemetry\n"
+        "silence_olive_telemetry()\n"
         "from olive.telemetry import Telemetry; t = Telemetry()\n"
         "print(t._logger is None or t._logger._logger.disabled, t._cache_handler._events_logged, os.environ.get('CI'))"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from loraplex.adapters.manifest import Manifest, file_sha256
+from loraplex.adapters.package.manifest import Manifest, file_sha256
 
 ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -83,7 +83,7 @@ def test_genai_reproduces_recorded_tokens_and_base_without_adapter(tiny_package)
 
 def test_parity_failure_names_adapter_prompt_and_position():
     import pytest
-    from loraplex.adapters.parity import Decoded, ParityError, compare
+    from loraplex.adapters.export.parity import Decoded, ParityError, compare
 
     logits = np.zeros((3, 5), np.float32)
     same = compare("x", ["p"], [[1]], [Decoded([1, 2, 3], logits)], [Decoded([1, 2, 3], logits + 1e-5)],
@@ -98,8 +98,8 @@ def test_parity_failure_names_adapter_prompt_and_position():
 
 
 def test_parity_prompts_come_from_the_task_template_and_data(tmp_path, tiny_base, random_adapter_factory):
-    from loraplex.adapters.parity import GENERIC_PROMPTS, prompts_for
-    from loraplex.adapters.peft_adapter import load_peft_adapter
+    from loraplex.adapters.export.parity import GENERIC_PROMPTS, prompts_for
+    from loraplex.adapters.export.peft_adapter import load_peft_adapter
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("\n".join(json.dumps({"text": t, "label": "x"}) for t in ["good", "bad", "fine", "odd"]))
@@ -123,10 +123,10 @@ def test_parity_prompts_come_from_the_task_template_and_data(tmp_path, tiny_base
 
 def test_export_that_diverges_fails_and_leaves_no_package(tiny_base, random_adapter_factory, tmp_path, monkeypatch):
     import pytest
-    from loraplex.adapters import convert
-    from loraplex.adapters.export import INCOMPLETE_MARKER, export_package
-    from loraplex.adapters.manifest import MANIFEST_NAME
-    from loraplex.adapters.parity import ParityError
+    from loraplex.adapters.export import convert
+    from loraplex.adapters.export.package_export import INCOMPLETE_MARKER, export_package
+    from loraplex.adapters.export.parity import ParityError
+    from loraplex.adapters.package.manifest import MANIFEST_NAME
 
     original = convert.adapter_tensors
 

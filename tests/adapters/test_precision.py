@@ -8,13 +8,13 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from loraplex.adapters.convert import adapter_tensors, write_onnx_adapter
-from loraplex.adapters.device_target import resolve_provider, write_provider
 from loraplex.adapters.export import export_package
-from loraplex.adapters.lora_graph import read_lora_graph
-from loraplex.adapters.manifest import Manifest
-from loraplex.adapters.parity import OnnxDecoder
-from loraplex.adapters.peft_adapter import load_peft_adapter
+from loraplex.adapters.export.convert import adapter_tensors, write_onnx_adapter
+from loraplex.adapters.export.device_target import export_provider, write_provider
+from loraplex.adapters.export.parity import OnnxDecoder
+from loraplex.adapters.export.peft_adapter import load_peft_adapter
+from loraplex.adapters.package.lora_inputs import read_lora_inputs
+from loraplex.adapters.package.manifest import Manifest
 
 from tests.fixtures.packages import TINY_SPEC
 
@@ -30,7 +30,7 @@ def test_int4_base_keeps_lora_in_float_and_any_rank_loads(package_factory, tiny_
     assert ops["/model/layers.0/attn/q_proj/MatMul_Q4"] == "MatMulNBits"  # base projection quantized
     assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"  # LoRA branch float
     assert ops["/model/layers.3/mlp/down_proj/lora_B/MatMul"] == "MatMul"
-    assert {i.dtype for i in read_lora_graph(package / "model.onnx").inputs} == {np.dtype("float32")}
+    assert {i.dtype for i in read_lora_inputs(package / "model.onnx").inputs} == {np.dtype("float32")}
     assert (package / "model.onnx.data").stat().st_size < (tiny_package / "model.onnx.data").stat().st_size / 2
 
     m = Manifest.load(package)
@@ -42,7 +42,7 @@ def test_int4_base_keeps_lora_in_float_and_any_rank_loads(package_factory, tiny_
 
     # The rank is not baked in: an unpadded rank-4 file runs too.
     alpha = load_peft_adapter(random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1))
-    rank4 = write_onnx_adapter(adapter_tensors(alpha, read_lora_graph(package / "model.onnx"), 4),
+    rank4 = write_onnx_adapter(adapter_tensors(alpha, read_lora_inputs(package / "model.onnx"), 4),
                                tmp_path / "alpha_r4.onnx_adapter")
     decoder = OnnxDecoder(package)
     decoder.load("r4", rank4)
@@ -61,7 +61,7 @@ def test_fp16_gpu_package(tiny_base, random_adapter_factory, tmp_path):
     config = json.loads((pkg / "genai_config.json").read_text())
     assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
     assert (m.device, m.provider, m.precision) == ("gpu", "cuda", "fp16")
-    assert {i.dtype for i in read_lora_graph(pkg / "model.onnx").inputs} == {np.dtype("float16")}
+    assert {i.dtype for i in read_lora_inputs(pkg / "model.onnx").inputs} == {np.dtype("float16")}
     import onnxruntime as ort
 
     params = ort.AdapterFormat.read_adapter(str(pkg / m.adapters["beta"].file)).get_parameters()
@@ -72,16 +72,16 @@ def test_fp16_gpu_package(tiny_base, random_adapter_factory, tmp_path):
 
 
 def test_device_targets_and_provider_warnings(tmp_path, caplog):
-    assert resolve_provider("cpu") is None
-    assert resolve_provider("gpu") == "cuda"
+    assert export_provider("cpu") is None
+    assert export_provider("gpu") == "cuda"
     with caplog.at_level(logging.WARNING):
-        assert resolve_provider("gpu", "dml") == "dml"
-        assert resolve_provider("npu") == "qnn"
+        assert export_provider("gpu", "dml") == "dml"
+        assert export_provider("npu") == "qnn"
     assert "DirectML cannot load LoRA adapters" in caplog.text and "EP-context" in caplog.text
-    with pytest.raises(ValueError, match="provider 'cuda' targets device 'gpu', not 'npu'"):
-        resolve_provider("npu", "cuda")
-    with pytest.raises(ValueError, match="device 'tpu' is not supported"):
-        resolve_provider("tpu")
+    with pytest.raises(ValueError, match="--provider cuda needs --device gpu, not npu"):
+        export_provider("npu", "cuda")
+    with pytest.raises(ValueError, match="device 'tpu' is unknown"):
+        export_provider("tpu")
     config = tmp_path / "genai_config.json"
     config.write_text(json.dumps({"model": {"decoder": {"session_options": {"provider_options": []}}}}))
     write_provider(config, "qnn")

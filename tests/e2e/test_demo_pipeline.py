@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from loraplex.v1 import generation_pb2
 
-from tests.fixtures.serving import ServerThread, serving_config
+from tests.fixtures.serving import ENGINES, ServerThread, serving_config
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,10 @@ def demo_package(tmp_path_factory, tiny_base: Path, demo_adapters: dict[str, Pat
     return out
 
 
-@pytest.fixture(scope="module")
-def demo_server(demo_package: Path):
-    handle = ServerThread(serving_config(demo_package, max_batch=8, max_queue=64, metrics_port=None))
+@pytest.fixture(scope="module", params=ENGINES)
+def demo_server(request, demo_package: Path):
+    handle = ServerThread(serving_config(demo_package, engine=request.param, max_batch=8, max_queue=64,
+                                         metrics_port=None))
     yield handle
     handle.stop()
 
@@ -96,7 +97,7 @@ def test_demo_hot_swap_under_load_fails_no_request(demo_server, demo_adapters, d
     assert versions[-1] == "2" and len(set(versions)) == 2
 
 
-@pytest.mark.parametrize("engine", ["genai", "batched"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_ignore_eos_decodes_past_eos_on_every_engine(demo_package, demo_adapters, engine):
     """Benchmarks ask every request to do the same work: `ignore_eos` keeps decoding to the budget."""
     handle = ServerThread(serving_config(demo_package, engine=engine, metrics_port=None))

@@ -26,7 +26,7 @@ def read_adapter(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory, tiny_package: Path) -> Path:
-    """root/: alpha, beta, gamma copies; garbage, wrong-shape and partial files; a symlink out of root."""
+    """root/: alpha, beta, gamma copies; garbage, wrong-shape and A-without-B files; a symlink out of root."""
     import numpy as np
 
     base = tmp_path_factory.mktemp("adapter_root")
@@ -39,8 +39,8 @@ def adapter_root(tmp_path_factory, tiny_package: Path) -> Path:
     params = read_adapter(root / "alpha.onnx_adapter")
     wrong = {k: np.zeros((v.shape[0] + 1, v.shape[1]), np.float32) for k, v in params.items()}
     write_adapter(root / "wrong_shape.onnx_adapter", wrong)
-    partial = dict(list(sorted(params.items()))[:2])
-    write_adapter(root / "partial.onnx_adapter", partial)
+    a_only = next(k for k in sorted(params) if ".lora_A." in k)  # an A without its B cannot run
+    write_adapter(root / "partial.onnx_adapter", {a_only: params[a_only]})
     outside = base / "outside"
     outside.mkdir()
     shutil.copy(root / "alpha.onnx_adapter", outside / "alpha.onnx_adapter")

@@ -7,11 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from loraplex.runtime.batched_engine import BatchedEngine
-from loraplex.runtime.engine import AdapterHandle, FinishReason, GenerationJob, SamplingParams
-from loraplex.runtime.errors import AdapterIncompatible, InvalidRequest
+from loraplex.adapters.package.adapter_file import AdapterFileError, read_adapter_file
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.base import AdapterHandle, FinishReason, GenerationJob, SamplingParams
+from loraplex.runtime.engines.batched import BatchedEngine
+from loraplex.runtime.errors import InvalidRequest
 
-from tests.runtime.test_batched_package import BankPackage, bank_package, genai_reference, package_from_manifest
+from tests.fixtures.reference import PackageFiles, genai_reference, package_files
 
 WAIT_S = 120
 # Prompt lengths 1 to 14: the prompt-length mix GQA must handle through the masks.
@@ -24,7 +26,7 @@ PROMPTS = [
 
 
 class Collected:
-    """A job's sink: tokens in order, the finish reason, and an event for waiting.
+    """A job's token sink: tokens in order, the finish reason, and an event for waiting.
 
     With `pause_at=n` the sink holds the engine thread at the job's n-th token until `resume()`:
     the test then acts (submits, cancels) at a known point of the decoding, whatever the speed.
@@ -41,18 +43,18 @@ class Collected:
     def resume(self) -> None:
         self._resume.set()
 
-    def __call__(self, token: int | None, finish: FinishReason | None) -> None:
-        if token is not None:
-            assert self.finish is None, "token after finish"
-            self.tokens.append(token)
-            if len(self.tokens) == self._pause_at:
-                self.reached.set()
-                assert self._resume.wait(WAIT_S), "the test never resumed the engine"
-        else:
-            assert self.finish is None, "finished twice"
-            self.finish = finish
+    def on_token(self, token: int) -> None:
+        assert self.finish is None, "token after finish"
+        self.tokens.append(token)
+        if len(self.tokens) == self._pause_at:
             self.reached.set()
-            self.done.set()
+            assert self._resume.wait(WAIT_S), "the test never resumed the engine"
+
+    def on_finish(self, reason: FinishReason) -> None:
+        assert self.finish is None, "finished twice"
+        self.finish = reason
+        self.reached.set()
+        self.done.set()
 
     def wait(self) -> list[int]:
         assert self.done.wait(WAIT_S), "job did not finish"
@@ -60,8 +62,12 @@ class Collected:
 
 
 @pytest.fixture(scope="module")
-def package(request, tmp_path_factory) -> BankPackage:
-    return bank_package(request, tmp_path_factory)
+def package(tiny_package) -> PackageFiles:
+    return package_files(tiny_package)
+
+
+def load(engine: BatchedEngine, package_dir: Path, name: str, version: str, path: Path) -> AdapterHandle:
+    return engine.load_adapter(name, version, read_adapter_file(path, Package.open(package_dir).lora_inputs))
 
 
 @pytest.fixture
@@ -69,9 +75,9 @@ def make_engine(package):
     engines: list[BatchedEngine] = []
 
     def make(**kwargs) -> tuple[BatchedEngine, dict[str, AdapterHandle]]:
-        engine = BatchedEngine(package.root, intra_op_threads=2, **kwargs)
+        engine = BatchedEngine(Package.open(package.root), intra_op_threads=2, **kwargs)
         engines.append(engine)
-        handles = {name: engine.load_adapter(name, "1", path) for name, path in package.adapters.items()}
+        handles = {name: load(engine, package.root, name, "1", path) for name, path in package.adapters.items()}
         return engine, handles
 
     yield make
@@ -92,7 +98,7 @@ def submit(engine, prompt, handle, max_new_tokens=10, pause_at=0, **params) -> t
     return job, sink
 
 
-def reference(package: BankPackage, name: str | None, prompt, max_new_tokens=10) -> list[int]:
+def reference(package: PackageFiles, name: str | None, prompt, max_new_tokens=10) -> list[int]:
     adapter = package.adapters[name] if name else None
     return genai_reference(package.root, adapter, tuple(prompt), max_new_tokens)
 
@@ -108,7 +114,7 @@ def test_mixed_batch_of_base_and_three_adapters_equals_genai_greedy(package, mak
     for name, prompt, sink in jobs:
         assert sink.wait() == reference(package, name, prompt), f"adapter {name}, prompt {prompt}"
         assert sink.finish in (FinishReason.LENGTH, FinishReason.EOS)
-    assert engine.stats.max_rows == len(jobs) + 1  # they really shared the batch
+    assert engine.scheduler.stats.max_rows == len(jobs) + 1  # they really shared the batch
     # The adapters change the output, so the test can tell them apart.
     outputs = {name: tuple(reference(package, name, PROMPTS[0])) for name in names}
     assert len(set(outputs.values())) == len(names)
@@ -126,7 +132,8 @@ def test_requests_joining_mid_flight_get_the_same_tokens(package, make_engine):
         assert sink.wait() == reference(package, name, PROMPTS[i], 16)
     for (i, name), (_, sink) in zip([(2, "gamma"), (3, "beta"), (1, None)], late, strict=True):
         assert sink.wait() == reference(package, name, PROMPTS[i])
-    assert engine.stats.prefill_runs >= 2 and engine.stats.max_rows == 5  # joined while the early ones ran
+    stats = engine.scheduler.stats
+    assert stats.prefill_runs >= 2 and stats.max_rows == 5  # joined while the early ones ran
 
 
 def test_cache_growth_while_rows_run_keeps_them_exact(package, make_engine):
@@ -141,8 +148,8 @@ def test_cache_growth_while_rows_run_keeps_them_exact(package, make_engine):
     assert short.wait() == reference(package, "beta", PROMPTS[1], 80)
     assert long.wait() == reference(package, "gamma", long_prompt, 24)
     assert len(long.tokens) > 10
-    assert engine.kv.growths == 2  # 64 -> 128 at the long prefill, 128 -> 256 while decoding
-    assert engine.kv.capacity == 64  # back to the smallest buffers once idle
+    assert engine.runner.kv.growths == 2  # 64 -> 128 at the long prefill, 128 -> 256 while decoding
+    assert engine.runner.kv.capacity == 64  # back to the smallest buffers once idle
 
 
 def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_engine):
@@ -151,8 +158,8 @@ def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_e
     jobs = [(name, submit(engine, PROMPTS[0], handles.get(name))[1]) for name in names]
     for name, sink in jobs:
         assert sink.wait() == reference(package, name, PROMPTS[0]), name
-    assert engine.stats.waits_for_slot > 0
-    assert engine.banks.fills >= 3
+    assert engine.scheduler.stats.waits_for_slot > 0
+    assert engine.scheduler.slots.fills >= 3
 
 
 def test_a_request_waiting_for_a_slot_is_not_starved_by_resident_adapters(package, make_engine):
@@ -173,7 +180,7 @@ def test_hot_replacement_keeps_the_old_version_for_running_jobs(package, make_en
     old = handles["alpha"]
     _, running = submit(engine, PROMPTS[1], old, max_new_tokens=20, pause_at=3)
     running.reached.wait(WAIT_S)
-    new = engine.load_adapter("alpha", "2", package.adapters["gamma"])  # "retrained": other weights
+    new = load(engine, package.root, "alpha", "2", package.adapters["gamma"])  # "retrained": other weights
     _, fresh = submit(engine, PROMPTS[1], new)
     running.resume()
     assert running.wait() == reference(package, "alpha", PROMPTS[1], 20)
@@ -181,8 +188,8 @@ def test_hot_replacement_keeps_the_old_version_for_running_jobs(package, make_en
     engine.unload_adapter(old)  # the registry does this after the last job on it finished
     _, after = submit(engine, PROMPTS[1], new)  # a round trip through the engine thread
     after.wait()
-    assert old.state is None
-    assert old not in engine.banks.resident().values() and new in engine.banks.resident().values()
+    assert old.weights is None
+    assert old not in engine.scheduler.slots.resident().values() and new in engine.scheduler.slots.resident().values()
 
 
 def test_unloading_a_version_still_in_use_waits_for_its_rows(package, make_engine):
@@ -193,7 +200,7 @@ def test_unloading_a_version_still_in_use_waits_for_its_rows(package, make_engin
     running.resume()
     assert running.wait() == reference(package, "gamma", PROMPTS[0], 12)
     submit(engine, PROMPTS[1], None)[1].wait()  # a round trip through the engine thread
-    assert handles["gamma"].state is None and handles["gamma"] not in engine.banks.resident().values()
+    assert handles["gamma"].weights is None and handles["gamma"] not in engine.scheduler.slots.resident().values()
 
 
 def test_cancel_and_stop_end_one_row_and_leave_the_others_exact(package, make_engine):
@@ -218,7 +225,7 @@ def test_cancel_and_stop_end_one_row_and_leave_the_others_exact(package, make_en
 def test_eos_ends_a_row_without_emitting_it_unless_ignored(package, make_engine):
     engine, _ = make_engine(max_batch=4, max_slots=1)
     expected = reference(package, None, PROMPTS[3], 10)
-    engine.eos_ids = frozenset({expected[3]})  # pretend the 4th token is EOS
+    engine.scheduler.eos_ids = frozenset({expected[3]})  # pretend the 4th token is EOS
     _, eos = submit(engine, PROMPTS[3], None)
     _, ignoring = submit(engine, PROMPTS[3], None, ignore_eos=True)
     first = expected.index(expected[3])
@@ -253,16 +260,12 @@ def test_greedy_with_repetition_penalty_equals_genai(package, make_engine):
 
 def test_int4_package_mixed_batch_equals_genai(request, tmp_path):
     """int4 base (MatMulNBits) with float LoRA branches: the rewrite and the engine work the same."""
-    try:
-        factory = request.getfixturevalue("package_factory")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/fixtures/packages.py has no package_factory yet (export stage)")
     from tests.fixtures.packages import TINY_SPEC
 
-    package = package_from_manifest(Path(factory(TINY_SPEC, precision="int4")))
-    engine = BatchedEngine(package.root, max_batch=8, max_slots=2, intra_op_threads=2)
+    package = package_files(Path(request.getfixturevalue("package_factory")(TINY_SPEC, precision="int4")))
+    engine = BatchedEngine(Package.open(package.root), max_batch=8, max_slots=2, intra_op_threads=2)
     try:
-        handles = {name: engine.load_adapter(name, "1", path) for name, path in package.adapters.items()}
+        handles = {name: load(engine, package.root, name, "1", path) for name, path in package.adapters.items()}
         names = [None, *sorted(handles)]
         jobs = [(p, n, submit(engine, p, handles.get(n))[1]) for p in PROMPTS[:2] for n in names]
         for prompt, name, sink in jobs:
@@ -271,7 +274,7 @@ def test_int4_package_mixed_batch_equals_genai(request, tmp_path):
         engine.close()
 
 
-def test_bad_prompts_and_incompatible_adapter_files_are_refused(package, make_engine, tmp_path):
+def test_bad_prompts_and_unreadable_adapter_files_are_refused(package, make_engine, tmp_path):
     engine, _ = make_engine(max_batch=2, max_slots=1)
     _, nothing = submit(engine, PROMPTS[0], None, max_new_tokens=0)
     assert nothing.wait() == [] and nothing.finish is FinishReason.LENGTH
@@ -281,5 +284,5 @@ def test_bad_prompts_and_incompatible_adapter_files_are_refused(package, make_en
         submit(engine, [5] * engine.max_len, None)
     bogus = tmp_path / "bogus.onnx_adapter"
     bogus.write_bytes(b"not an adapter")
-    with pytest.raises(AdapterIncompatible, match="re-export"):
-        engine.load_adapter("bogus", "1", Path(bogus))
+    with pytest.raises(AdapterFileError, match="not an .onnx_adapter file"):
+        load(engine, package.root, "bogus", "1", bogus)

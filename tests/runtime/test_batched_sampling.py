@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from loraplex.runtime.batched_sampling import RowSampler, apply_repetition_penalty, choose_tokens, sample_token
-from loraplex.runtime.engine import SamplingParams
+from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.batched.sampling import RowSampler, apply_repetition_penalty, choose_tokens, sample_token
 
 LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 3.0, 0.5], dtype=np.float32)
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from loraplex.runtime import devices
+from loraplex.adapters.package.devices import DEFAULT_PROVIDER, PROVIDERS
+from loraplex.runtime.engines import devices
 from loraplex.runtime.errors import DeviceUnavailable
 
 
 def test_cpu_is_always_available():
-    assert devices.choose("cpu") == devices.DeviceChoice("cpu", "cpu")
+    assert devices.choose("cpu") is PROVIDERS["cpu"]
     assert "cpu" in devices.available_providers()
 
 
 @pytest.mark.parametrize(("device", "provider"), [("gpu", None), ("gpu", "dml"), ("npu", None), ("gpu", "openvino")])
 def test_missing_provider_fails_listing_the_available_ones(device, provider):
-    wanted = provider or devices.DEFAULT_PROVIDER[device]
+    wanted = provider or DEFAULT_PROVIDER[device]
     if wanted in devices.available_providers():
         pytest.skip(f"{wanted} is present on this machine")
     with pytest.raises(DeviceUnavailable) as err:
@@ -28,14 +29,14 @@ def test_unknown_device_or_provider_or_mismatch_is_refused():
         devices.choose("tpu")
     with pytest.raises(DeviceUnavailable, match="provider 'rocm'"):
         devices.choose("gpu", "rocm")
-    with pytest.raises(DeviceUnavailable, match="needs --device gpu or npu"):
+    with pytest.raises(DeviceUnavailable, match="--provider cuda needs --device gpu, not cpu"):
         devices.choose("cpu", "cuda")
 
 
 def test_known_adapter_limits_are_stated():
-    assert "1181" in devices.DeviceChoice("gpu", "dml").adapter_limit
-    assert "EP-context" in devices.DeviceChoice("npu", "qnn").adapter_limit
-    assert devices.DeviceChoice("gpu", "cuda").adapter_limit is None
+    assert "1181" in PROVIDERS["dml"].adapter_limit
+    assert "EP-context" in PROVIDERS["qnn"].adapter_limit
+    assert PROVIDERS["cuda"].adapter_limit is None
 
 
 def test_server_start_with_missing_provider_fails_with_the_message(tiny_package):

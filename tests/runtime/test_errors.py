@@ -5,19 +5,18 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tests.fixtures.serving import EngineBrake, wait_until
+from tests.fixtures.serving import ENGINES, EngineBrake, ServerThread, serving_config, wait_until
 
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def guarded(tiny_package, adapter_root, tmp_path_factory):
-    """A server with auth on and the test adapter root."""
-    from tests.fixtures.serving import ServerThread, serving_config
-
+@pytest.fixture(scope="module", params=ENGINES)
+def guarded(request, tiny_package, adapter_root, tmp_path_factory):
+    """A server with auth on and the test adapter root, on each engine."""
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
-    handle = ServerThread(serving_config(tiny_package, adapter_root=adapter_root, auth_token_file=token_file))
+    handle = ServerThread(serving_config(tiny_package, engine=request.param, adapter_root=adapter_root,
+                                         auth_token_file=token_file))
     yield handle
     handle.stop()
 

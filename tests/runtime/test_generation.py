@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from loraplex.adapters.manifest import Manifest
+from loraplex.adapters.package.manifest import Manifest
 from loraplex.v1 import generation_pb2
 
 EOS = 0  # the tiny base's <|endoftext|>
@@ -127,7 +127,7 @@ def test_max_new_tokens_is_honoured(server):
 def test_model_info_describes_the_package(server, manifest):
     with server.client() as client:
         info = client.model_info()
-    assert info.engine == "genai" and info.device == "cpu"
+    assert info.engine == server.running.config.engine and info.device == "cpu"
     assert info.architecture == manifest.base.architecture
     assert info.lora_rank == manifest.lora_rank
     assert sorted(info.adapters) == sorted(manifest.adapters)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from loraplex.adapters.manifest import Manifest
+from loraplex.adapters.package.manifest import Manifest
 
 from tests.fixtures.serving import EngineBrake, wait_until
 

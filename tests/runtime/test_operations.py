@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.fixtures.serving import EngineBrake, wait_until
+from tests.fixtures.serving import ENGINES, EngineBrake, wait_until
 
 
 def metric(server, line_prefix: str) -> float:
@@ -65,7 +65,7 @@ def test_cancelled_request_frees_its_slot(server_factory):
         stream.cancel()
         brake.release()
         wait_until(lambda: server.running.service.in_flight == 0, what="the cancelled job to leave the engine")
-        assert server.running.engine._running == [] and server.running.registry.get("alpha").leases == 0
+        assert server.running.registry.get("alpha").leases == 0
         assert len(client.generate("beta", "hi", max_new_tokens=2).token_ids) == 2
     assert metric(server, 'loraplex_requests_total{adapter="alpha",status="CANCELLED"}') == 1
 
@@ -96,29 +96,30 @@ def test_long_generation_does_not_block_health_or_admin_calls(server_factory, ad
                 assert server.running.service.in_flight == 1  # answered while the generation runs
         assert client.load_adapter("delta", "beta.onnx_adapter").name == "delta"
         assert [a.name for a in client.list_adapters()] == ["alpha", "beta", "delta", "gamma"]
-        assert client.model_info().engine == "genai"
+        assert client.model_info().engine == server.running.config.engine
         assert server.running.service.in_flight == 1
         tokens = [t for chunk in stream for t in chunk.token_ids]
     assert len(tokens) == 300
 
 
-def test_health_is_not_serving_until_the_model_is_loaded_and_warm(tiny_package, monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_health_is_not_serving_until_the_model_is_loaded_and_warm(tiny_package, monkeypatch, engine):
     import threading
 
-    from loraplex.runtime import server as server_module
     from loraplex.runtime.client import Client
+    from loraplex.runtime.server import app
 
     from tests.fixtures.serving import ServerThread, serving_config
 
     loading = threading.Event()
-    build = server_module.build_engine
+    build = app.build_engine
 
-    def slow_build(config):
+    def slow_build(*args, **kwargs):
         loading.wait(60)  # the model "loads" until the test has looked
-        return build(config)
+        return build(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "build_engine", slow_build)
-    config = serving_config(tiny_package, port=_free_port(), metrics_port=None)
+    monkeypatch.setattr(app, "build_engine", slow_build)
+    config = serving_config(tiny_package, engine=engine, port=_free_port(), metrics_port=None)
     holder: list[ServerThread] = []
     starting = threading.Thread(target=lambda: holder.append(ServerThread(config)))
     starting.start()

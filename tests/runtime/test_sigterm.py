@@ -13,24 +13,45 @@ import pytest
 from loraplex.runtime.client import Client
 from loraplex.v1 import generation_pb2
 
-# `loraplex serve` with each decoding step slowed (10 ms), so a request is surely in flight at SIGTERM.
+from tests.fixtures.serving import ENGINES
+
+# `loraplex serve` whose engine delivers each token 10 ms late (its token sinks wrapped), on either
+# engine: a 150-token request takes ~1.5 s, so it is surely still decoding when SIGTERM lands.
 SLOW_SERVE = """
 import sys, time
-from loraplex.runtime.genai_engine import GenaiEngine
-step = GenaiEngine._step
-def slow_step(self, run):
-    time.sleep(0.01)
-    step(self, run)
-GenaiEngine._step = slow_step
+from loraplex.runtime.server import app
+
+class SlowSink:
+    def __init__(self, sink):
+        self.sink = sink
+    def on_token(self, token):
+        time.sleep(0.01)
+        self.sink.on_token(token)
+    def on_finish(self, reason):
+        self.sink.on_finish(reason)
+
+build = app.build_engine
+
+def slow_engine(*args, **kwargs):
+    engine = build(*args, **kwargs)
+    submit = engine.submit
+    def slow_submit(job):
+        job.sink = SlowSink(job.sink)
+        submit(job)
+    engine.submit = slow_submit
+    return engine
+
+app.build_engine = slow_engine
 from loraplex.runtime.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def serve_process(tiny_package):
+@pytest.fixture(params=ENGINES)
+def serve_process(request, tiny_package):
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(tiny_package), "--port", "0"],
+        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(tiny_package), "--port", "0",
+         "--engine", request.param],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -46,9 +67,10 @@ def serve_process(tiny_package):
 def test_sigterm_drains_in_flight_requests_then_exits(serve_process):
     process, target = serve_process
     with Client(target, timeout=60) as client:
-        stream = client.stream("beta", "The weather today", max_new_tokens=150)  # ~1.5 s of decoding
-        first = next(stream)
-        assert first.adapter == "beta"
+        stream = client.stream("beta", "The weather today", max_new_tokens=150, ignore_eos=True)  # ~1.5 s
+        assert next(stream).adapter == "beta"
+        before = next(stream)  # a token: the request is decoding
+        assert before.token_ids
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while client.health() != "NOT_SERVING":  # health still answers while draining
@@ -59,7 +81,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(serve_process):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         chunks = list(stream)
     assert chunks[-1].finish_reason == generation_pb2.LENGTH
-    assert sum(len(c.token_ids) for c in chunks) == 150  # the in-flight request finished in full
+    after = sum(len(c.token_ids) for c in chunks)
+    assert after > 0 and len(before.token_ids) + after == 150  # in flight at the signal, then finished in full
     assert process.wait(30) == 0
     assert "draining" in process.stderr.read()
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from loraplex.runtime.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.runtime.errors import InvalidRequest
-from loraplex.runtime.validation import sampling_params
+from loraplex.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher
+from loraplex.runtime.server.validation import sampling_params
 
 
 class ByteTokenizer:
     """One token per UTF-8 byte: the worst case for streaming (every non-ASCII character splits)."""
-
-    eos_token_ids = [256]
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
@@ -22,9 +20,9 @@ class ByteTokenizer:
 
 @pytest.fixture(scope="module")
 def package_tokenizer(tiny_package):
-    from loraplex.runtime.tokenizer import GenaiTokenizer
+    from loraplex.runtime.server.tokenizer import PackageTokenizer
 
-    return GenaiTokenizer.from_package(tiny_package)
+    return PackageTokenizer(tiny_package)
 
 
 TEXTS = ["plain ascii", "héllo wörld", "snow ☃ and 😀 emoji", "日本語のテキスト", "mixed 🇫🇷 flags 👩‍👩‍👧"]

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from loraplex.adapters.package.template import PromptTemplate
 from loraplex.trainer.dataset import (
     IGNORE_INDEX,
     DatasetError,
@@ -9,7 +10,6 @@ from loraplex.trainer.dataset import (
     read_records,
     split_indices,
 )
-from loraplex.trainer.template import PromptTemplate
 
 TEMPLATE = PromptTemplate(prompt="Review: {text}\nSentiment:", completion=" {label}")
 RECORDS = [{"text": "the movie was great", "label": "positive"}, {"text": "the book was dull", "label": "negative"}]

@@ -1,5 +1,6 @@
 """Real training runs: the demo acceptance figures, the adapter format, resume, early stopping, the CLI."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_result(loaded_base, tiny
         train_task(model, tokenizer, interrupted, identity, progress=False, on_step=crash_at_5)
     assert [p.name for p in interrupted.checkpoint_dir.iterdir()] == ["step-000003.pt"]
     steps_run = []
-    resumed = train_task(model, tokenizer, interrupted.replace(resume=True), identity, progress=False,
+    resumed = train_task(model, tokenizer, dataclasses.replace(interrupted, resume=True), identity, progress=False,
                          on_step=lambda step, loss: steps_run.append(step))  # fmt: skip
     assert steps_run == [4, 5, 6, 7, 8]
     assert not interrupted.checkpoint_dir.exists()  # a finished run leaves no checkpoints behind
@@ -142,7 +143,8 @@ def test_resume_refuses_a_checkpoint_of_other_options(loaded_base, tiny_base, sm
     with pytest.raises(KeyboardInterrupt):
         train_task(model, tokenizer, config, base_identity(tiny_base), progress=False, on_step=stop)
     with pytest.raises(ConfigError, match=r"step-000001.pt was written with rank=8 but this run has rank=4"):
-        train_task(model, tokenizer, config.replace(resume=True, rank=4), base_identity(tiny_base), progress=False)
+        again = dataclasses.replace(config, resume=True, rank=4)
+        train_task(model, tokenizer, again, base_identity(tiny_base), progress=False)
 
 
 def test_early_stopping_keeps_the_best_evaluation(loaded_base, tiny_base, small_data, tmp_path):

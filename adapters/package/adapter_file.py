@@ -1,0 +1,105 @@
+"""`.onnx_adapter` files: read one and check it against a graph's LoRA inputs, in one place.
+
+An adapter file holds, for each module it adapts, the A ([in, r]) and B ([r, out], pre-scaled)
+tensors named like the graph's LoRA inputs (see `lora_inputs`). It needs no padding: inputs it
+omits keep the graph's zero-rank default (that module is not adapted), and each module has its own
+rank. The server's registry calls `read_adapter_file` at Load, for every engine, so a file that
+would only fail at the first generation (an unknown name, a wrong dim, another dtype, NaN) is
+refused before any request can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from loraplex.adapters.package.lora_inputs import LoraInputs, lora_input_name
+
+ADAPTER_SUFFIX = ".onnx_adapter"
+# No trained LoRA weight comes near this (float16's largest value); such weights overflow activations.
+MAX_ABS_WEIGHT = 65504.0
+
+
+class AdapterFileError(ValueError):
+    """The file cannot serve with this graph; the message names the file, the tensor and the fault."""
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A checked adapter file: graph input name -> tensor, each module's rank."""
+
+    path: Path
+    tensors: dict[str, np.ndarray]
+    ranks: dict[str, int]  # module -> rank
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_adapter_file(path: str | Path, inputs: LoraInputs) -> AdapterWeights:
+    """Read `path` and check it fits `inputs`; raises AdapterFileError naming the first fault."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not inputs:
+        raise AdapterFileError("the package graph has no LoRA inputs: re-export it with `loraplex export`")
+    try:
+        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        # Copy: the arrays view memory owned by the AdapterFormat object.
+        tensors = {name: np.array(value.numpy(), copy=True) for name, value in params.items()}
+    except Exception as exc:  # onnxruntime raises a bare RuntimeError for a malformed file
+        raise AdapterFileError(f"{path.name} is not an {ADAPTER_SUFFIX} file ({exc})") from exc
+    if not tensors:
+        raise AdapterFileError(f"{path.name} holds no weights")
+    ranks: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        module, rank = _check_tensor(path, name, tensor, inputs)
+        partner = lora_input_name(module, "B" if inputs[name].kind == "A" else "A")
+        if partner not in tensors:
+            raise AdapterFileError(f"{path.name} has {name} but lacks its partner {partner}")
+        if ranks.setdefault(module, rank) != rank:
+            raise AdapterFileError(
+                f"{path.name}: the A and B tensors of {module} have ranks {ranks[module]} and {rank}; they must agree"
+            )
+    return AdapterWeights(path, tensors, ranks)
+
+
+def _check_tensor(path: Path, name: str, tensor: np.ndarray, inputs: LoraInputs) -> tuple[str, int]:
+    """(module, rank) of one tensor after checking its name, shape, dtype and values."""
+    spec = inputs.get(name)
+    if spec is None:
+        raise AdapterFileError(
+            f"{path.name} has weight {name!r} but the package graph has no such LoRA input; re-export the "
+            "package with this adapter's target modules included"
+        )
+    if tensor.ndim != 2:
+        raise AdapterFileError(f"{path.name}: {name} has shape {list(tensor.shape)}; LoRA weights are 2-D")
+    fixed, rank = spec.split(tensor.shape)
+    if fixed != spec.fixed:
+        want = f"[{spec.fixed}, r]" if spec.kind == "A" else f"[r, {spec.fixed}]"
+        raise AdapterFileError(
+            f"{path.name}: {name} has shape {list(tensor.shape)} but the graph expects {want}; "
+            "was it exported for another base model?"
+        )
+    if rank < 1:
+        raise AdapterFileError(f"{path.name}: {name} has rank 0")
+    if tensor.dtype != spec.dtype:
+        raise AdapterFileError(
+            f"{path.name}: {name} is {tensor.dtype} but the graph's LoRA inputs are {spec.dtype}; "
+            "convert the adapter for this package with `loraplex adapters add`"
+        )
+    if not np.isfinite(tensor).all():
+        raise AdapterFileError(f"{path.name}: {name} holds NaN or infinite values")
+    largest = float(np.abs(tensor).max())
+    if largest > MAX_ABS_WEIGHT:
+        raise AdapterFileError(
+            f"{path.name}: {name} holds a weight of magnitude {largest:.3g}, beyond {MAX_ABS_WEIGHT:g}; "
+            "no trained LoRA has such weights: the file is corrupt"
+        )
+    return spec.module, rank

@@ -1,0 +1,152 @@
+"""The package manifest: what `loraplex export` writes and the server reads.
+
+A package is a directory that describes itself (docs/architecture.md, "The package"):
+
+    package/
+      manifest.json            this schema
+      model.onnx (+ .data)     base graph, LoRA weights as inputs with symbolic rank `lora_r`
+      genai_config.json, tokenizer files
+      adapters/<name>.onnx_adapter
+
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+Precision = Literal["fp32", "fp16", "int4"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int4")
+MANIFEST_NAME = "manifest.json"
+ADAPTER_DIR = "adapters"
+MODEL_FILE = "model.onnx"
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or of a schema this version cannot read."""
+
+
+@dataclass
+class BaseModelInfo:
+    architecture: str  # transformers architecture, e.g. "LlamaForCausalLM"
+    model_type: str  # e.g. "llama"
+    source: str  # the directory the package was exported from
+    sha256: str  # of the base weights (see loraplex.trainer.base_model.weights_sha256)
+
+
+@dataclass
+class Parity:
+    """Proof that an adapter's ONNX output matches PyTorch PEFT on fixed prompts."""
+
+    reference: str  # "pytorch-peft" or, for int4, "onnx-fp32"
+    prompts: list[str]
+    # Greedy token ids (completion only) the ONNX model produced, one list per prompt: the prompt
+    # is encoded with the package tokenizer as is (no template applied, no special tokens added),
+    # decoding stops after `max_new_tokens` or at EOS, and an EOS token that stopped it is
+    # included as the last id. The server must reproduce them exactly for the same package.
+    tokens: list[list[int]]
+    tokens_equal: bool
+    max_abs_logit_diff: float
+    tolerance: float | None = None
+    passed: bool = True
+    max_new_tokens: int = 8
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    version: str
+    file: str  # relative to the package root: adapters/<name>.onnx_adapter
+    rank: int  # the adapter's own rank (the file is zero-padded to the graph's lora_r)
+    alpha: float
+    target_modules: list[str]
+    template: dict[str, str] | None  # PromptTemplate.to_dict(), or None for prompt-only use
+    sha256: str
+    size_bytes: int
+    parity: Parity | None = None
+    training: dict[str, Any] | None = None  # metrics and hyper-parameters from training.json
+
+
+@dataclass
+class Manifest:
+    base: BaseModelInfo
+    precision: str  # fp32 | fp16 | int4
+    device: str  # cpu | gpu | npu
+    provider: str | None  # execution provider written into genai_config.json, None = CPU
+    model_file: str  # "model.onnx"
+    lora_rank: int  # the rank every adapter file is padded to (graph dim `lora_r`)
+    lora_modules: list[str]  # module kinds the graph has LoRA inputs for, e.g. ["q_proj", ...]
+    lora_inputs: list[str]  # every LoRA graph input name, sorted
+    adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    # The package with no adapter bound vs the base model in PyTorch (same prompts, same rules).
+    base_parity: Parity | None = None
+    schema_version: int = SCHEMA_VERSION
+    created_by: str = "loraplex"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def save(self, package_dir: str | Path) -> Path:
+        path = Path(package_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)  # atomic: a reader never sees half a manifest
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema_version {version!r} is not supported (this loraplex reads "
+                f"{SCHEMA_VERSION}); re-export the package with this version of loraplex"
+            )
+        try:
+            adapters = {}
+            for name, entry in data.get("adapters", {}).items():
+                entry = dict(entry)
+                parity = entry.pop("parity", None)
+                adapters[name] = AdapterEntry(**entry, parity=Parity(**parity) if parity else None)
+            fields = {k: v for k, v in data.items() if k not in ("base", "adapters", "base_parity")}
+            base_parity = data.get("base_parity")
+            return cls(
+                base=BaseModelInfo(**data["base"]),
+                adapters=adapters,
+                base_parity=Parity(**base_parity) if base_parity else None,
+                **fields,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest is malformed: {exc}") from exc
+
+    @classmethod
+    def load(cls, package_dir: str | Path) -> Manifest:
+        path = Path(package_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path} not found: is {package_dir} a package written by `loraplex export`?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become file names: allow only `[A-Za-z0-9._-]{1,64}`, never '.' or '..'."""
+    if not ADAPTER_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"adapter name {name[:80]!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -")
+    return name
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

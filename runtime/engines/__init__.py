@@ -1,0 +1,38 @@
+"""Engines: decode token ids for jobs, each pinned to one adapter version (see `base`).
+
+`build_engine` makes the engine a server configuration names; `resolve_engine` turns `auto` into
+one: `batched` on the CPU (mixed-adapter continuous batching; its KV rows are host memory),
+`genai` on every other device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.base import Engine
+
+EngineName = Literal["genai", "batched"]
+ENGINES: tuple[EngineName, ...] = ("genai", "batched")
+
+
+def resolve_engine(engine: str, device: str) -> EngineName:
+    """`auto` -> batched on cpu, genai elsewhere; a named engine is checked."""
+    if engine == "auto":
+        return "batched" if device == "cpu" else "genai"
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is unknown; choose auto, {', '.join(ENGINES)}")
+    return engine  # type: ignore[return-value]
+
+
+def build_engine(package: Package, engine: EngineName, *, device: str, provider: str | None, max_batch: int,
+                 max_slots: int | None = None, intra_op_threads: int = 0) -> Engine:
+    """The named engine on `package` (blocking: loads the model)."""
+    if engine == "genai":
+        from loraplex.runtime.engines.genai import GenaiEngine
+
+        return GenaiEngine(package, device=device, provider=provider, max_batch=max_batch)
+    from loraplex.runtime.engines.batched import BatchedEngine
+
+    return BatchedEngine(package, device=device, provider=provider, max_batch=max_batch, max_slots=max_slots,
+                         intra_op_threads=intra_op_threads)

@@ -1,0 +1,124 @@
+"""The engine contract: what the server asks of a decoder, whatever runs underneath.
+
+Two implementations (docs/architecture.md, "Engines"):
+- `genai`: onnxruntime-genai, one generator per request (`loraplex.runtime.engines.genai`);
+- `batched`: continuous batching of requests for different adapters in one batch on
+  onnxruntime.InferenceSession (`loraplex.runtime.engines.batched`).
+
+Engines deal in token ids only: text, stop strings and templates live above them, so every engine
+behaves the same to a client. An engine never blocks the asyncio loop: it decodes on its own thread
+and hands tokens back through the job's `TokenSink`. Every engine honours:
+- the sink gets completion tokens only, never the EOS token: EOS ends the job with
+  `FinishReason.EOS` (unless `params.ignore_eos`);
+- `sink.on_finish` is called exactly once, after the engine has dropped every resource of the job
+  (generator, KV rows, adapter slot): the registry frees an adapter version right after the last
+  job on it finishes;
+- `job.mark_started()` when the job leaves the queue (queue time and depth are reported from it);
+  `job.fail(error)` before finishing when decoding the job raised (the server reports INTERNAL);
+- `params.max_new_tokens` is already clamped by the server to what the context leaves.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loraplex.adapters.package.adapter_file import AdapterWeights
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None  # same seed, same prompt, same adapter -> same output
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: every request does the same work
+
+
+@dataclass(eq=False)
+class AdapterHandle:
+    """One loaded version of one adapter as an engine holds it; each engine subclasses it."""
+
+    name: str
+    version: str
+    path: Path
+
+
+class TokenSink(Protocol):
+    """Where an engine delivers one job's output, on the engine's thread."""
+
+    def on_token(self, token: int) -> None: ...
+
+    def on_finish(self, reason: FinishReason) -> None: ...
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """One request as an engine sees it: prompt ids, parameters, the adapter version it is pinned to."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterHandle | None  # None = the base model
+    sink: TokenSink
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    stop_reason: FinishReason | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # set by mark_started()
+    error: BaseException | None = None  # set by fail()
+
+    def mark_started(self) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def fail(self, error: BaseException) -> None:
+        """Decoding this job raised: record why and stop it (the sink still gets its one finish)."""
+        self.error = error
+        self.stop(FinishReason.CANCELLED)
+
+    def stop(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """Ask the engine to end this job before its next step (cancel, deadline, stop string)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+
+class Engine(abc.ABC):
+    """Decodes jobs; owns the engine-side copy of each loaded adapter version."""
+
+    name: str
+
+    @abc.abstractmethod
+    def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> AdapterHandle:
+        """Take a checked adapter file; raise AdapterIncompatible if this engine cannot use it."""
+
+    @abc.abstractmethod
+    def unload_adapter(self, handle: AdapterHandle) -> None:
+        """Free an adapter version no job uses any more (the registry guarantees that)."""
+
+    @abc.abstractmethod
+    def submit(self, job: GenerationJob) -> None:
+        """Queue a job and return at once; its output arrives through `job.sink`."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the engine's thread after the jobs in flight end."""

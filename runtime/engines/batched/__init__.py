@@ -1,0 +1,11 @@
+"""The `batched` engine: requests for different adapters decode together, on onnxruntime.
+
+- `graph`: rewrites the package graph so each row picks its adapter from weight banks (cached);
+- `scheduler` (+ `slots`): which rows run, admission, adapter slots (LRU, drain), retirement;
+- `runner` (+ `bank`, `kv`, `sampling`): the session run, the weight banks, the KV cache, token choice;
+- `engine`: the thread that loops schedule -> run -> postprocess.
+"""
+
+from loraplex.runtime.engines.batched.engine import BatchedEngine
+
+__all__ = ["BatchedEngine"]

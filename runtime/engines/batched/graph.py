@@ -1,0 +1,274 @@
+"""Rewrite a package graph so that every row of a batch can use a different LoRA adapter.
+
+The exported graph (onnxruntime-genai builder + Olive ExtractAdapters) takes each LoRA weight
+as a graph input shared by the whole batch:
+
+    y = x @ W  +  (x @ A) @ B          A: [in, lora_r], B: [lora_r, out]  (B pre-scaled)
+
+For the `batched` engine every weight pair becomes a *bank* holding one adapter per slot, and
+one new input `adapter_slot [batch]` (int64) says which slot each row uses:
+
+    A_row = Gather(A_bank [lora_slots, in, lora_r], adapter_slot)   -> [batch, in, lora_r]
+    B_row = Gather(B_bank [lora_slots, lora_r, out], adapter_slot)  -> [batch, lora_r, out]
+    y = x @ W  +  (x [batch, seq, in] @ A_row) @ B_row              (batched MatMul)
+
+This is the BGMV idea of Punica and S-LoRA in plain ONNX ops, so it runs on every execution
+provider. The bank inputs keep the LoRA input names of the original graph, so an adapter file's
+tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
+(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's `lora_r` are zero-padded: exact.
+
+A second, independent change: the LM head computes one position per row, picked by a new input
+`logits_index [batch]` (GatherND before the head), so `logits` is `[batch, 1, vocab]`. A
+prefill then needs only each prompt's last position, not `[batch, seq, vocab]`: for a small
+model with a large vocabulary the head is a large share of the prefill's compute and memory.
+
+Only `onnx` is needed (no torch, no olive): the batched engine calls `ensure_batched_model` on first
+load and the result is cached next to the package's model (or, for a read-only package, in a
+user cache directory). Initializers stored as external data stay where they are: the rewritten
+model points at the same data file (hard-linked when it lives elsewhere), so no weights are copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from loraplex.adapters.package.lora_inputs import LoraInputs, LoraPair
+
+log = logging.getLogger(__name__)
+
+SLOT_INPUT = "adapter_slot"
+LOGITS_INDEX_INPUT = "logits_index"
+LOGITS_OUTPUT = "logits"
+_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
+SLOTS_DIM = "lora_slots"
+RANK_DIM = "lora_r"
+BATCHED_SUFFIX = ".batched.onnx"
+_STAMP_SUFFIX = ".batched.json"
+# Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
+REWRITE_VERSION = 2
+
+
+class LoraBankError(ValueError):
+    """The graph does not have the LoRA structure the rewrite expects."""
+
+
+def _find_pairs(graph) -> list[LoraPair]:
+    try:
+        pairs = LoraInputs.from_graph(graph).pairs
+    except ValueError as exc:
+        raise LoraBankError(str(exc)) from exc
+    if not pairs:
+        raise LoraBankError(
+            "the graph has no LoRA inputs (*.lora_A.MatMul.weight): export the package with at least one adapter "
+            "so that its LoRA weights become graph inputs"
+        )
+    return pairs
+
+
+def _batch_dim_name(graph) -> str:
+    for inp in graph.input:
+        if inp.name == "input_ids":
+            first = inp.type.tensor_type.shape.dim[0]
+            return first.dim_param or "batch_size"
+    raise LoraBankError("the graph has no input_ids input: is this a decoder exported by loraplex?")
+
+
+def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[LoraPair]:
+    """Write the banked version of `model_path` to `out_path`; external data is shared (hard-linked
+    into `out_path`'s directory when that is another one), never copied.
+
+    Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
+    LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model_path, out_path = Path(model_path), Path(out_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    if model_path.parent.resolve() != out_path.parent.resolve():
+        _link_external_data(model, model_path.parent, out_path.parent)
+    graph = model.graph
+    pairs = _find_pairs(graph)
+    lora_names = {n for p in pairs for n in (p.a.name, p.b.name)}
+    batch = _batch_dim_name(graph)
+
+    consumers: dict[str, list] = {name: [] for name in lora_names}
+    for node in graph.node:
+        for name in node.input:
+            if name in consumers:
+                consumers[name].append(node)
+    for name, nodes in consumers.items():
+        if len(nodes) != 1 or nodes[0].op_type != "MatMul" or list(nodes[0].input).index(name) != 1:
+            raise LoraBankError(
+                f"LoRA input {name} feeds {[n.op_type for n in nodes]}; the rewrite expects exactly one MatMul "
+                "taking it as the right-hand operand (builder + ExtractAdapters graphs have that form)"
+            )
+
+    # Graph inputs: drop the per-adapter LoRA inputs (and their zero-rank default initializers).
+    kept = []
+    seen = set()
+    for inp in graph.input:
+        if inp.name in lora_names or inp.name in seen:
+            continue
+        seen.add(inp.name)
+        kept.append(inp)
+    del graph.input[:]
+    graph.input.extend(kept)
+    inits = [i for i in graph.initializer if i.name not in lora_names]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    vinfo = [v for v in graph.value_info if v.name not in lora_names]
+    del graph.value_info[:]
+    graph.value_info.extend(vinfo)
+
+    graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
+    for p in pairs:
+        graph.input.append(
+            helper.make_tensor_value_info(p.a.name, TensorProto.FLOAT, [SLOTS_DIM, p.in_features, RANK_DIM])
+        )
+        graph.input.append(
+            helper.make_tensor_value_info(p.b.name, TensorProto.FLOAT, [SLOTS_DIM, RANK_DIM, p.out_features])
+        )
+
+    # Nodes: a Gather in front of every LoRA MatMul; the MatMul itself becomes batched by shape alone.
+    new_nodes = []
+    for node in graph.node:
+        for name in node.input:
+            if name in lora_names:
+                rows = f"{name}/bank_rows"
+                new_nodes.append(
+                    helper.make_node("Gather", [name, SLOT_INPUT], [rows], name=f"/lora_bank/{name}/Gather", axis=0)
+                )
+                node.input[1] = rows
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    _pick_logits_rows(graph, batch)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out_path)
+    return pairs
+
+
+def _pick_logits_rows(graph, batch: str) -> None:
+    """Make the LM head compute only position `logits_index[i]` of each row i (see module doc)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(LOGITS_OUTPUT)
+    while node is not None and node.op_type in _ELEMENTWISE:  # scaling/softcap after the head
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in _HEAD_OPS:
+        raise LoraBankError(
+            f"cannot find the LM head MatMul feeding '{LOGITS_OUTPUT}' (found {node.op_type if node else None}); "
+            "export the package with `loraplex export`"
+        )
+    hidden = node.input[0]
+    axes = "/lora_bank/logits_rows/axes"
+    graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+    index_2d, rows, rows_3d = (f"/lora_bank/logits_rows/{n}" for n in ("index", "gather", "rows"))
+    new_nodes = [
+        helper.make_node("Unsqueeze", [LOGITS_INDEX_INPUT, axes], [index_2d], name="/lora_bank/logits_rows/Unsqueeze"),
+        helper.make_node("GatherND", [hidden, index_2d], [rows], name="/lora_bank/logits_rows/GatherND", batch_dims=1),
+        helper.make_node("Unsqueeze", [rows, axes], [rows_3d], name="/lora_bank/logits_rows/Unsqueeze_1"),
+    ]
+    node.input[0] = rows_3d
+    position = list(graph.node).index(node)
+    for offset, extra in enumerate(new_nodes):
+        graph.node.insert(position + offset, extra)
+    graph.input.append(helper.make_tensor_value_info(LOGITS_INDEX_INPUT, TensorProto.INT64, [batch]))
+    for out in graph.output:
+        if out.name == LOGITS_OUTPUT:
+            dims = out.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].Clear()
+                dims[1].dim_value = 1
+
+
+def _link_external_data(model, source_dir: Path, out_dir: Path) -> None:
+    """Hard-link the model's external data files into `out_dir` so a graph written there shares them.
+
+    Not symlinks: onnxruntime resolves them and refuses data outside the model's directory. On
+    another filesystem a hard link is impossible and the file is copied (once, with a warning).
+    """
+    from onnx import TensorProto
+
+    locations = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for location in locations:
+        link, target = out_dir / location, source_dir / location
+        if link.exists() and os.path.samefile(link, target):
+            continue
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        try:
+            os.link(target, link)
+        except OSError:
+            log.warning("copying %s to %s: cannot hard-link across filesystems", target, out_dir)
+            shutil.copyfile(target, link)
+
+
+def default_cache_dir(model_path: Path) -> Path:
+    """Where the banked graph goes when the package directory is read-only."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
+    return root / "loraplex" / "banked" / key
+
+
+def _fingerprint(model_path: Path) -> str:
+    st = model_path.stat()
+    key = f"{REWRITE_VERSION}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_batched_model(model_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The banked graph for `model_path`, rewritten on first use and cached.
+
+    `<dir>/model.onnx` -> `<dir>/model.batched.onnx`, or into `cache_dir` when given, or into
+    `default_cache_dir()` when the package directory is read-only (external data is then
+    hard-linked, not copied). A stamp file records the source (size, mtime) and rewrite version,
+    so a re-exported package is rewritten again.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found: is the package complete?")
+    if cache_dir is not None:
+        return _ensure_in(model_path, Path(cache_dir))
+    try:
+        return _ensure_in(model_path, model_path.parent)
+    except OSError:  # read-only package directory
+        return _ensure_in(model_path, default_cache_dir(model_path))
+
+
+def _ensure_in(model_path: Path, out_dir: Path) -> Path:
+    stem = model_path.name.removesuffix(".onnx")
+    out, stamp = out_dir / (stem + BATCHED_SUFFIX), out_dir / (stem + _STAMP_SUFFIX)
+    want = _fingerprint(model_path)
+    if out.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("source") == want:
+                return out
+        except json.JSONDecodeError:
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = rewrite_for_banks(model_path, out)
+    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n"
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(record)
+    os.replace(tmp, stamp)
+    return out

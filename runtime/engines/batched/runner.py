@@ -1,0 +1,91 @@
+"""The batched engine's model runner: runs one scheduled batch through the banked graph.
+
+It owns the ONNX Runtime session, the adapter weight banks and the KV cache, and makes no policy
+decision: the scheduler says which rows run in which KV rows with which slots. A prefill writes
+the new rows' prompts (right-padded to the longest) straight into their rows of the shared KV
+buffer; a decode step feeds every running row its last token. Either way the graph computes the
+LM head for one position per row (`logits_index`) and each row's token is chosen by its own
+sampler. InferenceSession.run releases the GIL, so the asyncio server keeps serving during a step.
+See `kv` for the cache layout and why padding cannot change any row's result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.batched.bank import WeightBank
+from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
+from loraplex.runtime.engines.batched.kv import KVCache
+from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
+from loraplex.runtime.engines.batched.scheduler import Batch, Row
+
+
+class ModelRunner:
+    def __init__(self, package: Package, *, max_batch: int, max_slots: int, intra_op_threads: int = 0):
+        config = package.config
+        self.config = config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3
+        banked = ensure_batched_model(package.model_path)
+        self.session = ort.InferenceSession(str(banked), options, providers=["CPUExecutionProvider"])
+        self.bank = WeightBank(package.lora_inputs.pairs, max_slots, package.manifest.lora_rank)
+        self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
+
+    def run(self, batch: Batch) -> list[int | Exception]:
+        """One session run for `batch`: a token, or the row's own error, per row."""
+        for slot, adapter in batch.fills:
+            if adapter.weights is None:
+                raise RuntimeError(f"adapter {adapter.name}@{adapter.version} was unloaded before it was filled")
+            self.bank.fill(slot, adapter.weights)
+        logits = self._prefill(batch.rows, batch.start) if batch.kind == "prefill" else self._decode(batch.rows)
+        return choose_tokens(logits, [row.sampler for row in batch.rows])  # type: ignore[misc]
+
+    def compact(self, moves: list[tuple[int, int, int]], idle: bool) -> None:
+        """Apply the scheduler's KV row moves; give memory back when nothing runs."""
+        for source, destination, length in moves:
+            self.kv.move_row(source, destination, length)
+        if idle:
+            self.kv.reset()
+
+    def _prefill(self, rows: list[Row], start: int) -> np.ndarray:
+        lengths = np.array([row.length for row in rows], dtype=np.int64)
+        width = int(lengths.max())
+        self.kv.ensure(width, rows=start)
+        ids = np.full((len(rows), width), self.config.pad_token_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : row.length] = row.job.prompt_ids
+            row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return self._run(ids, mask, rows, start, lengths - 1)
+
+    def _decode(self, rows: list[Row]) -> np.ndarray:
+        ids = np.array([[row.last_token] for row in rows], dtype=np.int64)
+        totals = np.array([row.length + 1 for row in rows], dtype=np.int64)
+        # Each row's mask sums to its own total length (GQA reads only the sum); the width is the
+        # longest row's, and must exceed 1 so GQA does not take a one-token step for a prompt.
+        width = max(int(totals.max()), 2)
+        self.kv.ensure(int(totals.max()), rows=len(rows))
+        mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
+        return self._run(ids, mask, rows, 0, np.zeros(len(rows), dtype=np.int64))
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: list[Row], start: int, last: np.ndarray) -> np.ndarray:
+        """One session run over KV rows [start, start + len(rows)); logits [rows, vocab] at `last`."""
+        config = self.config
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(LOGITS_INDEX_INPUT, last)
+        binding.bind_output(config.logits_name)  # first: get_outputs() lists outputs in binding order
+        binding.bind_cpu_input(config.input_ids_name, ids)
+        binding.bind_cpu_input(config.attention_mask_name, mask)
+        binding.bind_cpu_input(SLOT_INPUT, np.array([row.slot for row in rows], dtype=np.int64))
+        for name, value in self.bank.ortvalues.items():
+            binding.bind_ortvalue_input(name, value)
+        views = self.kv.views(start, start + len(rows))
+        for names, (key, value) in zip(config.kv_names, views, strict=True):
+            binding.bind_ortvalue_input(names.past_key, key)
+            binding.bind_ortvalue_input(names.past_value, value)
+            binding.bind_ortvalue_output(names.present_key, key)  # same memory: GQA updates the cache in place
+            binding.bind_ortvalue_output(names.present_value, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, 0, :]

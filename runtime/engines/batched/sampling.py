@@ -1,0 +1,106 @@
+"""Per-row token choice for the batched engine: each row has its own sampling parameters.
+
+Greedy rows (temperature 0 or top_k 1) take the first maximum, as onnxruntime-genai's greedy
+search does, so greedy output equals the `genai` engine's token for token. Sampled rows draw
+from their own seeded generator: the same seed, prompt and adapter give the same output
+whatever else shares the batch. A row whose logits are not finite (a corrupt adapter, an extreme
+penalty) gets an error instead of a token; the other rows of the step are unaffected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.errors import EngineFailure
+
+
+class NonFiniteLogits(EngineFailure):
+    """The model produced NaN or infinite scores for one request."""
+
+    def __init__(self) -> None:
+        super().__init__("the model produced non-finite scores for this request (check the adapter's weights)")
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature <= 0.0 or params.top_k == 1
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """onnxruntime-genai's rule over every token of the sequence (prompt included): a positive
+    score is divided by the penalty, a negative one multiplied. Returns a new array."""
+    out = logits.copy()
+    scores = out[seen]
+    out[seen] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return out
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Draw one token from `logits` [vocab] with temperature, then top-k, then top-p."""
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.size:
+        candidates = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
+    else:
+        candidates = np.arange(scaled.size)
+    # Sort candidates by score (ties by id) so the draw does not depend on partition order.
+    order = np.lexsort((candidates, -scaled[candidates]))
+    candidates = candidates[order]
+    probs = np.exp(scaled[candidates] - scaled[candidates[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        candidates, probs = candidates[:keep], probs[:keep]
+        probs = probs / probs.sum()
+    return int(candidates[rng.choice(candidates.size, p=probs)])
+
+
+class RowSampler:
+    """The sampling state of one running request: its params, RNG and the tokens seen so far."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+        self.params = params
+        self.greedy = is_greedy(params)
+        self.rng = np.random.default_rng(params.seed)
+        self.penalize = params.repetition_penalty != 1.0
+        self.seen = np.zeros(vocab_size, dtype=bool)
+        if self.penalize:
+            self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+
+    def choose(self, logits: np.ndarray) -> int:
+        if self.penalize:
+            logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        if self.greedy:
+            token = int(np.argmax(logits))
+            if not math.isfinite(float(logits[token])):
+                raise NonFiniteLogits()
+        else:
+            if not np.isfinite(logits).all():
+                raise NonFiniteLogits()
+            token = sample_token(logits, self.params, self.rng)
+        if self.penalize:
+            self.seen[token] = True
+        return token
+
+
+def choose_tokens(logits: np.ndarray, samplers: list[RowSampler]) -> list[int | Exception]:
+    """One token (or the row's error) per row of `logits` [rows, vocab]; plain greedy rows share one
+    vectorized argmax (argmax returns a NaN's or an inf's position, so checking the chosen score
+    finds a broken row without scanning the vocabulary)."""
+    plain = [i for i, s in enumerate(samplers) if s.greedy and not s.penalize]
+    tokens: list[int | Exception] = [0] * len(samplers)
+    if plain:
+        best = np.argmax(logits[plain], axis=-1)
+        scores = logits[plain, best]
+        for i, t, score in zip(plain, best.tolist(), scores.tolist(), strict=True):
+            tokens[i] = t if math.isfinite(score) else NonFiniteLogits()
+    if len(plain) != len(samplers):
+        plain_set = set(plain)
+        for i, sampler in enumerate(samplers):
+            if i in plain_set:
+                continue
+            try:
+                tokens[i] = sampler.choose(logits[i])
+            except (ValueError, ArithmeticError, EngineFailure) as exc:
+                tokens[i] = exc
+    return tokens

@@ -1,0 +1,193 @@
+"""The `genai` engine: onnxruntime-genai, one generator per request, interleaved on one thread.
+
+onnxruntime-genai's `generate_next_token` holds the GIL, so threads give no parallelism: a single
+worker thread owns every generator and steps the running ones round-robin, one token each per
+round, so concurrent requests progress together and a new request starts within one round. The
+asyncio loop stays free between steps (health checks, admin calls). One generator holds one
+adapter, so requests for different adapters interleave rather than batch (the `batched` engine
+batches them). It runs on every execution provider onnxruntime-genai has.
+
+Adapters are loaded into one `og.Adapters` under a unique key per version, so an old and a new
+version of a name coexist while requests on the old one finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from loraplex.adapters.package.adapter_file import AdapterWeights
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines import devices
+from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, SamplingParams
+from loraplex.runtime.errors import AdapterIncompatible, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class GenaiAdapter(AdapterHandle):
+    key: str = ""  # its name in the engine's og.Adapters
+
+
+@dataclass(eq=False)
+class _Running:
+    job: GenerationJob
+    generator: Any  # og.Generator
+    produced: int = 0
+
+
+class GenaiEngine(Engine):
+    name = "genai"
+
+    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8):
+        import onnxruntime_genai as og
+
+        self._og = og
+        self.provider = devices.choose(device, provider)
+        config = og.Config(str(package.root))
+        devices.apply(config, self.provider)
+        self.model = og.Model(config)
+        self._eos = set(package.config.eos_token_ids)
+        self._vocab_size = package.config.vocab_size
+        self._adapters = og.Adapters(self.model)
+        self.max_batch = max(1, max_batch)
+        self._keys = itertools.count()
+        self._og_lock = threading.Lock()  # one onnxruntime-genai call at a time
+        self._cond = threading.Condition()
+        self._pending: deque[GenerationJob] = deque()
+        self._running: list[_Running] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="genai-engine", daemon=True)
+        self._thread.start()
+
+    # -- adapters -------------------------------------------------------------------------
+    def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> GenaiAdapter:
+        limit = self.provider.adapter_limit
+        if self.provider.name == "dml":
+            raise AdapterIncompatible(limit)
+        key = f"{name}@{version}#{next(self._keys)}"
+        try:
+            with self._og_lock:
+                self._adapters.load(str(weights.path), key)
+        except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
+            hint = f" ({limit})" if limit else ""
+            raise AdapterIncompatible(f"onnxruntime-genai could not load {weights.path.name}: {exc}{hint}") from exc
+        return GenaiAdapter(name=name, version=version, path=weights.path, key=key)
+
+    def unload_adapter(self, handle: AdapterHandle) -> None:
+        assert isinstance(handle, GenaiAdapter)
+        with self._og_lock:
+            self._adapters.unload(handle.key)
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, job: GenerationJob) -> None:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the engine is closing and takes no new requests")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._running or self._closing):
+                    self._cond.wait()
+                if self._closing and not (self._pending or self._running):
+                    return
+                starting = []
+                while self._pending and len(self._running) + len(starting) < self.max_batch:
+                    starting.append(self._pending.popleft())
+                cancelled = [j for j in self._pending if j.stopped]
+                for job in cancelled:
+                    self._pending.remove(job)
+            for job in cancelled:
+                job.sink.on_finish(job.stop_reason or FinishReason.CANCELLED)
+            for job in starting:
+                self._start(job)
+            for run in list(self._running):
+                self._step(run)
+
+    def _start(self, job: GenerationJob) -> None:
+        job.mark_started()
+        if job.stopped:
+            job.sink.on_finish(job.stop_reason or FinishReason.CANCELLED)
+            return
+        try:
+            with self._og_lock:
+                params = self._og.GeneratorParams(self.model)
+                params.set_search_options(**self._search_options(job))
+                generator = self._og.Generator(self.model, params)
+                if isinstance(job.adapter, GenaiAdapter):
+                    generator.set_active_adapter(self._adapters, job.adapter.key)
+                generator.append_tokens(job.prompt_ids)
+        except Exception as exc:
+            log.exception("request %s failed to start", job.request_id)
+            job.fail(exc)
+            job.sink.on_finish(FinishReason.CANCELLED)
+            return
+        self._running.append(_Running(job, generator))
+
+    def _search_options(self, job: GenerationJob) -> dict[str, Any]:
+        p: SamplingParams = job.params
+        max_length = len(job.prompt_ids) + p.max_new_tokens
+        options: dict[str, Any] = dict(
+            max_length=max_length,
+            do_sample=p.temperature > 0,
+            repetition_penalty=p.repetition_penalty,
+            batch_size=1,
+        )
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else random.getrandbits(31)
+            options.update(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                # genai_config's default top_k is 50: 0 (no cut) must be said as the vocab size.
+                top_k=min(p.top_k, self._vocab_size) if p.top_k else self._vocab_size,
+                random_seed=int(seed % (2**31 - 1)),
+            )
+        if p.ignore_eos:
+            options["min_length"] = max_length
+        return options
+
+    def _step(self, run: _Running) -> None:
+        job = run.job
+        if job.stopped:
+            self._finish(run, job.stop_reason or FinishReason.CANCELLED)
+            return
+        try:
+            with self._og_lock:
+                run.generator.generate_next_token()
+                token = int(run.generator.get_next_tokens()[0])
+                done = run.generator.is_done()
+        except Exception as exc:
+            log.exception("request %s failed while decoding", job.request_id)
+            job.fail(exc)
+            self._finish(run, FinishReason.CANCELLED)
+            return
+        if token in self._eos and not job.params.ignore_eos:
+            self._finish(run, FinishReason.EOS)
+            return
+        run.produced += 1
+        job.sink.on_token(token)
+        if job.stopped:  # the sink found a stop string
+            self._finish(run, job.stop_reason or FinishReason.STOP)
+        elif done or run.produced >= job.params.max_new_tokens:
+            self._finish(run, FinishReason.LENGTH)
+
+    def _finish(self, run: _Running, reason: FinishReason) -> None:
+        self._running.remove(run)
+        with self._og_lock:
+            run.generator = None  # frees the KV cache and the adapter binding before the sink hears
+        run.job.sink.on_finish(reason)

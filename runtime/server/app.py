@@ -1,0 +1,201 @@
+"""Build and run a loraplex gRPC server in-process: `start_server(ServerConfig) -> RunningServer`.
+
+The CLI (`loraplex serve`), the tests, the demo and the benchmarks all start servers through this.
+Order at start: the gRPC port opens first with health NOT_SERVING (load balancers see the
+replica), then the package is read, the engine loads the model, the package's adapters are loaded,
+every adapter is warmed up with one token, and only then health says SERVING. `drain` is the
+SIGTERM path: NOT_SERVING, no new requests, in-flight requests finish, then the port closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines import build_engine, resolve_engine
+from loraplex.runtime.engines.base import Engine, SamplingParams
+from loraplex.runtime.server.auth import AuthScope, BearerAuth
+from loraplex.runtime.server.generation import GenerationRequest, GenerationService
+from loraplex.runtime.server.metrics import ServerMetrics
+from loraplex.runtime.server.registry import AdapterRegistry
+from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServicer
+from loraplex.runtime.server.status import ServingInterceptor
+from loraplex.runtime.server.tokenizer import PackageTokenizer
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+)
+
+
+@dataclass
+class ServerConfig:
+    package: Path
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (RunningServer.port tells which)
+    device: str = "cpu"  # cpu | gpu | npu
+    provider: str | None = None  # cuda | dml | qnn | openvino | webgpu (default: per device)
+    engine: str = "auto"  # auto | batched | genai; __post_init__ resolves auto (batched on cpu)
+    max_batch: int = 8  # requests decoding at once
+    max_queue: int = 64  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED
+    max_slots: int | None = None  # batched engine: adapters resident in the weight bank (None = max_batch)
+    intra_op_threads: int = 0  # batched engine: onnxruntime threads (0 = one per physical core)
+    adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
+    auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
+    auth_scope: AuthScope = "admin"
+    metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port, None = off)
+    load_package_adapters: bool = True
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        self.package = Path(self.package)
+        self.engine = resolve_engine(self.engine, self.device)
+        if self.max_batch < 1 or self.max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if self.max_slots is not None and self.max_slots < 1:
+            raise ValueError("max_slots must be >= 1 (or None: one per batch row)")
+
+
+@dataclass
+class RunningServer:
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    metrics: ServerMetrics
+    service: GenerationService
+    registry: AdapterRegistry
+    engine: Engine
+    metrics_port: int | None = None
+    _metrics_http: object | None = None
+    _stopped: bool = False
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        await _set_health(self.health, serving)
+
+    async def drain(self, grace: float | None = 30.0) -> bool:
+        """Health NOT_SERVING, refuse new requests, wait for in-flight ones; True if all finished."""
+        await self.set_serving(False)
+        self.service.draining = True
+        finished = await self.service.wait_idle(grace)
+        if not finished:
+            log.warning("drain: %d request(s) still in flight after %ss; cancelling", self.service.in_flight, grace)
+        return finished
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Drain for up to `grace` seconds, then close the port, the engine and the metrics endpoint."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain(grace)
+        await self.server.stop(1.0)
+        await self.registry.close()
+        await asyncio.to_thread(self.engine.close)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Start serving `config.package`; returns once health says SERVING."""
+    auth = BearerAuth(_read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
+    package = await asyncio.to_thread(Package.open, config.package)
+    metrics = ServerMetrics()
+    info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
+                max_batch=config.max_batch, max_queue=config.max_queue)
+    generation = GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info)
+    adapters = AdaptersServicer(metrics)
+    health_servicer = health.aio.HealthServicer()
+
+    server = grpc.aio.server(interceptors=[ServingInterceptor(auth)])
+    generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?)")
+    await _set_health(health_servicer, False)
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the model is warm)", config.host, port)
+
+    engine = None
+    try:
+        engine = await asyncio.to_thread(
+            build_engine, package, config.engine, device=config.device, provider=config.provider,
+            max_batch=config.max_batch, max_slots=config.max_slots, intra_op_threads=config.intra_op_threads,
+        )
+        tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
+        registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
+        service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
+                                    max_batch=config.max_batch, max_queue=config.max_queue)
+        if config.load_package_adapters:
+            for name, entry in sorted(package.manifest.adapters.items()):
+                await registry.load_file(name, package.adapter_path(name), entry.version)
+        metrics.loaded_adapters.set(len(registry.names()))
+        if config.warmup:
+            await _warm_up(service, registry)
+    except BaseException:
+        await server.stop(None)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        raise
+    generation.service = adapters.service = service
+    running = RunningServer(config, server, port, health_servicer, metrics, service, registry, engine)
+    if config.metrics_port is not None:
+        running._metrics_http, running.metrics_port = metrics.serve(config.metrics_port, config.host)
+    await running.set_serving(True)
+    log.info("serving %s on %s (engine %s, adapters: %s)", package.root, running.target, config.engine,
+             ", ".join(registry.names()) or "none")
+    return running
+
+
+async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, status)
+
+
+async def _warm_up(service: GenerationService, registry: AdapterRegistry) -> None:
+    """One token on the base model and on every adapter: sessions built, adapter files proven to run."""
+    params = SamplingParams(max_new_tokens=1)
+    for name in ["", *registry.names()]:
+        await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params, request_id="warmup"))
+
+
+def _read_token(path: Path) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"--auth-token-file {path} is empty: write the bearer token into it")
+    return token
+
+
+async def serve(config: ServerConfig, drain_grace: float = 30.0) -> int:
+    """Run until SIGTERM/SIGINT, then drain and exit (what `loraplex serve` runs)."""
+    running = await start_server(config)
+    print(f"loraplex serving on {running.target}", flush=True)
+    if running.metrics_port is not None:
+        print(f"metrics on http://{config.host}:{running.metrics_port}/metrics", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (%d request(s) in flight)", running.service.in_flight)
+    await running.stop(drain_grace)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,182 @@
+"""The request layer shared by every engine and front end: lease, template, tokens, queue, events.
+
+`GenerationService.stream` turns one `GenerationRequest` into events (`Started`, `TextPiece`...,
+`Finished`). It decides everything a servicer only translates: which adapter version serves the
+request (a registry lease held until the engine has let go of the job), rendering `inputs`
+through the adapter's template, the context-length check, the bounded queue (max_batch running +
+max_queue waiting, then Overloaded). The output side of a request (text, stop strings, timings)
+is its `RequestState`. A client that goes away (cancel, deadline) stops the job; its slot is free
+once the engine reports the job finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from loraplex.adapters.package.template import TemplateError
+from loraplex.runtime.engines.base import Engine, FinishReason, SamplingParams
+from loraplex.runtime.errors import InvalidRequest, LoraplexError, Overloaded, ShuttingDown
+from loraplex.runtime.server.metrics import ServerMetrics
+from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
+from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
+from loraplex.runtime.server.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    adapter: str = ""  # "" = base model
+    prompt: str | None = None
+    inputs: Mapping[str, str] | None = None  # rendered through the adapter's prompt template
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    """A whole completion (what `Generate` returns)."""
+
+    text: str
+    token_ids: list[int]
+    started: Started
+    finished: Finished
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer: TextTokenizer, context_length: int,
+                 metrics: ServerMetrics, *, max_batch: int, max_queue: int):
+        self.engine = engine
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.draining = False
+        self._requests: set[RequestState] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        metrics.in_flight.set_function(lambda: len(self._requests))
+        metrics.queue_depth.set_function(lambda: sum(1 for r in list(self._requests) if r.job.started_at is None))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight (drain); False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- prompt ---------------------------------------------------------------------------
+    def render(self, version: AdapterVersion, prompt: str | None, inputs: Mapping[str, str] | None) -> str:
+        if inputs is not None:
+            if version.template is None:
+                what = f"adapter {version.name!r}" if version.name else "the base model"
+                raise InvalidRequest(f"{what} has no task template; send `prompt` instead of `inputs`")
+            try:
+                return version.template.render_prompt(inputs, where="inputs.fields")
+            except TemplateError as exc:
+                raise InvalidRequest(str(exc)) from exc
+        if not prompt:
+            raise InvalidRequest("the request has neither `prompt` nor `inputs`; set one of them")
+        return prompt
+
+    def tokenize(self, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None) -> tuple[str, list[int]]:
+        with self.registry.acquire(adapter) as lease:
+            text = self.render(lease.version, prompt, inputs)
+        return text, self.tokenizer.encode(text)
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidRequest("the prompt encodes to no tokens; send a non-empty prompt")
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(
+                f"the prompt is {len(ids)} tokens; the model's context length is {self.context_length}: "
+                "shorten the prompt"
+            )
+        return ids
+
+    # -- generation -----------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        pieces: list[str] = []
+        ids: list[int] = []
+        started = finished = None
+        async for event in self.stream(request):
+            if isinstance(event, Started):
+                started = event
+            elif isinstance(event, TextPiece):
+                pieces.append(event.text)
+                ids.extend(event.token_ids)
+            else:
+                finished = event
+        assert started is not None and finished is not None
+        return GenerationResult("".join(pieces), ids, started, finished)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Started | TextPiece | Finished]:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        received = time.monotonic()
+        lease = self.registry.acquire(request.adapter)
+        state: RequestState | None = None
+        status = "UNKNOWN"
+        try:
+            prompt_ids = self._prompt_ids(self.render(lease.version, request.prompt, request.inputs))
+            if len(self._requests) >= self.max_batch + self.max_queue:
+                raise Overloaded(
+                    f"{len(self._requests)} requests in flight fill the queue (max_batch {self.max_batch} + "
+                    f"max_queue {self.max_queue}); retry later or raise --max-queue"
+                )
+            room = self.context_length - len(prompt_ids)
+            params = replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
+            state = RequestState(
+                request_id=request.request_id or uuid.uuid4().hex[:16], prompt_ids=prompt_ids, params=params,
+                lease=lease, tokenizer=self.tokenizer, metrics=self.metrics, received=received,
+                on_done=self._request_done,
+            )
+            self._submit(state)
+            yield Started(state.adapter, lease.version.version, state.job.request_id, len(prompt_ids))
+            async for event in state.events():
+                yield event
+            status = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except LoraplexError as exc:
+            status = exc.code
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            if state is None:
+                lease.release()
+            elif status != "OK" and not state.job.stopped:
+                state.job.stop(FinishReason.CANCELLED)
+            self.metrics.requests.labels(lease.version.name, status).inc()
+
+    def _submit(self, state: RequestState) -> None:
+        self._requests.add(state)
+        self._idle.clear()
+        try:
+            self.engine.submit(state.job)
+        except BaseException:
+            self._request_done(state)
+            raise
+
+    def _request_done(self, state: RequestState) -> None:
+        """On the loop, once the engine let go of the job: free its place and its adapter lease."""
+        self._requests.discard(state)
+        state.lease.release()
+        if not self._requests:
+            self._idle.set()

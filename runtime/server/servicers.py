@@ -1,0 +1,197 @@
+"""gRPC servicers: translate between the proto messages and the library, nothing more.
+
+Decisions live in GenerationService and AdapterRegistry; errors become statuses in
+`status.ServingInterceptor` and tokens are checked there too. Until the model is loaded and warm
+(and again while draining) every call gets UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from loraplex.adapters.package.manifest import Manifest
+from loraplex.runtime.engines.base import FinishReason
+from loraplex.runtime.errors import ShuttingDown, status_name
+from loraplex.runtime.server.generation import GenerationRequest, GenerationService
+from loraplex.runtime.server.metrics import ServerMetrics
+from loraplex.runtime.server.registry import AdapterVersion
+from loraplex.runtime.server.request_state import Finished, Started, TextPiece
+from loraplex.runtime.server.validation import request_id, sampling_params
+from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: generation_pb2.LENGTH,
+    FinishReason.STOP: generation_pb2.STOP,
+    FinishReason.EOS: generation_pb2.EOS,
+    FinishReason.CANCELLED: generation_pb2.CANCELLED,
+}
+
+
+class _Ready:
+    """Holds the service once the server is warm."""
+
+    service: GenerationService | None = None
+
+    def ready(self) -> GenerationService:
+        if self.service is None:
+            raise ShuttingDown("the server is still loading its model; retry when health says SERVING")
+        return self.service
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
+    def __init__(self, manifest: Manifest, context_length: int, vocab_size: int, info: dict[str, Any]):
+        self.manifest = manifest
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.info = info  # engine, device, provider, max_batch, max_queue
+
+    def _request(self, request: generation_pb2.GenerateRequest) -> GenerationRequest:
+        p = request.params
+        params = sampling_params(
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=p.seed if p.HasField("seed") else None,
+            repetition_penalty=p.repetition_penalty,
+            stop=list(p.stop),
+            ignore_eos=p.ignore_eos,
+            context_length=self.context_length,
+        )
+        which = request.WhichOneof("input")
+        return GenerationRequest(
+            adapter=request.adapter,
+            prompt=request.prompt if which == "prompt" else None,
+            inputs=dict(request.inputs.fields) if which == "inputs" else None,
+            params=params,
+            request_id=request_id(request.request_id),
+        )
+
+    async def Generate(self, request, context):
+        result = await self.ready().generate(self._request(request))
+        s, f = result.started, result.finished
+        return generation_pb2.GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=FINISH_REASONS[f.reason],
+            usage=_usage(f),
+            adapter=s.adapter,
+            adapter_version=s.adapter_version,
+            timings=_timings(f),
+            request_id=s.request_id,
+        )
+
+    async def GenerateStream(self, request, context):
+        async for event in self.ready().stream(self._request(request)):
+            if isinstance(event, Started):
+                yield generation_pb2.GenerateChunk(
+                    adapter=event.adapter, adapter_version=event.adapter_version, request_id=event.request_id
+                )
+            elif isinstance(event, TextPiece):
+                yield generation_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids)
+            elif isinstance(event, Finished):
+                yield generation_pb2.GenerateChunk(
+                    finish_reason=FINISH_REASONS[event.reason], usage=_usage(event), timings=_timings(event)
+                )
+
+    async def Tokenize(self, request, context):
+        which = request.WhichOneof("input")
+        text, ids = self.ready().tokenize(
+            request.adapter,
+            request.prompt if which == "prompt" else None,
+            dict(request.inputs.fields) if which == "inputs" else None,
+        )
+        return generation_pb2.TokenizeResponse(token_ids=ids, text=text)
+
+    async def ModelInfo(self, request, context):
+        m = self.manifest
+        return generation_pb2.ModelInfoResponse(
+            architecture=m.base.architecture,
+            model_type=m.base.model_type,
+            precision=m.precision,
+            device=self.info["device"],
+            provider=self.info["provider"],
+            engine=self.info["engine"],
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            lora_rank=m.lora_rank,
+            lora_modules=m.lora_modules,
+            adapters=self.ready().registry.names(),
+            max_batch=self.info["max_batch"],
+            max_queue=self.info["max_queue"],
+            version=_loraplex_version(),
+        )
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    async def List(self, request, context):
+        versions = self.ready().registry.versions()
+        return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
+
+    async def Load(self, request, context):
+        with self._counted("load"):
+            registry = self.ready().registry
+            version = await registry.load(request.name, request.path, request.version or None)
+            self.metrics.loaded_adapters.set(len(registry.names()))
+        return _adapter_info(version)
+
+    async def Unload(self, request, context):
+        with self._counted("unload"):
+            registry = self.ready().registry
+            version = await registry.unload(request.name, wait=not request.no_wait)
+            self.metrics.loaded_adapters.set(len(registry.names()))
+        return adapters_pb2.UnloadAdapterResponse(name=version.name, version=version.version,
+                                                  requests_served=version.served)
+
+    @contextlib.contextmanager
+    def _counted(self, action: str) -> Iterator[None]:
+        """Counts an admin call by action and outcome (`loraplex_adapter_loads_total`)."""
+        status = "OK"
+        try:
+            yield
+        except Exception as exc:
+            status = status_name(exc)
+            raise
+        finally:
+            self.metrics.adapter_loads.labels(action, status).inc()
+
+
+def _adapter_info(v: AdapterVersion) -> adapters_pb2.AdapterInfo:
+    info = adapters_pb2.AdapterInfo(
+        name=v.name,
+        version=v.version,
+        rank=v.rank,
+        target_modules=v.target_modules,
+        size_bytes=v.size_bytes,
+        requests_served=v.served,
+        sha256=v.sha256,
+        in_flight=v.leases,
+    )
+    if v.template is not None:
+        info.template.prompt = v.template.prompt
+        info.template.completion = v.template.completion
+    return info
+
+
+def _usage(f: Finished) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens)
+
+
+def _timings(f: Finished) -> generation_pb2.Timings:
+    t = f.timings
+    return generation_pb2.Timings(
+        queue_ms=t.queue_ms, time_to_first_token_ms=t.time_to_first_token_ms, total_ms=t.total_ms
+    )
+
+
+def _loraplex_version() -> str:
+    try:
+        return version("loraplex")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,142 @@
+"""The LoRA bank rewrite: slot k of the banked graph computes what the original graph computes
+with adapter k's weights as its LoRA inputs, for every row of a mixed batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from loraplex.runtime.engines.batched.graph import (
+    LOGITS_INDEX_INPUT,
+    SLOT_INPUT,
+    LoraBankError,
+    ensure_batched_model,
+    rewrite_for_banks,
+)
+
+from tests.fixtures.reference import PackageFiles, package_files
+
+
+@pytest.fixture(scope="module")
+def package(tiny_package) -> PackageFiles:
+    return package_files(tiny_package)
+
+
+def _session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _adapter(path) -> dict[str, np.ndarray]:
+    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    return {name: np.array(value.numpy(), copy=True) for name, value in params.items()}
+
+
+def _prompt_feeds(package: PackageFiles, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A first prompt: empty past (head size from genai_config: the graph's dim is symbolic)."""
+    decoder = json.loads((package.root / "genai_config.json").read_text())["model"]["decoder"]
+    empty = np.zeros((ids.shape[0], decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for layer in range(decoder["num_hidden_layers"]):
+        feeds[f"past_key_values.{layer}.key"] = feeds[f"past_key_values.{layer}.value"] = empty
+    return feeds
+
+
+def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(package):
+    out = package.model.with_name("model.test_rewrite.onnx")  # beside the model: shares its external data
+    rewrite_for_banks(package.model, out)
+    original = onnx.load(str(package.model), load_external_data=False).graph
+    banked = onnx.load(str(out), load_external_data=False).graph
+    out.unlink()
+    lora = sorted({i.name for i in original.input if ".lora_" in i.name})
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
+    assert inputs[SLOT_INPUT] == ["batch_size"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size"]
+    assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now banks
+    for name in lora:
+        dims = inputs[name]
+        assert dims[0] == "lora_slots" and len(dims) == 3
+        assert (dims[2] if ".lora_A." in name else dims[1]) == "lora_r"
+    assert not any(i.name in lora for i in banked.initializer)  # zero-rank defaults gone
+    gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
+    assert sorted(n.input[0] for n in gathers) == lora
+    assert len(banked.node) == len(original.node) + len(lora) + 3  # + Unsqueeze, GatherND, Unsqueeze
+    head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
+    assert head.input[0] == "/lora_bank/logits_rows/rows"
+
+
+def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
+    """A batch of 4 rows, slots 0..3 = base, alpha, beta, gamma; each row against its own run."""
+    names = sorted(package.adapters)
+    weights = [_adapter(package.adapters[name]) for name in names]
+    original = _session(package.model)
+    banked = _session(ensure_batched_model(package.model))
+
+    rng = np.random.default_rng(0)
+    vocab = original.get_outputs()[0].shape[-1]
+    ids = rng.integers(2, vocab, size=(1, 9), dtype=np.int64)
+    feeds = _prompt_feeds(package, ids)
+    rank = next(iter(weights[0].values())).shape[1]
+    zero = {name: np.zeros(w.shape[:1] + (rank,) if ".lora_A." in name else (rank,) + w.shape[1:], np.float32)
+            for name, w in weights[0].items()}
+    expected = [original.run(["logits"], {**feeds, **zero})[0][0]]
+    expected += [original.run(["logits"], {**feeds, **w})[0][0] for w in weights]
+
+    banks = {name: np.stack([zero[name]] + [w[name] for w in weights]) for name in zero}
+    rows = len(expected)
+    batch_feeds = {k: np.repeat(v, rows, axis=0) for k, v in _prompt_feeds(package, ids).items()}
+    slots = np.arange(rows, dtype=np.int64)[::-1].copy()  # row i uses slot rows-1-i
+    positions = np.array([8, 0, 5, 8][:rows], dtype=np.int64)  # the one position each row's head computes
+    got = banked.run(["logits"], {**batch_feeds, **banks, SLOT_INPUT: slots, LOGITS_INDEX_INPUT: positions})[0]
+    assert got.shape == (rows, 1, expected[0].shape[-1])
+    for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+        np.testing.assert_allclose(got[row, 0], expected[slot][position], rtol=0, atol=1e-5)
+    # Adapters really change the output, so the comparison above can fail.
+    assert all(np.abs(expected[k] - expected[0]).max() > 1e-2 for k in range(1, rows))
+
+
+def test_cached_rewrite_is_reused_and_redone_when_the_graph_changes(package, tmp_path):
+    for file in package.model.parent.glob(package.model.name + "*"):  # model.onnx (+ .data)
+        shutil.copy(file, tmp_path / file.name)
+    model = tmp_path / package.model.name
+    first = ensure_batched_model(model)
+    stamp = first.stat().st_mtime_ns
+    assert ensure_batched_model(model) == first and first.stat().st_mtime_ns == stamp
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))  # "re-exported"
+    ensure_batched_model(model)
+    assert first.stat().st_mtime_ns != stamp
+
+
+def test_banked_graph_in_another_directory_shares_the_external_data(package, tmp_path):
+    """A read-only package gets its banked graph in a cache directory, weights linked, not copied."""
+    cached = ensure_batched_model(package.model, cache_dir=tmp_path / "cache")
+    assert cached.parent == tmp_path / "cache"
+    for data in package.model.parent.glob(package.model.name + ".data"):  # the same file, not a copy
+        assert os.path.samefile(data, cached.parent / data.name)
+    beside = _session(ensure_batched_model(package.model))
+    elsewhere = _session(cached)
+    ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
+    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([3])}
+    for inp in beside.get_inputs():
+        if ".lora_" in inp.name:
+            fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 slot (zeros), rank 1
+            feeds[inp.name] = np.zeros(fixed, dtype=np.float32)
+    np.testing.assert_array_equal(beside.run(["logits"], feeds)[0], elsewhere.run(["logits"], feeds)[0])
+
+
+def test_graph_without_lora_inputs_is_refused_with_the_fix(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["batch_size", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["input_ids"], ["y"])], "g", [x], [y]))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(LoraBankError, match="no LoRA inputs.*export the package with at least one adapter"):
+        rewrite_for_banks(tmp_path / "model.onnx", tmp_path / "model.batched.onnx")
