@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 
@@ -31,8 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_when_piped() -> None:
+    """Progress bars only where a person watches a terminal; no third-party deprecation notices.
+
+    Piped (logs, CI, `make demo > file`) a progress bar writes a carriage-return update per step;
+    tqdm and Hugging Face's bars read these variables when first used. PEFT calls a transformers
+    method that transformers 5 deprecates (`is_gradient_checkpointing`): not the user's concern.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_when_piped()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,16 @@ from loraplex.adapters.package.devices import DEVICES, PROVIDERS
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
+    _register_serve(commands)
+    _register_generate(commands)
+    _register_admin(adapter_commands)
+    demo = commands.add_parser("demo", help="the main job: train, export, serve, query and hot-swap the demo tasks")
+    demo.add_argument("--out", type=Path, default=Path("artifacts/demo"),
+                      help="where the artefacts go (cleared first: every run is fresh)")
+    demo.set_defaults(func=_demo)
+
+
+def _register_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve a package over gRPC (adapter chosen per request)")
     serve.add_argument("--package", required=True, type=Path, help="package directory from `loraplex export`")
     serve.add_argument("--host", default="127.0.0.1")
@@ -36,6 +46,8 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     serve.set_defaults(func=_serve)
 
+
+def _register_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="send one generation request to a running server")
     generate.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
     generate.add_argument("--adapter", default="", help="adapter name (empty = base model)")
@@ -52,6 +64,8 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     generate.add_argument("--json", action="store_true", help="print the whole response as JSON")
     generate.set_defaults(func=_generate)
 
+
+def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
     def admin(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
         parser.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
@@ -70,11 +84,6 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     unload.add_argument("name")
     unload.add_argument("--no-wait", action="store_true", help="fail instead of waiting for requests in flight")
     unload.set_defaults(func=_adapters_unload)
-
-    demo = commands.add_parser("demo", help="the main job: train, export, serve, query and hot-swap the demo tasks")
-    demo.add_argument("--out", type=Path, default=Path("artifacts/demo"),
-                      help="where the artefacts go (cleared first: every run is fresh)")
-    demo.set_defaults(func=_demo)
 
 
 def _serve(args: argparse.Namespace) -> int:

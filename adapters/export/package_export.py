@@ -123,6 +123,20 @@ def _build_base_graph(base_dir: Path, union: base_graph.LoraUnion, out_dir: Path
             device_target.write_provider(out_dir / "genai_config.json", provider)
 
 
+def _check_options(adapters: Mapping[str, str | Path], precision: str, device: str, provider: str | None) -> str | None:
+    """Refuse bad export options before any work; returns the provider the package names."""
+    if not adapters:
+        raise ValueError("export needs at least one adapter (--adapter NAME=DIR)")
+    for name in adapters:
+        check_adapter_name(name)
+    provider = device_target.export_provider(device, provider)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device == "cpu":
+        raise ValueError("fp16 needs a GPU target (--device gpu); use fp32 or int4 for CPU")
+    return provider
+
+
 def export_package(
     base_dir: str | Path,
     adapters: Mapping[str, str | Path],
@@ -144,16 +158,7 @@ def export_package(
     """
     base_graph.offline_environment()
     base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
-    if not adapters:
-        raise ValueError("export needs at least one adapter (--adapter NAME=DIR)")
-    for name in adapters:
-        check_adapter_name(name)
-    provider = device_target.export_provider(device, provider)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device == "cpu":
-        raise ValueError("fp16 needs a GPU target (--device gpu); use fp32 or int4 for CPU")
-
+    provider = _check_options(adapters, precision, device, provider)
     timer = StageTimer(total=5 + (1 if verify else 0), enabled=progress)
     with timer.stage("read adapters"):
         base = _base_info(base_dir)

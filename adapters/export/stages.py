@@ -14,7 +14,8 @@ class StageTimer:
         from tqdm.auto import tqdm
 
         self.timings: dict[str, float] = {}
-        self._bar = tqdm(total=total, desc=description, unit="stage", disable=not enabled, leave=True)
+        # disable=None: shown on a terminal only (piped output gets no carriage-return updates).
+        self._bar = tqdm(total=total, desc=description, unit="stage", disable=None if enabled else True, leave=True)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:

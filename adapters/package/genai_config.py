@@ -6,10 +6,11 @@ the EOS ids and, for the batched engine, the decoder's input/output names and KV
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loraplex.adapters.package.manifest import read_package_json
 
 GENAI_CONFIG_NAME = "genai_config.json"
 
@@ -78,11 +79,5 @@ class GenaiConfig:
 
     @classmethod
     def load(cls, package_dir: str | Path) -> GenaiConfig:
-        path = Path(package_dir) / GENAI_CONFIG_NAME
-        if not path.is_file():
-            raise GenaiConfigError(f"{path} not found: is {package_dir} a package written by `loraplex export`?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise GenaiConfigError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data, where=str(path))
+        data = read_package_json(package_dir, GENAI_CONFIG_NAME, GenaiConfigError)
+        return cls.from_dict(data, where=str(Path(package_dir) / GENAI_CONFIG_NAME))

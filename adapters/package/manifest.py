@@ -127,14 +127,21 @@ class Manifest:
 
     @classmethod
     def load(cls, package_dir: str | Path) -> Manifest:
-        path = Path(package_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise ManifestError(f"{path} not found: is {package_dir} a package written by `loraplex export`?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_package_json(package_dir, MANIFEST_NAME, ManifestError))
+
+
+def read_package_json(package_dir: str | Path, name: str, error: type[ValueError]) -> dict[str, Any]:
+    """A package's JSON file; `error` (naming the file and the fix) if it is missing or not JSON."""
+    path = Path(package_dir) / name
+    if not path.is_file():
+        raise error(f"{path} not found: is {package_dir} a package written by `loraplex export`?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a {type(data).__name__}, not an object: re-export the package")
+    return data
 
 
 def check_adapter_name(name: str) -> str:

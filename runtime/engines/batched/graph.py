@@ -87,7 +87,6 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
     LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
     """
     import onnx
-    from onnx import TensorProto, helper
 
     model_path, out_path = Path(model_path), Path(out_path)
     model = onnx.load(str(model_path), load_external_data=False)
@@ -95,10 +94,25 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
         _link_external_data(model, model_path.parent, out_path.parent)
     graph = model.graph
     pairs = _find_pairs(graph)
-    lora_names = {n for p in pairs for n in (p.a.name, p.b.name)}
     batch = _batch_dim_name(graph)
+    _check_lora_consumers(graph, pairs)
+    _banks_as_inputs(graph, pairs, batch)
+    _gather_before_lora_matmuls(graph, pairs)
+    _pick_logits_rows(graph, batch)
+    model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out_path)
+    return pairs
 
-    consumers: dict[str, list] = {name: [] for name in lora_names}
+
+def _lora_names(pairs: list[LoraPair]) -> set[str]:
+    return {n for p in pairs for n in (p.a.name, p.b.name)}
+
+
+def _check_lora_consumers(graph, pairs: list[LoraPair]) -> None:
+    """Every LoRA input must feed exactly one MatMul, as its right-hand operand."""
+    consumers: dict[str, list] = {name: [] for name in _lora_names(pairs)}
     for node in graph.node:
         for name in node.input:
             if name in consumers:
@@ -110,23 +124,22 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
                 "taking it as the right-hand operand (builder + ExtractAdapters graphs have that form)"
             )
 
-    # Graph inputs: drop the per-adapter LoRA inputs (and their zero-rank default initializers).
-    kept = []
-    seen = set()
-    for inp in graph.input:
-        if inp.name in lora_names or inp.name in seen:
-            continue
-        seen.add(inp.name)
-        kept.append(inp)
-    del graph.input[:]
-    graph.input.extend(kept)
-    inits = [i for i in graph.initializer if i.name not in lora_names]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    vinfo = [v for v in graph.value_info if v.name not in lora_names]
-    del graph.value_info[:]
-    graph.value_info.extend(vinfo)
 
+def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> None:
+    """Replace each per-adapter LoRA input (and its zero-rank default) by a bank input, add `adapter_slot`."""
+    from onnx import TensorProto, helper
+
+    lora = _lora_names(pairs)
+    kept, seen = [], set()
+    for inp in graph.input:
+        if inp.name not in lora and inp.name not in seen:
+            seen.add(inp.name)
+            kept.append(inp)
+    inits = [i for i in graph.initializer if i.name not in lora]
+    vinfo = [v for v in graph.value_info if v.name not in lora]
+    for field, values in ((graph.input, kept), (graph.initializer, inits), (graph.value_info, vinfo)):
+        del field[:]
+        field.extend(values)
     graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
     for p in pairs:
         graph.input.append(
@@ -136,11 +149,16 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
             helper.make_tensor_value_info(p.b.name, TensorProto.FLOAT, [SLOTS_DIM, RANK_DIM, p.out_features])
         )
 
-    # Nodes: a Gather in front of every LoRA MatMul; the MatMul itself becomes batched by shape alone.
+
+def _gather_before_lora_matmuls(graph, pairs: list[LoraPair]) -> None:
+    """A Gather of each row's slot in front of every LoRA MatMul, which becomes batched by shape alone."""
+    from onnx import helper
+
+    lora = _lora_names(pairs)
     new_nodes = []
     for node in graph.node:
         for name in node.input:
-            if name in lora_names:
+            if name in lora:
                 rows = f"{name}/bank_rows"
                 new_nodes.append(
                     helper.make_node("Gather", [name, SLOT_INPUT], [rows], name=f"/lora_bank/{name}/Gather", axis=0)
@@ -149,13 +167,6 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
-
-    _pick_logits_rows(graph, batch)
-    model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
-    onnx.save(model, str(tmp))
-    os.replace(tmp, out_path)
-    return pairs
 
 
 def _pick_logits_rows(graph, batch: str) -> None:
