@@ -59,14 +59,12 @@ def demo_tasks_file() -> Path:
 
 def eval_examples(config: Any) -> list[Example]:
     """The records a task's training held out (same split function, same seed)."""
-    from loraplex.trainer.dataset import read_records, split_indices
+    from loraplex.trainer.dataset import held_out_records
 
-    records = read_records(config.data)
-    _, held_out = split_indices(len(records), config.eval_split, config.seed, where=str(config.data))
     template = config.template
     return [
-        Example({f: str(records[i][f]) for f in template.prompt_fields}, template.render_completion(records[i]).strip())
-        for i in held_out
+        Example({f: str(record[f]) for f in template.prompt_fields}, template.render_completion(record).strip())
+        for record in held_out_records(config.data, config.eval_split, config.seed)
     ]
 
 

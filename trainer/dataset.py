@@ -97,6 +97,13 @@ def split_indices(n: int, eval_split: float, seed: int, *, where: str = "dataset
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
+def held_out_records(path: str | Path, eval_split: float, seed: int) -> list[dict[str, Any]]:
+    """The records a training run with this split and seed held out for evaluation, in file order."""
+    records = read_records(path)
+    _, held_out = split_indices(len(records), eval_split, seed, where=str(path))
+    return [records[i] for i in held_out]
+
+
 def tokenize_record(
     record: dict[str, Any], index: int, template: PromptTemplate, tokenizer: Any, max_length: int | None
 ) -> Example:

@@ -22,6 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from loraplex.adapters.export.module_map import graph_kinds, graph_module_name
 from loraplex.adapters.export.peft_adapter import PeftAdapter, load_peft_adapter
@@ -96,6 +97,35 @@ def _captured(stage: str):
             logger.setLevel(level)
 
 
+Int4Algo = Literal["default", "rtn", "k_quant"]
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """The builder's weight-only int4 quantization (MatMulNBits) of the base weights.
+
+    accuracy_level: the precision MatMulNBits computes in on the CPU (4 = int8 activations, the
+        builder's CPU default and fastest; 1 = fp32, slowest and closest to the fp32 model).
+    block_size: weights per quantization scale (16..256; smaller is more accurate and larger).
+    algo: `default`/`rtn` (round to nearest) or `k_quant` (llama.cpp-style, more accurate).
+    """
+
+    block_size: int = 32
+    accuracy_level: int = 4
+    algo: Int4Algo = "default"
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"int4 block size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.accuracy_level not in (1, 2, 3, 4):
+            raise ValueError(f"int4 accuracy level {self.accuracy_level} is not one of 1, 2, 3, 4")
+        if self.algo not in ("default", "rtn", "k_quant"):
+            raise ValueError(f"int4 algorithm {self.algo!r} is not one of default, rtn, k_quant")
+
+    def extra_options(self) -> list[str]:
+        return [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}", f"algo_config={self.algo}"]
+
+
 @dataclass(frozen=True)
 class LoraUnion:
     """What the base graph must have LoRA inputs for."""
@@ -146,7 +176,8 @@ def lora_node_names(union: LoraUnion) -> list[str]:
 
 
 def build_lora_model(base_dir: Path, adapter_dir: Path, out_dir: Path, work_dir: Path, *,
-                     precision: str = "fp32", device: str = "cpu", union: LoraUnion | None = None) -> Path:
+                     precision: str = "fp32", device: str = "cpu", union: LoraUnion | None = None,
+                     int4: Int4Options | None = None) -> Path:
     """Run the onnxruntime-genai builder with LoRA branches baked in; returns out_dir/model.onnx."""
     offline_environment()
     if precision not in PRECISIONS:
@@ -157,6 +188,7 @@ def build_lora_model(base_dir: Path, adapter_dir: Path, out_dir: Path, work_dir:
     if precision == "int4":
         union = union or LoraUnion.of([load_peft_adapter(adapter_dir)])
         extra.append("nodes_to_exclude=" + ",".join(lora_node_names(union)))
+        extra += (int4 or Int4Options()).extra_options()
     from onnxruntime_genai.models import builder
 
     ep = _BUILDER_EP[device]

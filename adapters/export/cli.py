@@ -26,7 +26,13 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     export.add_argument("--device", choices=DEVICES, default="cpu", help="device the package targets")
     export.add_argument("--provider", choices=sorted(p for p in PROVIDERS if p != "cpu"),
                         help="execution provider for gpu/npu (default: cuda for gpu, qnn for npu)")
-    export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
+    export.add_argument("--int4-block-size", type=int, default=32, choices=(16, 32, 64, 128, 256),
+                        help="int4: weights per quantization scale (smaller: more accurate, larger file)")
+    export.add_argument("--int4-accuracy-level", type=int, default=4, choices=(1, 2, 3, 4),
+                        help="int4: compute precision of the quantized MatMuls on CPU (4 = int8, fastest; 1 = fp32)")
+    export.add_argument("--int4-algo", default="default", choices=("default", "rtn", "k_quant"),
+                        help="int4: quantization algorithm (k_quant: llama.cpp-style, more accurate)")
+    _verification_options(export)
     export.set_defaults(func=_export)
 
     add = adapter_commands.add_parser(
@@ -37,14 +43,33 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     add.add_argument("package", type=Path, metavar="PKG", help="package directory written by `loraplex export`")
     add.add_argument("adapter", metavar="NAME=DIR", help="adapter name and PEFT adapter directory")
     add.add_argument("--version", help="version label (default: first 12 hex digits of the file's sha256)")
-    add.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    _verification_options(add)
     add.set_defaults(func=_add)
+
+
+def _verification_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the checks against PyTorch (parity and task accuracy)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=2.0, metavar="POINTS",
+                        help="largest task-accuracy drop allowed from PyTorch fp32 to the package, in points (2 = 2%%)")
+    parser.add_argument("--eval-data", action="append", default=[], metavar="NAME=FILE",
+                        help="held-out JSON/JSONL records for an adapter trained elsewhere (default: its eval split)")
+    parser.add_argument("--eval-examples", type=int, default=64, metavar="N",
+                        help="held-out examples per adapter for the accuracy check")
+
+
+def verification_from_args(args: argparse.Namespace):
+    from loraplex.adapters.export.verify import Verification
+
+    eval_data = dict(parse_named_dir(item) for item in args.eval_data)
+    return Verification(max_accuracy_drop=args.max_accuracy_drop / 100, eval_data=eval_data,
+                        eval_examples=args.eval_examples)
 
 
 def parse_named_dir(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"adapter {text!r} must be NAME=DIR, e.g. sentiment=artifacts/adapters/sentiment")
+        raise ValueError(f"{text!r} must be NAME=PATH, e.g. sentiment=artifacts/adapters/sentiment")
     return name, Path(path)
 
 
@@ -78,12 +103,16 @@ def adapters_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]
 
 def _export(args: argparse.Namespace) -> int:
     from loraplex.adapters.export import export_package
+    from loraplex.adapters.export.base_graph import Int4Options
 
     try:
         base, adapters = adapters_from_args(args)
         timings: dict[str, float] = {}
+        int4 = Int4Options(block_size=args.int4_block_size, accuracy_level=args.int4_accuracy_level,
+                           algo=args.int4_algo)
         manifest = export_package(base, adapters, args.out, precision=args.precision, device=args.device,
-                                  provider=args.provider, verify=args.verify, progress=True, timings=timings)
+                                  provider=args.provider, int4=int4, verify=args.verify,
+                                  verification=verification_from_args(args), progress=True, timings=timings)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"loraplex export: error: {exc}", file=sys.stderr)
         return 2
@@ -97,7 +126,8 @@ def _add(args: argparse.Namespace) -> int:
 
     try:
         name, path = parse_named_dir(args.adapter)
-        add_adapter(args.package, name, path, version=args.version, verify=args.verify)
+        add_adapter(args.package, name, path, version=args.version, verify=args.verify,
+                    verification=verification_from_args(args))
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"loraplex adapters add: error: {exc}", file=sys.stderr)
         return 2
@@ -109,26 +139,39 @@ def parity_text(parity) -> str:
     if parity is None:
         return "not checked"
     tokens = "equal" if parity.tokens_equal else "differ"
-    return f"tokens {tokens}, Δlogit≤{parity.max_abs_logit_diff:.1g} vs {parity.reference}"
+    return f"tokens {tokens}, Δlogit≤{parity.max_abs_logit_diff:.1g}"
+
+
+def accuracy_text(accuracy) -> str:
+    if accuracy is None:
+        return "-"
+    metric = accuracy.metric
+    return (f"{accuracy.package[metric]:.0%} (PyTorch {accuracy.pytorch[metric]:.0%}, base "
+            f"{accuracy.base[metric]:.0%}, n={accuracy.examples})")
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:,.0f}" if size else "-"
 
 
 def print_summary(manifest, package_dir: Path, timings: dict[str, float], only: str | None = None) -> None:
-    """The summary table: adapter, version, rank, modules, size, parity; then the export's stage times."""
+    """The summary table: adapter, version, rank, modules, sizes, parity, accuracy; then stage times."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{package_dir} ({manifest.precision}, {manifest.device}, LoRA rank {manifest.lora_rank})")
-    for column in ("adapter", "version", "rank", "modules", "size", "parity"):
-        table.add_column(column, justify="right" if column in ("rank", "size") else "left")
+    table = Table(title=f"{package_dir} ({manifest.precision}, {manifest.device})")
+    columns = ("adapter", "version", "rank", "modules", "KiB", "PEFT KiB", "vs PyTorch", "exact match")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("rank", "KiB", "PEFT KiB") else "left")
     for name, entry in manifest.adapters.items():
         if only and name != only:
             continue
         modules = ",".join(m.removesuffix("_proj") for m in entry.target_modules)
-        table.add_row(name, entry.version, str(entry.rank), modules,
-                      f"{entry.size_bytes / 1024:.0f} KiB", parity_text(entry.parity))
+        table.add_row(name, entry.version, str(entry.rank), modules, _kib(entry.size_bytes),
+                      _kib(entry.peft_size_bytes), parity_text(entry.parity), accuracy_text(entry.accuracy))
     if manifest.base_parity is not None and not only:
-        table.add_row("(base)", "-", "-", "-", "-", parity_text(manifest.base_parity))
-    console = Console()
+        table.add_row("(base)", "-", "-", "-", "-", "-", parity_text(manifest.base_parity), "-")
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped or captured: no wrapping at 80 columns
     console.print(table)
     if timings:
         console.print("stages: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))

@@ -83,6 +83,30 @@ class PeftAdapter:
         value = (self.training or {}).get("base_sha256")
         return str(value) if value else None
 
+    @property
+    def data_path(self) -> Path | None:
+        """The data file the trainer recorded: `data.path` (dataset summary) or `config.data` (options)."""
+        training = self.training or {}
+        for holder in (training, training.get("config")):
+            value = holder.get("data") if isinstance(holder, dict) else None
+            if isinstance(value, dict):
+                value = value.get("path")
+            if isinstance(value, str) and value:
+                return Path(value)
+        return None
+
+    @property
+    def eval_split(self) -> tuple[float, int] | None:
+        """(eval_split, seed) of the training run, to find the records it held out."""
+        config = (self.training or {}).get("config")
+        if isinstance(config, dict) and config.get("eval_split"):
+            return float(config["eval_split"]), int(config.get("seed", 0))
+        return None
+
+    @property
+    def weights_size(self) -> int:
+        return (self.path / WEIGHTS_NAME).stat().st_size
+
     def tensors(self) -> dict[str, np.ndarray]:
         """PEFT's saved tensors as float32 numpy arrays, keyed as saved."""
         from safetensors.numpy import load_file

@@ -1,15 +1,23 @@
-"""`.onnx_adapter` files: read one and check it against a graph's LoRA inputs, in one place.
+"""`.onnx_adapter` files: read, check against a graph's LoRA inputs, pad, write, in one place.
 
 An adapter file holds, for each module it adapts, the A ([in, r]) and B ([r, out], pre-scaled)
-tensors named like the graph's LoRA inputs (see `lora_inputs`). It needs no padding: inputs it
-omits keep the graph's zero-rank default (that module is not adapted), and each module has its own
-rank. The server's registry calls `read_adapter_file` at Load, for every engine, so a file that
-would only fail at the first generation (an unknown name, a wrong dim, another dtype, NaN) is
-refused before any request can use it.
+tensors named like the graph's LoRA inputs (see `lora_inputs`), each module at its own rank: a
+package ships no padding. The server's registry calls `read_adapter_file` at Load, for every
+engine, so a file that would only fail at the first generation (an unknown name, a wrong dim,
+another dtype, NaN) is refused before any request can use it.
+
+Running a graph needs more than that: ONNX Runtime's memory planner reuses buffers across the
+LoRA MatMuls of one run as if they all had one rank, so binding some LoRA inputs at rank r and
+leaving others at their zero-rank default (or binding two ranks) fails with "Shape mismatch
+attempting to re-use buffer" (onnxruntime 1.32). Whatever binds a file to the plain graph binds
+`AdapterWeights.padded()`: every graph input, all at the file's largest rank, zeros where the file
+has nothing (exact: zero columns of A meet zero rows of B). The batched engine pads in its banks.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,24 @@ class AdapterWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def covers(self, inputs: LoraInputs) -> bool:
+        """True when the file binds every graph input at one rank (no padding needed to run it)."""
+        return len(self.tensors) == len(inputs) and len(set(self.ranks.values())) == 1
+
+    def padded(self, inputs: LoraInputs) -> dict[str, np.ndarray]:
+        """Every graph input at this file's largest rank, in graph order; zeros where it has nothing."""
+        rank, out = self.rank, {}
+        for spec in inputs.inputs:
+            tensor = self.tensors.get(spec.name)
+            if tensor is not None and tensor.shape == spec.shape(rank):
+                out[spec.name] = tensor
+                continue
+            full = np.zeros(spec.shape(rank), dtype=spec.dtype)
+            if tensor is not None:
+                full[: tensor.shape[0], : tensor.shape[1]] = tensor
+            out[spec.name] = full
+        return out
 
 
 def read_adapter_file(path: str | Path, inputs: LoraInputs) -> AdapterWeights:
@@ -103,3 +129,44 @@ def _check_tensor(path: Path, name: str, tensor: np.ndarray, inputs: LoraInputs)
             "no trained LoRA has such weights: the file is corrupt"
         )
     return spec.module, rank
+
+
+def loadable_file(weights: AdapterWeights, inputs: LoraInputs, scratch: Path) -> Path:
+    """A file onnxruntime(-genai) can bind to the plain graph: the file itself when it covers every
+    input at one rank, else a padded copy written into `scratch` (the caller removes it)."""
+    if weights.covers(inputs):
+        return weights.path
+    fd, name = tempfile.mkstemp(prefix=f"{weights.path.stem}.", suffix=ADAPTER_SUFFIX, dir=scratch)
+    os.close(fd)
+    return write_adapter_file(weights.padded(inputs), name)
+
+
+def write_adapter_file(tensors: dict[str, np.ndarray], out_path: str | Path) -> Path:
+    """Write tensors as an ONNX Runtime adapter file, atomically, readable like any new file.
+
+    A running server may have the old file memory-mapped: never truncate it in place; write a
+    temporary file beside it and rename over it.
+    """
+    import onnxruntime as ort
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        fmt = ort.AdapterFormat()
+        fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in tensors.items()})
+        fmt.export_adapter(tmp)
+        os.chmod(tmp, readable_mode())  # mkstemp makes 0600; a server under another user must read it
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def readable_mode() -> int:
+    """0666 minus the process umask: what a plain `open(..., "w")` would have created."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

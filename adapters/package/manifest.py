@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 2 adds per-adapter accuracy and PEFT sizes; files need no padding
 Precision = Literal["fp32", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int4")
 MANIFEST_NAME = "manifest.json"
@@ -43,9 +44,9 @@ class BaseModelInfo:
 
 @dataclass
 class Parity:
-    """Proof that an adapter's ONNX output matches PyTorch PEFT on fixed prompts."""
+    """An adapter's ONNX output against PyTorch PEFT on fixed prompts (exact in fp32)."""
 
-    reference: str  # "pytorch-peft" or, for int4, "onnx-fp32"
+    reference: str  # "pytorch-peft" (an adapter) or "pytorch" (the base model)
     prompts: list[str]
     # Greedy token ids (completion only) the ONNX model produced, one list per prompt: the prompt
     # is encoded with the package tokenizer as is (no template applied, no special tokens added),
@@ -54,9 +55,35 @@ class Parity:
     tokens: list[list[int]]
     tokens_equal: bool
     max_abs_logit_diff: float
-    tolerance: float | None = None
+    tolerance: float | None = None  # None: tokens and logits recorded, not required to match (int4, fp16)
     passed: bool = True
     max_new_tokens: int = 8
+
+
+@dataclass
+class Accuracy:
+    """An adapter's task accuracy on held-out examples: PyTorch PEFT (fp32) vs this package.
+
+    Metric values are fractions in [0, 1]. The package side runs through the engine the server
+    uses for the package's device (the batched engine for CPU packages); `token_agreement` is the
+    share of examples whose greedy tokens equal PyTorch's. `passed`: `metric` dropped by at most
+    `max_drop` (absolute, e.g. 0.02 = 2 points) from PyTorch's to the package's.
+    """
+
+    metric: str  # the metric the check is on, e.g. "exact_match"
+    examples: int
+    source: str  # where the examples come from (the eval split of the training data, or --eval-data)
+    pytorch: dict[str, float]
+    package: dict[str, float]
+    base: dict[str, float]  # the package with no adapter: what the adapter adds
+    engine: str
+    token_agreement: float
+    max_drop: float
+    passed: bool
+
+    @property
+    def drop(self) -> float:
+        return self.pytorch[self.metric] - self.package[self.metric]
 
 
 @dataclass
@@ -64,14 +91,16 @@ class AdapterEntry:
     name: str
     version: str
     file: str  # relative to the package root: adapters/<name>.onnx_adapter
-    rank: int  # the adapter's own rank (the file is zero-padded to the graph's lora_r)
+    rank: int  # the adapter's largest rank over its modules (the file holds its own ranks, unpadded)
     alpha: float
     target_modules: list[str]
     template: dict[str, str] | None  # PromptTemplate.to_dict(), or None for prompt-only use
     sha256: str
-    size_bytes: int
+    size_bytes: int  # of the .onnx_adapter file
     parity: Parity | None = None
     training: dict[str, Any] | None = None  # metrics and hyper-parameters from training.json
+    accuracy: Accuracy | None = None
+    peft_size_bytes: int = 0  # of the PEFT adapter's weights file it was converted from
 
 
 @dataclass
@@ -81,7 +110,7 @@ class Manifest:
     device: str  # cpu | gpu | npu
     provider: str | None  # execution provider written into genai_config.json, None = CPU
     model_file: str  # "model.onnx"
-    lora_rank: int  # the rank every adapter file is padded to (graph dim `lora_r`)
+    lora_rank: int  # the largest adapter rank (the graph's rank `lora_r` is symbolic: any rank loads)
     lora_modules: list[str]  # module kinds the graph has LoRA inputs for, e.g. ["q_proj", ...]
     lora_inputs: list[str]  # every LoRA graph input name, sorted
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
@@ -103,17 +132,18 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise ManifestError(
                 f"manifest schema_version {version!r} is not supported (this loraplex reads "
-                f"{SCHEMA_VERSION}); re-export the package with this version of loraplex"
+                f"{', '.join(map(str, READABLE_SCHEMAS))}); re-export the package with this version of loraplex"
             )
         try:
             adapters = {}
             for name, entry in data.get("adapters", {}).items():
                 entry = dict(entry)
-                parity = entry.pop("parity", None)
-                adapters[name] = AdapterEntry(**entry, parity=Parity(**parity) if parity else None)
+                parity, accuracy = entry.pop("parity", None), entry.pop("accuracy", None)
+                adapters[name] = AdapterEntry(**entry, parity=Parity(**parity) if parity else None,
+                                              accuracy=Accuracy(**accuracy) if accuracy else None)
             fields = {k: v for k, v in data.items() if k not in ("base", "adapters", "base_parity")}
             base_parity = data.get("base_parity")
             return cls(

@@ -22,9 +22,10 @@ class Package:
     lora_inputs: LoraInputs
 
     @classmethod
-    def open(cls, package_dir: str | Path) -> Package:
+    def open(cls, package_dir: str | Path, manifest: Manifest | None = None) -> Package:
+        """Read the package; `manifest` stands in for manifest.json (export verifies before writing it)."""
         root = Path(package_dir).resolve()
-        manifest = Manifest.load(root)
+        manifest = manifest or Manifest.load(root)
         return cls(root, manifest, GenaiConfig.load(root), read_lora_inputs(root / manifest.model_file))
 
     @property

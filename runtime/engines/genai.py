@@ -8,7 +8,10 @@ adapter, so requests for different adapters interleave rather than batch (the `b
 batches them). It runs on every execution provider onnxruntime-genai has.
 
 Adapters are loaded into one `og.Adapters` under a unique key per version, so an old and a new
-version of a name coexist while requests on the old one finish.
+version of a name coexist while requests on the old one finish. A file that does not bind every
+LoRA input at one rank is loaded from a padded copy (see loraplex.adapters.package.adapter_file:
+ONNX Runtime's memory planner needs one rank across a run's LoRA inputs), written to a scratch
+directory and unlinked once onnxruntime-genai has it open.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import shutil
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from loraplex.adapters.package.adapter_file import AdapterWeights
+from loraplex.adapters.package.adapter_file import AdapterWeights, loadable_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import devices
 from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, SamplingParams
@@ -56,6 +62,8 @@ class GenaiEngine(Engine):
         self._eos = set(package.config.eos_token_ids)
         self._vocab_size = package.config.vocab_size
         self._adapters = og.Adapters(self.model)
+        self._inputs = package.lora_inputs
+        self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
         self.max_batch = max(1, max_batch)
         self._keys = itertools.count()
         self._og_lock = threading.Lock()  # one onnxruntime-genai call at a time
@@ -72,12 +80,16 @@ class GenaiEngine(Engine):
         if self.provider.name == "dml":
             raise AdapterIncompatible(limit)
         key = f"{name}@{version}#{next(self._keys)}"
+        file = loadable_file(weights, self._inputs, self._scratch)
         try:
             with self._og_lock:
-                self._adapters.load(str(weights.path), key)
+                self._adapters.load(str(file), key)
         except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
             hint = f" ({limit})" if limit else ""
             raise AdapterIncompatible(f"onnxruntime-genai could not load {weights.path.name}: {exc}{hint}") from exc
+        finally:
+            if file != weights.path:
+                file.unlink(missing_ok=True)  # onnxruntime-genai holds it open (or has read it)
         return GenaiAdapter(name=name, version=version, path=weights.path, key=key)
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
@@ -98,6 +110,7 @@ class GenaiEngine(Engine):
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _loop(self) -> None:
         while True:

@@ -61,7 +61,7 @@ def test_export_errors_name_the_fault(tiny_base, random_adapter_factory, tmp_pat
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
     cases = [
         (["--adapter", f"alpha={ads['alpha']}", "--out", str(tmp_path / "occupied")], "is not a loraplex package"),
-        (["--adapter", "alpha", "--out", str(tmp_path / "x")], "must be NAME=DIR"),
+        (["--adapter", "alpha", "--out", str(tmp_path / "x")], "must be NAME=PATH"),
         (["--adapter", f"alpha={tmp_path}", "--out", str(tmp_path / "x")], "no adapter_config.json"),
         (["--out", str(tmp_path / "x")], "no adapters"),
         (["--adapter", f"alpha={ads['alpha']}", "--adapter", f"alpha={ads['beta']}", "--out", str(tmp_path / "x")],

@@ -1,4 +1,4 @@
-"""PEFT adapter -> .onnx_adapter: equal to what Olive extracts, padding and scaling exact."""
+"""PEFT adapter -> .onnx_adapter: equal to what Olive extracts, its own modules at its own rank, scaling exact."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_converter_file_is_byte_identical_to_olive_extraction(architecture, tiny
     olive_file = extracted.parent / "adapter_weights.onnx_adapter"
 
     graph = read_lora_inputs(extracted)
-    ours = convert_adapter(load_peft_adapter(adapter_dir), graph, 8, tmp_path / "ours.onnx_adapter")
+    ours = convert_adapter(load_peft_adapter(adapter_dir), graph, tmp_path / "ours.onnx_adapter")
     assert len(graph.inputs) == 4 * 7 * 2  # q, k, v, o, gate, up, down in every layer, A and B
     assert ours.read_bytes() == olive_file.read_bytes()
 
@@ -42,39 +42,42 @@ def _peft(adapter_dir):
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
-def test_padding_and_scaling_are_exact(tiny_package, tiny_base, random_adapter_factory):
-    """alpha (r=4, q/v, lora_alpha=8) in a rank-16 graph: A^T and alpha/r * B^T top-left, zeros elsewhere."""
+def test_a_file_holds_the_adapters_own_modules_at_its_own_rank_scaled(tiny_package, tiny_base,
+                                                                        random_adapter_factory):
+    """alpha (r=4, q/v, lora_alpha=8) in a graph covering every projection: only q and v, A^T and alpha/r * B^T."""
     graph = read_lora_inputs(tiny_package / "model.onnx")
     adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1,
                                          template={"prompt": "Review: {text}\nSentiment:", "completion": " {label}"})
-    tensors = adapter_tensors(load_peft_adapter(adapter_dir), graph, 16)
+    tensors = adapter_tensors(load_peft_adapter(adapter_dir), graph)
     peft = _peft(adapter_dir)
-    assert list(tensors) == graph.names
+    assert list(tensors) == [n for n in graph.names if ".q_proj." in n or ".v_proj." in n]  # graph order
     a = peft["base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight"]  # [4, 128]
     b = peft["base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"]  # [64, 4]
     got_a = tensors["model.layers.2.attn.v_proj.lora_A.MatMul.weight"]
     got_b = tensors["model.layers.2.attn.v_proj.lora_B.MatMul.weight"]
-    assert got_a.shape == (128, 16) and got_b.shape == (16, 64)
-    np.testing.assert_array_equal(got_a[:, :4], a.T)
-    np.testing.assert_array_equal(got_b[:4], (b * 2.0).T)  # lora_alpha 8 / r 4
-    assert not got_a[:, 4:].any() and not got_b[4:].any()
-    untargeted = tensors["model.layers.2.mlp.down_proj.lora_A.MatMul.weight"]
-    assert untargeted.shape == (352, 16) and not untargeted.any()
+    np.testing.assert_array_equal(got_a, a.T)
+    np.testing.assert_array_equal(got_b, (b * 2.0).T)  # lora_alpha 8 / r 4
 
 
 def test_rslora_scales_by_alpha_over_sqrt_rank(tiny_base, random_adapter_factory, tiny_package):
     adapter_dir = random_adapter_factory(tiny_base, "rs", 4, ("o_proj",), 5, alpha=6, rslora=True)
     adapter = load_peft_adapter(adapter_dir)
     assert adapter.rslora and adapter.modules["model.layers.0.self_attn.o_proj"].scaling == 6 / math.sqrt(4)
-    tensors = adapter_tensors(adapter, read_lora_inputs(tiny_package / "model.onnx"), 4)
+    tensors = adapter_tensors(adapter, read_lora_inputs(tiny_package / "model.onnx"))
     b = _peft(adapter_dir)["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"]
     np.testing.assert_array_equal(tensors["model.layers.0.attn.o_proj.lora_B.MatMul.weight"], (b * 3.0).T)
 
 
-def test_rank_above_the_graph_rank_is_refused(tiny_base, random_adapter_factory, tiny_package):
-    adapter_dir = random_adapter_factory(tiny_base, "big", 32, ("q_proj",), 6)
-    with pytest.raises(IncompatibleAdapter, match="rank 32 .* padded to rank 16"):
-        adapter_tensors(load_peft_adapter(adapter_dir), read_lora_inputs(tiny_package / "model.onnx"), 16)
+def test_any_rank_fits_the_graph_and_a_module_it_lacks_is_refused(tiny_base, random_adapter_factory, tiny_package):
+    from loraplex.adapters.package.lora_inputs import LoraInputs
+
+    graph = read_lora_inputs(tiny_package / "model.onnx")
+    adapter = load_peft_adapter(random_adapter_factory(tiny_base, "big", 32, ("q_proj",), 6))
+    big = adapter_tensors(adapter, graph)
+    assert {t.shape for n, t in big.items() if ".lora_A." in n} == {(128, 32)}  # above every rank the graph saw
+    mlp_only = LoraInputs(tuple(i for i in graph.inputs if i.projection in ("gate_proj", "up_proj", "down_proj")))
+    with pytest.raises(IncompatibleAdapter, match="no LoRA input .*q_proj.*re-export the package"):
+        adapter_tensors(adapter, mlp_only)
 
 
 def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_factory):

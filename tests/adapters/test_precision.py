@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from loraplex.adapters.export import export_package
-from loraplex.adapters.export.convert import adapter_tensors, write_onnx_adapter
+from loraplex.adapters.export.convert import adapter_tensors
 from loraplex.adapters.export.device_target import export_provider, write_provider
 from loraplex.adapters.export.parity import OnnxDecoder
 from loraplex.adapters.export.peft_adapter import load_peft_adapter
+from loraplex.adapters.package.adapter_file import write_adapter_file
 from loraplex.adapters.package.lora_inputs import read_lora_inputs
 from loraplex.adapters.package.manifest import Manifest
 
@@ -37,16 +38,17 @@ def test_int4_base_keeps_lora_in_float_and_any_rank_loads(package_factory, tiny_
     assert m.precision == "int4" and m.lora_rank == 16
     for entry in [*m.adapters.values(), m.base_parity]:
         parity = getattr(entry, "parity", entry)
-        assert parity.reference == "onnx-fp32" and parity.passed
-        assert 0 < parity.max_abs_logit_diff <= parity.tolerance
+        assert parity.reference.startswith("pytorch") and parity.passed and parity.tolerance is None
+        assert parity.max_abs_logit_diff > 0  # quantized: recorded, not required to be small
 
-    # The rank is not baked in: an unpadded rank-4 file runs too.
+    # The rank is not baked in: a rank-4 file and the same weights zero-padded to rank 16 agree.
     alpha = load_peft_adapter(random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1))
-    rank4 = write_onnx_adapter(adapter_tensors(alpha, read_lora_inputs(package / "model.onnx"), 4),
-                               tmp_path / "alpha_r4.onnx_adapter")
+    tensors = adapter_tensors(alpha, read_lora_inputs(package / "model.onnx"))
+    padded = {name: np.pad(t, ((0, 0), (0, 12)) if ".lora_A." in name else ((0, 12), (0, 0)))
+              for name, t in tensors.items()}
     decoder = OnnxDecoder(package)
-    decoder.load("r4", rank4)
-    decoder.load("r16", package / m.adapters["alpha"].file)
+    decoder.load("r4", write_adapter_file(tensors, tmp_path / "alpha_r4.onnx_adapter"))
+    decoder.load("r16", write_adapter_file(padded, tmp_path / "alpha_r16.onnx_adapter"))
     ids = decoder.encode(m.adapters["alpha"].parity.prompts[0])
     r4, r16 = decoder.greedy(ids, "r4"), decoder.greedy(ids, "r16")
     assert r4.tokens == r16.tokens == m.adapters["alpha"].parity.tokens[0]
@@ -66,9 +68,10 @@ def test_fp16_gpu_package(tiny_base, random_adapter_factory, tmp_path):
 
     params = ort.AdapterFormat.read_adapter(str(pkg / m.adapters["beta"].file)).get_parameters()
     assert {v.data_type() for v in params.values()} == {"tensor(float16)"}
-    # No GPU here: the graph is checked by running it on CPU against the fp32 export.
+    # No GPU here: the graph is checked by running it on CPU against PyTorch (recorded, not required).
     for parity in [m.adapters["alpha"].parity, m.adapters["beta"].parity, m.base_parity]:
-        assert parity.reference == "onnx-fp32" and 0 < parity.max_abs_logit_diff <= parity.tolerance
+        assert parity.reference.startswith("pytorch") and parity.tolerance is None
+        assert 0 < parity.max_abs_logit_diff < 0.1  # fp16 is close
 
 
 def test_device_targets_and_provider_warnings(tmp_path, caplog):

@@ -34,9 +34,16 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _adapter(path) -> dict[str, np.ndarray]:
-    params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    return {name: np.array(value.numpy(), copy=True) for name, value in params.items()}
+def _adapter(package: PackageFiles, path) -> dict[str, np.ndarray]:
+    """An adapter's weights over every LoRA input at one rank (16: the largest here), as the plain
+    graph must be fed (see loraplex.adapters.package.adapter_file)."""
+    from loraplex.adapters.package.adapter_file import read_adapter_file
+    from loraplex.adapters.package.lora_inputs import read_lora_inputs
+
+    inputs = read_lora_inputs(package.model)
+    weights = read_adapter_file(path, inputs)
+    return {name: np.pad(t, ((0, 0), (0, 16 - t.shape[1])) if ".lora_A." in name else ((0, 16 - t.shape[0]), (0, 0)))
+            for name, t in weights.padded(inputs).items()}
 
 
 def _prompt_feeds(package: PackageFiles, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,7 +82,7 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
 def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
     """A batch of 4 rows, slots 0..3 = base, alpha, beta, gamma; each row against its own run."""
     names = sorted(package.adapters)
-    weights = [_adapter(package.adapters[name]) for name in names]
+    weights = [_adapter(package, package.adapters[name]) for name in names]
     original = _session(package.model)
     banked = _session(ensure_batched_model(package.model))
 

@@ -1,0 +1,187 @@
+"""Task accuracy of each adapter: PyTorch PEFT in fp32 against the package through its serving engine.
+
+A logit tolerance is the wrong test for a quantized package: int4 moves every logit by design.
+What a user needs is the task accuracy at the precision they ship, next to fp32's. For each
+adapter, held-out examples (the eval split its training recorded, or `--eval-data`) are decoded
+greedily by PyTorch PEFT (fp32, the reference) and by the exported package through the engine
+the server will use for it (the batched engine for a CPU package; onnxruntime-genai on the CPU
+for GPU/NPU targets, which cannot run here). Both see the same prompt token ids (the package's
+tokenizer), and their text is decoded the same way. A prediction is right when decoding stops
+at EOS with exactly the completion's text, as a client of the server would see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraplex.adapters.export.peft_adapter import PeftAdapter
+from loraplex.adapters.package.manifest import Accuracy, Manifest
+from loraplex.adapters.package.template import PromptTemplate, TemplateError
+
+if TYPE_CHECKING:
+    from loraplex.adapters.export.parity import TorchDecoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DROP = 0.02  # 2 points of the metric
+DEFAULT_EXAMPLES = 64  # held-out examples per adapter (the first ones in file order)
+PRIMARY_METRIC = "exact_match"
+
+
+class AccuracyError(RuntimeError):
+    """The package loses more task accuracy than allowed; the message names the adapter, both numbers, the fixes."""
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    completion: str
+
+
+def task_examples(adapter: PeftAdapter, eval_data: Path | None = None,
+                  limit: int = DEFAULT_EXAMPLES) -> tuple[list[TaskExample], str] | None:
+    """Held-out examples for `adapter` and where they come from; None when there are none.
+
+    `eval_data` (JSON/JSONL records) is used whole; otherwise the records the adapter's training
+    held out. Records are rendered with the adapter's template, or must carry `prompt` and
+    `completion` fields when the adapter has none.
+    """
+    from loraplex.trainer.dataset import held_out_records, read_records
+
+    if eval_data is not None:
+        records, source = read_records(eval_data), f"{eval_data}"
+    else:
+        data, split = adapter.data_path, adapter.eval_split
+        if data is None or split is None:
+            return None
+        if not data.is_file():
+            log.warning("adapter %s: its training data %s is gone; pass --eval-data to verify accuracy",
+                        adapter.path, data)
+            return None
+        records, source = held_out_records(data, *split), f"eval split of {data}"
+    template = PromptTemplate.from_dict(adapter.template or {"prompt": "{prompt}", "completion": "{completion}"})
+    examples = []
+    for index, record in enumerate(records[:limit]):
+        try:
+            examples.append(TaskExample(template.render_prompt(record, where=f"{source}: record {index}"),
+                                        template.render_completion(record, where=f"{source}: record {index}")))
+        except TemplateError as exc:
+            raise ValueError(f"cannot evaluate adapter {adapter.path.name}: {exc}") from exc
+    return (examples, source) if examples else None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens: list[int]  # completion tokens, EOS excluded
+    stopped: bool  # decoding ended at EOS
+
+
+class EngineDecoder:
+    """Greedy decoding through a loraplex engine in this process, on the CPU.
+
+    Every prompt of a call is submitted at once: the batched engine decodes them together (its
+    greedy tokens equal one-at-a-time decoding, whatever shares the batch).
+    """
+
+    def __init__(self, package_dir: Path, manifest: Manifest, engine: str):
+        from loraplex.adapters.package.reader import Package
+        from loraplex.runtime.engines import build_engine
+        from loraplex.runtime.server.tokenizer import PackageTokenizer
+
+        self.package = Package.open(package_dir, manifest)
+        self.engine_name = engine
+        self.engine = build_engine(self.package, engine, device="cpu", provider=None, max_batch=16)  # type: ignore[arg-type]
+        self.tokenizer = PackageTokenizer(self.package.root)
+        self._handles: dict = {}
+
+    def load(self, name: str, file: Path) -> None:
+        from loraplex.adapters.package.adapter_file import read_adapter_file
+
+        weights = read_adapter_file(file, self.package.lora_inputs)
+        self._handles[name] = self.engine.load_adapter(name, "verify", weights)
+
+    def greedy(self, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Prediction]:
+        from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams
+
+        sinks = [_Collect() for _ in prompts]
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        handle = self._handles[adapter] if adapter else None
+        jobs = [GenerationJob(f"verify-{i}", list(p), params, handle, sink) for i, (p, sink) in
+                enumerate(zip(prompts, sinks, strict=True))]
+        for job in jobs:
+            self.engine.submit(job)
+        for job, sink in zip(jobs, sinks, strict=True):
+            sink.done.wait()
+            if job.error is not None:
+                raise RuntimeError(f"the {self.engine_name} engine failed on a verification prompt: {job.error}")
+        return [Prediction(s.tokens, s.reason is FinishReason.EOS) for s in sinks]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            self.engine.unload_adapter(handle)
+        self.engine.close()
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.reason = None
+        self.done = threading.Event()
+
+    def on_token(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def on_finish(self, reason) -> None:
+        self.reason = reason
+        self.done.set()
+
+
+def exact_match(predictions: Sequence[Prediction], examples: Sequence[TaskExample], decode: Callable) -> float:
+    right = sum(p.stopped and decode(p.tokens) == e.completion for p, e in zip(predictions, examples, strict=True))
+    return right / len(examples)
+
+
+def measure(name: str, examples: list[TaskExample], source: str, package: EngineDecoder, reference: TorchDecoder,
+            max_drop: float) -> Accuracy:
+    """Decode `examples` both ways and compare; the adapter must be loaded in both decoders as `name`."""
+    encode, decode = package.tokenizer.encode, package.tokenizer.decode
+    prompts = [encode(e.prompt) for e in examples]
+    budget = max(len(encode(e.completion)) for e in examples) + 2  # the completion, EOS, one token of slack
+    ours = package.greedy(name, prompts, budget)
+    base = package.greedy(None, prompts, budget)
+    eos = reference.eos_ids
+    theirs = [_prediction(tokens, eos) for tokens in reference.greedy_many(prompts, name, budget)]
+    agreement = sum(a.tokens == b.tokens and a.stopped == b.stopped for a, b in zip(ours, theirs, strict=True))
+    scores = {
+        "pytorch": {PRIMARY_METRIC: exact_match(theirs, examples, decode)},
+        "package": {PRIMARY_METRIC: exact_match(ours, examples, decode)},
+        "base": {PRIMARY_METRIC: exact_match(base, examples, decode)},
+    }
+    drop = scores["pytorch"][PRIMARY_METRIC] - scores["package"][PRIMARY_METRIC]
+    return Accuracy(metric=PRIMARY_METRIC, examples=len(examples), source=source, **scores, engine=package.engine_name,
+                    token_agreement=agreement / len(examples), max_drop=max_drop, passed=drop <= max_drop + 1e-9)
+
+
+def _prediction(tokens: list[int], eos: set[int]) -> Prediction:
+    stopped = bool(tokens) and tokens[-1] in eos
+    return Prediction(tokens[:-1] if stopped else tokens, stopped)
+
+
+def check(name: str, accuracy: Accuracy, precision: str) -> None:
+    """Raise AccuracyError when the package lost more than allowed, naming both numbers and the fixes."""
+    if accuracy.passed:
+        return
+    fixes = ("export in fp32" if precision == "fp16" else
+             "export in fp16 (GPU) or fp32, or raise int4 quality: --int4-accuracy-level 4 with a smaller "
+             "--int4-block-size (e.g. 16), or --int4-algo k_quant; or allow more with --max-accuracy-drop")
+    raise AccuracyError(
+        f"adapter {name!r} loses task accuracy in the {precision} package: {accuracy.metric} "
+        f"{accuracy.package[accuracy.metric]:.1%} vs {accuracy.pytorch[accuracy.metric]:.1%} in PyTorch fp32 on "
+        f"{accuracy.examples} examples ({accuracy.source}), a drop of {accuracy.drop:.1%} > {accuracy.max_drop:.1%}; "
+        f"fixes: {fixes}"
+    )
