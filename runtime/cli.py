@@ -17,6 +17,7 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     from loraplex.adapters.export import cli as export_cli
     from loraplex.runtime import commands as runtime_commands
+    from loraplex.trainer import base_cli
     from loraplex.trainer import cli as trainer_cli
 
     parser = argparse.ArgumentParser(
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
 
     trainer_cli.register(commands)
+    base_cli.register(commands)
     export_cli.register(commands, adapter_commands)
     runtime_commands.register(commands, adapter_commands)
     return parser

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+BASE_RECORD = "loraplex_base.json"  # where a base came from (e.g. the GGUF file it was imported from)
 
 # LoRA-targetable projections per model_type: every attention and MLP projection (never lm_head).
 TARGET_MODULES: dict[str, list[str]] = {
@@ -86,17 +88,31 @@ def read_config(base_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def base_identity(base_dir: str | Path) -> dict[str, str]:
-    """What an adapter was trained on: {path, architecture, model_type, sha256}. No torch needed."""
+def check_tokenizer(base_dir: Path) -> None:
+    """The tokenizer files training, export and the server all need."""
+    if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise BaseModelError(
+            f"{base_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save it beside the model with "
+            "`tokenizer.save_pretrained(DIR)` (`loraplex base import-gguf` and `loraplex tiny-base` write one)"
+        )
+
+
+def base_identity(base_dir: str | Path) -> dict[str, object]:
+    """What an adapter was trained on: {path, architecture, model_type, sha256} (+ `source` when the
+    base was imported, e.g. the GGUF file's name and sha256). No torch needed."""
     base_dir = Path(base_dir)
     config = read_config(base_dir)
+    check_tokenizer(base_dir)
     architecture = next(a for a in config["architectures"] if str(a).endswith("ForCausalLM"))
-    return {
+    identity: dict[str, object] = {
         "path": str(base_dir.resolve()),
         "architecture": architecture,
         "model_type": config["model_type"],
         "sha256": weights_sha256(base_dir),
     }
+    if (base_dir / BASE_RECORD).is_file():
+        identity["source"] = json.loads((base_dir / BASE_RECORD).read_text())
+    return identity
 
 
 def target_modules_for(model_type: str, model: Any = None) -> list[str]:

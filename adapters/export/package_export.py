@@ -46,7 +46,7 @@ def _base_info(base_dir: Path) -> BaseModelInfo:
 
     ident = base_identity(base_dir)
     return BaseModelInfo(architecture=ident["architecture"], model_type=ident["model_type"],
-                         source=ident["path"], sha256=ident["sha256"])
+                         source=ident["path"], sha256=ident["sha256"], imported_from=ident.get("source"))
 
 
 def _check_same_base(name: str, adapter: PeftAdapter, base: BaseModelInfo) -> None:

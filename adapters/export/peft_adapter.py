@@ -23,6 +23,9 @@ TRAINING_NAME = "training.json"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
+_NOT_PROJECTIONS = {"embed_tokens", "lm_head", "wte", "wpe", "embed_out"}
+
+
 class AdapterError(ValueError):
     """An adapter directory cannot be exported; the message says which file or field and why."""
 
@@ -126,6 +129,49 @@ def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> 
     return default
 
 
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """Refuse what the ONNX LoRA graph cannot express, naming the option and the fix."""
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path} is a {config.get('peft_type')!r} adapter; only LoRA adapters can be exported")
+    for unsupported in ("use_dora", "lora_bias"):
+        if config.get(unsupported):
+            raise AdapterError(f"{path}: {unsupported}=true is not supported by the ONNX LoRA graph; retrain without")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{path}: fan_in_fan_out=true (Conv1D models) is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{path} trains full copies of {', '.join(config['modules_to_save'])} (modules_to_save): whole weight "
+            "matrices cannot be LoRA graph inputs; retrain without modules_to_save"
+        )
+    targets = config.get("target_modules") or []
+    wrong = sorted({t for t in ([targets] if isinstance(targets, str) else targets) if t in _NOT_PROJECTIONS})
+    if wrong:
+        raise AdapterError(
+            f"{path} puts LoRA on {', '.join(wrong)}: only the attention and MLP projections are LoRA graph "
+            "inputs; retrain with target_modules among the projections (q_proj, k_proj, v_proj, o_proj, ...)"
+        )
+
+
+def _lora_shapes(path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module path -> {"A": shape, "B": shape} from the adapter's saved tensors."""
+    from safetensors import safe_open
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(path / WEIGHTS_NAME), framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            match = _KEY.match(key)
+            if not match:
+                what = "an embedding/LM-head LoRA" if "lora_embedding" in key or "lm_head" in key else "not a LoRA"
+                raise AdapterError(
+                    f"{path / WEIGHTS_NAME}: tensor {key!r} is {what} weight of a projection; only attention and "
+                    "MLP projections can be exported: retrain targeting those"
+                )
+            shapes.setdefault(match["module"], {})[match["ab"]] = tuple(f.get_slice(key).get_shape())
+    if not shapes:
+        raise AdapterError(f"{path / WEIGHTS_NAME} holds no LoRA weights")
+    return shapes
+
+
 def load_peft_adapter(adapter_dir: str | Path) -> PeftAdapter:
     """Read an adapter directory written by `PeftModel.save_pretrained` (and, optionally, the trainer)."""
     path = Path(adapter_dir)
@@ -135,25 +181,8 @@ def load_peft_adapter(adapter_dir: str | Path) -> PeftAdapter:
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}: save the adapter with safe_serialization=True")
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path} is a {config.get('peft_type')!r} adapter; only LoRA adapters can be exported")
-    for unsupported in ("use_dora", "lora_bias"):
-        if config.get(unsupported):
-            raise AdapterError(f"{path}: {unsupported}=true is not supported by the ONNX LoRA graph; retrain without")
-    if config.get("fan_in_fan_out"):
-        raise AdapterError(f"{path}: fan_in_fan_out=true (Conv1D models) is not supported")
-
-    from safetensors import safe_open
-
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    with safe_open(str(path / WEIGHTS_NAME), framework="numpy") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            match = _KEY.match(key)
-            if not match:
-                raise AdapterError(f"{path / WEIGHTS_NAME}: tensor {key!r} is not a LoRA A/B weight")
-            shapes.setdefault(match["module"], {})[match["ab"]] = tuple(f.get_slice(key).get_shape())
-    if not shapes:
-        raise AdapterError(f"{path / WEIGHTS_NAME} holds no LoRA weights")
+    _check_config(path, config)
+    shapes = _lora_shapes(path)
 
     alpha_default = float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))

@@ -40,6 +40,7 @@ class BaseModelInfo:
     model_type: str  # e.g. "llama"
     source: str  # the directory the package was exported from
     sha256: str  # of the base weights (see loraplex.trainer.base_model.weights_sha256)
+    imported_from: dict[str, str] | None = None  # e.g. {"source": "gguf", "file": ..., "sha256": ...}
 
 
 @dataclass

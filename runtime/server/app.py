@@ -118,7 +118,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
                 max_batch=config.max_batch, max_queue=config.max_queue)
     generation = GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info)
-    adapters = AdaptersServicer(metrics)
+    adapters = AdaptersServicer(metrics, package.manifest.precision)
     health_servicer = health.aio.HealthServicer()
 
     server = grpc.aio.server(interceptors=[ServingInterceptor(auth)])

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.package.adapter_file import ADAPTER_SUFFIX, AdapterFileError, AdapterWeights, read_adapter_file
-from loraplex.adapters.package.manifest import AdapterEntry, Manifest, ManifestError, check_adapter_name, file_sha256
+from loraplex.adapters.package.manifest import (
+    Accuracy,
+    AdapterEntry,
+    Manifest,
+    ManifestError,
+    check_adapter_name,
+    file_sha256,
+)
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.engines.base import AdapterHandle, Engine
@@ -49,6 +56,7 @@ class AdapterVersion:
     template: PromptTemplate | None = None
     sha256: str = ""
     size_bytes: int = 0
+    accuracy: Accuracy | None = None  # as export verified it (the manifest entry of this exact file)
     leases: int = 0
     served: int = 0
     retired: bool = False
@@ -205,6 +213,7 @@ class AdapterRegistry:
             template=template,
             sha256=sha,
             size_bytes=file.stat().st_size,
+            accuracy=entry.accuracy if entry else None,
         )
         return found, weights
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from loraplex.adapters.package.manifest import Manifest
+from loraplex.adapters.package.manifest import Accuracy, Manifest
 from loraplex.runtime.engines.base import FinishReason
 from loraplex.runtime.errors import ShuttingDown, status_name
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
@@ -123,23 +123,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             max_batch=self.info["max_batch"],
             max_queue=self.info["max_queue"],
             version=_loraplex_version(),
+            accuracy={v.name: _accuracy(v.accuracy, m.precision) for v in self.ready().registry.versions()
+                      if v.accuracy is not None},
         )
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, precision: str):
         self.metrics = metrics
+        self.precision = precision
 
     async def List(self, request, context):
         versions = self.ready().registry.versions()
-        return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
+        return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_info(v, self.precision) for v in versions])
 
     async def Load(self, request, context):
         with self._counted("load"):
             registry = self.ready().registry
             version = await registry.load(request.name, request.path, request.version or None)
             self.metrics.loaded_adapters.set(len(registry.names()))
-        return _adapter_info(version)
+        return _adapter_info(version, self.precision)
 
     async def Unload(self, request, context):
         with self._counted("unload"):
@@ -162,7 +165,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
             self.metrics.adapter_loads.labels(action, status).inc()
 
 
-def _adapter_info(v: AdapterVersion) -> adapters_pb2.AdapterInfo:
+def _accuracy(a: Accuracy, precision: str) -> adapters_pb2.TaskAccuracy:
+    return adapters_pb2.TaskAccuracy(metric=a.metric, package=a.package[a.metric], pytorch=a.pytorch[a.metric],
+                                     base=a.base[a.metric], examples=a.examples, precision=precision)
+
+
+def _adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
     info = adapters_pb2.AdapterInfo(
         name=v.name,
         version=v.version,
@@ -176,6 +184,8 @@ def _adapter_info(v: AdapterVersion) -> adapters_pb2.AdapterInfo:
     if v.template is not None:
         info.template.prompt = v.template.prompt
         info.template.completion = v.template.completion
+    if v.accuracy is not None:
+        info.accuracy.CopyFrom(_accuracy(v.accuracy, precision))
     return info
 
 

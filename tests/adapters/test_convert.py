@@ -84,7 +84,13 @@ def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_f
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         load_peft_adapter(tmp_path)
     src = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1)
-    for key, value, message in [("peft_type", "IA3", "only LoRA adapters"), ("use_dora", True, "use_dora=true")]:
+    cases = [
+        ("peft_type", "IA3", "only LoRA adapters"),
+        ("use_dora", True, "use_dora=true"),
+        ("modules_to_save", ["lm_head"], "full copies of lm_head .modules_to_save.*retrain without"),
+        ("target_modules", ["q_proj", "embed_tokens"], "LoRA on embed_tokens: only the attention and MLP"),
+    ]
+    for key, value, message in cases:
         bad = tmp_path / key
         bad.mkdir()
         config = json.loads((src / "adapter_config.json").read_text())
@@ -96,6 +102,21 @@ def test_bad_adapter_directories_are_named(tmp_path, tiny_base, random_adapter_f
     (tmp_path / "peft_type" / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
         load_peft_adapter(tmp_path / "peft_type")
+
+
+def test_an_embedding_lora_tensor_is_named(tmp_path, tiny_base, random_adapter_factory):
+    """A LoRA on the embedding (PEFT's lora_embedding_A/B) cannot be a projection's graph input."""
+    from safetensors.numpy import save_file
+
+    src = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1)
+    bad = tmp_path / "embedding"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    tensors = dict(_peft(src))
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = np.zeros((4, 16), np.float32)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="is an embedding/LM-head LoRA weight"):
+        load_peft_adapter(bad)
 
 
 def test_olive_telemetry_is_off_before_any_event():

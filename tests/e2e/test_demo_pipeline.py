@@ -113,3 +113,18 @@ def test_ignore_eos_decodes_past_eos_on_every_engine(demo_package, demo_adapters
                 assert list(full.token_ids[: len(stopped.token_ids)]) == list(stopped.token_ids)
     finally:
         handle.stop()
+
+
+def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo_package):
+    from loraplex.adapters.package.manifest import Manifest
+
+    manifest = Manifest.load(demo_package)
+    with demo_server.client() as client:
+        info, listed = client.model_info(), {a.name: a for a in client.list_adapters()}
+    for task, entry in manifest.adapters.items():
+        verified = entry.accuracy
+        assert verified is not None and verified.passed and verified.engine == "batched"
+        for shown in (info.accuracy[task], listed[task].accuracy):
+            assert (shown.metric, shown.examples, shown.precision) == ("exact_match", verified.examples, "fp32")
+            assert shown.package == verified.package["exact_match"] == verified.pytorch["exact_match"]
+            assert shown.base == verified.base["exact_match"] < shown.package
