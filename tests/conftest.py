@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.training",
     "tests.fixtures.packages",
     "tests.fixtures.serving",
+    "tests.fixtures.tls",
 ]
