@@ -258,7 +258,7 @@ class AdapterRegistry:
         adapters add`) while serving is described there."""
         try:
             return Manifest.load(self.package.root)
-        except ManifestError:
+        except (ManifestError, OSError):
             return None
 
     def _verify_digest(self, file: Path, sha: str, manifest: Manifest | None) -> None:
@@ -270,7 +270,7 @@ class AdapterRegistry:
         if sidecar.is_file():
             expected, source = _read_digest(sidecar), sidecar.name
         else:
-            own = next((e for e in entries if (self.package.root / e.file).resolve() == file), None)
+            own = next((e for e in entries if Path(os.path.realpath(self.package.root / e.file)) == file), None)
             if own is None:
                 if any(e.sha256 == sha for e in entries):
                     return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from loraplex.v1 import adapters_pb2
 
 from tests.fixtures.serving import ENGINES, EngineBrake, ServerThread, serving_config, wait_until
 
@@ -102,6 +103,12 @@ def test_admin_calls_need_the_bearer_token(guarded):
             assert code == grpc.StatusCode.UNAUTHENTICATED
             assert [a.name for a in client.list_adapters()] == ["alpha", "beta", "gamma"]  # List is open
     with guarded.client(token=TOKEN) as client:
+        load = adapters_pb2.LoadAdapterRequest(name="delta", path="beta.onnx_adapter")
+        good = ("authorization", f"Bearer {TOKEN}")
+        for twice in ([("authorization", "Bearer wrong"), good], [good, good]):  # issue 11: last value won
+            code, details = code_of(lambda m=twice: client.adapters.Load(load, metadata=m, timeout=30))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "more than one" in details
+        assert "delta" not in [a.name for a in client.list_adapters()]
         assert client.load_adapter("delta", "beta.onnx_adapter").name == "delta"
         assert client.unload_adapter("delta").name == "delta"
     still_serving(guarded)

@@ -3,6 +3,7 @@ engines, with certificates made at test time (tests/fixtures/tls.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import urllib.error
 import urllib.request
@@ -10,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 from loraplex.runtime.cli import main
-from loraplex.runtime.client import Client, ClientTLS
+from loraplex.runtime.client import AsyncClient, Client, ClientTLS
 from loraplex.runtime.server import ServerTLS
 
 
@@ -36,6 +37,12 @@ def test_tls_serves_tls_clients_and_refuses_plaintext(server_factory, tls_files,
         assert refused(untrusting) == grpc.StatusCode.UNAVAILABLE
     with Client(target.replace("127.0.0.1", "localhost"), tls=ClientTLS(ca=tls_files.ca), timeout=30) as by_name:
         assert by_name.health() == "SERVING"
+
+    async def async_health() -> str:
+        async with AsyncClient(target, tls=ClientTLS(ca=tls_files.ca), timeout=30) as client:
+            return await client.health()
+
+    assert asyncio.run(async_health()) == "SERVING"
 
     port = server.running.metrics_port
     trusting = ssl.create_default_context(cafile=str(tls_files.ca))
