@@ -17,6 +17,7 @@ over the client's metadata limit turn any status into RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException, method:
     await context.abort(status_code(error), bounded_details(str(error) or type(error).__name__))
 
 
+def _give_up_if_expired(context: grpc.aio.ServicerContext) -> None:
+    """The call's deadline passed while its answer was being made: the client has its
+    DEADLINE_EXCEEDED already, and sending would fail in gRPC core, which logs an ERROR with a
+    traceback ("ExecuteBatchError raised in core", grpc issue 31043). End the call as cancelled,
+    which gRPC logs at debug level."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError
+
+
 def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
@@ -104,7 +115,9 @@ def _unary(behavior: Callable[..., Awaitable[Any]], method: str, check: Check, s
             if check is not None:
                 check(context.invocation_metadata())
             request = _checked_stream(request, method) if streaming_in else _checked(request, method)
-            return await behavior(request, context)
+            response = await behavior(request, context)
+            _give_up_if_expired(context)
+            return response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -122,6 +135,7 @@ def _streaming(behavior: Callable[..., AsyncIterator[Any]], method: str, check: 
             request = _checked_stream(request, method) if streaming_in else _checked(request, method)
             async for response in behavior(request, context):
                 yield response
+            _give_up_if_expired(context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

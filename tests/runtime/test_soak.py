@@ -44,4 +44,10 @@ def test_soak_serves_only_documented_codes_and_leaves_nothing_behind(engine, tin
     assert report.codes["CANCELLED"] >= 0.05 * requests and report.admin["OK"] >= requests // 200
     assert after == before  # greedy outputs unchanged by everything the soak did
     log = serve.log.read_text()
-    assert " ERROR " not in log and "Traceback" not in log, log[-4000:]
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert log.count("Traceback") == len(errors), log[-4000:]  # no traceback but those of the lines below
+    # gRPC core fails to send an answer whose deadline passes in the instant it is sent, and logs it
+    # (grpc issue 31043); the server gives such calls up before sending (status._give_up_if_expired),
+    # which leaves a window of microseconds. The client has its DEADLINE_EXCEEDED either way.
+    assert not [line for line in errors if "ExecuteBatchError raised in core" not in line], errors
+    assert len(errors) <= report.codes["DEADLINE_EXCEEDED"] // 20, errors
