@@ -128,18 +128,18 @@ class GenaiEngine(Engine):
             try:
                 for job in cancelled:
                     _finish_job(job, job.stop_reason or FinishReason.CANCELLED)
-                for job in starting:
-                    self._start(job)
+                while starting:
+                    self._start(starting.pop(0))
                 for run in list(self._running):
                     self._step(run)
             except Exception as exc:  # a bug here must not leave every client hanging
                 log.exception("genai engine loop failed; ending all jobs")
-                self._fail_all(exc)
+                self._fail_all(exc, starting)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, unstarted: list[GenerationJob]) -> None:
         failure = EngineFailure(f"the genai engine failed: {error}")
         with self._cond:
-            pending, self._pending = list(self._pending), deque()
+            pending, self._pending = [*unstarted, *self._pending], deque()
         for run in list(self._running):
             run.job.fail(failure)
             self._finish(run, FinishReason.CANCELLED)
