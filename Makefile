@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo demo-real test lint proto bench clean
+.PHONY: demo demo-real test lint proto bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Issue 11: a longer soak and fuzz than CI's; prints status codes, latency percentiles, RSS growth.
+soak: $(STAMP)
+	$(BIN)/python -m pytest tests/runtime/test_soak.py tests/runtime/test_fuzz.py -q -p no:cacheprovider \
+		--soak-requests 10000 --fuzz-examples 1000
 
 proto: $(STAMP)
 	$(BIN)/python -m loraplex.runtime.protogen

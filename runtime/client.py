@@ -2,11 +2,14 @@
 
 They build the proto messages from plain arguments and return the proto responses unchanged;
 errors arrive as `grpc.RpcError` (`AioRpcError` for AsyncClient) with the server's status code.
+`tls=ClientTLS(...)` connects over TLS (and presents a client certificate for mutual TLS).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,6 +53,37 @@ def generate_request(
     return request
 
 
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS for a client's channel.
+
+    ca: PEM roots to trust (None: the system's roots); a server with a private CA needs it.
+    cert, key: PEM client certificate and key, for a server that requires mutual TLS.
+    server_name: the name to check the server's certificate against, when the target address is
+        not a name the certificate holds (e.g. an IP address).
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key (PEM files)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca), private_key=read(self.key), certificate_chain=read(self.cert)
+        )
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 def _auth(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
@@ -66,8 +100,12 @@ def _tokenize_request(adapter: str, prompt: str | None, inputs: Mapping[str, str
 class Client:
     """Blocking client. `timeout` (seconds) is the default deadline of every call."""
 
-    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0,
+                 tls: ClientTLS | None = None):
+        if tls is None:
+            self.channel = grpc.insecure_channel(target)
+        else:
+            self.channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
         self.generation = generation_pb2_grpc.GenerationStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -118,8 +156,12 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client` (awaitable; `stream` is an async iterator)."""
 
-    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0):
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0,
+                 tls: ClientTLS | None = None):
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target)
+        else:
+            self.channel = grpc.aio.secure_channel(target, tls.credentials(), options=tls.options())
         self.generation = generation_pb2_grpc.GenerationStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

@@ -45,7 +45,15 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
                        help="bearer token required by Load/Unload (or by every call: --auth-scope all)")
     serve.add_argument("--auth-scope", choices=["admin", "all"], default="admin",
                        help="which calls need the token: admin (Load/Unload) or all loraplex.v1 calls")
-    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0 = any free port)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="Prometheus port (0 = any free port); HTTPS with the --tls-* files")
+    serve.add_argument("--max-prompt-bytes", type=int, default=None,
+                       help="refuse prompts (or task inputs) over this many UTF-8 bytes before tokenizing "
+                            "(default: 16 per token of the model's context length)")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve over TLS")
+    serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", type=Path, default=None,
+                       help="PEM CA bundle: mutual TLS, every client must present a certificate it signed")
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     serve.set_defaults(func=_serve)
 
@@ -53,6 +61,7 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
 def _register_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="send one generation request to a running server")
     generate.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
+    _add_client_tls(generate)
     generate.add_argument("--adapter", default="", help="adapter name (empty = base model)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw prompt text")
@@ -72,6 +81,7 @@ def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
     def admin(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
         parser.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
+        _add_client_tls(parser)
 
     listing = adapter_commands.add_parser("list", help="adapters loaded in a running server")
     admin(listing)
@@ -89,6 +99,27 @@ def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
     unload.set_defaults(func=_adapters_unload)
 
 
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (trusting the system's roots)")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM roots to trust (implies --tls)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", default=None,
+                        help="name to check the server's certificate against (default: the target's host)")
+
+
+def _server_tls(args: argparse.Namespace):
+    from loraplex.runtime.server import ServerTLS
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
     from loraplex.runtime.server import ServerConfig, serve
@@ -98,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
             package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
             engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
             adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
-            metrics_port=args.metrics_port,
+            metrics_port=args.metrics_port, max_prompt_bytes=args.max_prompt_bytes, tls=_server_tls(args),
         )
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
     except (LoraplexError, OSError, ValueError) as exc:
@@ -107,10 +138,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from loraplex.runtime.client import Client
+    from loraplex.runtime.client import Client, ClientTLS
 
     token = args.token_file.read_text().strip() if getattr(args, "token_file", None) else None
-    return Client(args.target, token=token)
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    return Client(args.target, token=token, tls=tls)
 
 
 def _rpc(call) -> int:
@@ -120,6 +154,9 @@ def _rpc(call) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # a token or TLS file that cannot be read
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -40,6 +40,12 @@ class AdapterIncompatible(LoraplexError):
     code = "FAILED_PRECONDITION"
 
 
+class AdapterFileUnusable(LoraplexError):
+    """The adapter file cannot be read, or its bytes do not match the sha256 recorded for it."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class AdapterBusy(LoraplexError):
     """Unload without waiting while requests are in flight on the adapter."""
 
@@ -80,6 +86,22 @@ class EngineFailure(LoraplexError):
     """The engine failed while decoding (an ONNX Runtime error): a server-side fault."""
 
     code = "INTERNAL"
+
+
+MAX_QUOTED = 200  # characters of user input a message may echo
+
+
+def quoted(value: object, limit: int = MAX_QUOTED) -> str:
+    """User input as an error message may echo it: repr'd, cut to `limit` characters (the length said).
+
+    A message becomes the status details, sent back in the response trailers: an input echoed whole
+    (a 20,000-character adapter name) would make the trailers exceed gRPC's metadata limit and the
+    client would see RESOURCE_EXHAUSTED instead of the status that explains the fault.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def status_name(error: BaseException) -> str:

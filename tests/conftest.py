@@ -17,4 +17,38 @@ pytest_plugins = [
     "tests.fixtures.packages",
     "tests.fixtures.serving",
     "tests.fixtures.real",
+    "tests.fixtures.tls",
 ]
+
+
+# Issue 11: CI runs a bounded soak and fuzz; `make soak` passes larger figures.
+SOAK_REQUESTS = 1500
+FUZZ_EXAMPLES = 120
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("loraplex", "soak and fuzz of the server (issue 11)")
+    group.addoption("--soak-requests", type=int, default=SOAK_REQUESTS, help="requests per engine in the soak")
+    group.addoption("--fuzz-examples", type=int, default=FUZZ_EXAMPLES,
+                    help="Hypothesis examples per fuzz test (and a random seed instead of a fixed one)")
+
+
+def pytest_configure(config):
+    """The fuzz's Hypothesis profile: CI draws a fixed set (reproducible), `make soak` draws at random."""
+    from hypothesis import HealthCheck, settings
+
+    examples = config.getoption("fuzz_examples")
+    settings.register_profile(
+        "loraplex", max_examples=examples, derandomize=examples == FUZZ_EXAMPLES, deadline=None, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+    settings.load_profile("loraplex")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.fixtures.soak import FUZZ_CODES, REPORTS
+
+    for report in REPORTS:
+        terminalreporter.write_line(report.summary())
+    for engine, codes in sorted(FUZZ_CODES.items()):
+        terminalreporter.write_line(f"fuzz[{engine}]: {sum(codes.values())} calls, codes {dict(codes.most_common())}")

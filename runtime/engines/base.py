@@ -15,7 +15,9 @@ and hands tokens back through the job's `TokenSink`. Every engine honours:
   job on it finishes;
 - `job.mark_started()` when the job leaves the queue (queue time and depth are reported from it);
   `job.fail(error)` before finishing when decoding the job raised (the server reports INTERNAL);
-- `params.max_new_tokens` is already clamped by the server to what the context leaves.
+- `params.max_new_tokens` is already clamped by the server to what the context leaves;
+- a failure belongs to its job: whatever one job's decoding or its sink raises ends that job (with
+  `job.fail`) and never another; `submit` refuses a prompt the model cannot take (`check_prompt`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
+from loraplex.runtime.errors import InvalidRequest
 
 
 class FinishReason(enum.Enum):
@@ -87,7 +90,13 @@ class GenerationJob:
             self.started_at = time.monotonic()
 
     def fail(self, error: BaseException) -> None:
-        """Decoding this job raised: record why and stop it (the sink still gets its one finish)."""
+        """Decoding this job raised: record why and stop it (the sink still gets its one finish).
+
+        The error is kept without its traceback (log it before): the traceback's frames would keep
+        the job's resources alive (a generator, and through it the adapter, which then refuses to
+        unload) for as long as anyone holds the job.
+        """
+        error.__traceback__ = error.__context__ = error.__cause__ = None
         self.error = error
         self.stop(FinishReason.CANCELLED)
 
@@ -100,6 +109,19 @@ class GenerationJob:
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+
+def check_prompt(prompt_ids: list[int], max_len: int, vocab_size: int) -> None:
+    """What every engine's `submit` refuses: an empty prompt, one that fills the context, unknown ids."""
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty: send at least one token")
+    if len(prompt_ids) >= max_len:
+        raise InvalidRequest(
+            f"the prompt has {len(prompt_ids)} tokens; the model's context holds {max_len} (prompt + completion): "
+            "shorten the prompt"
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise InvalidRequest(f"prompt token ids must lie in [0, {vocab_size})")
 
 
 class Engine(abc.ABC):

@@ -12,6 +12,10 @@ version of a name coexist while requests on the old one finish. A file that does
 LoRA input at one rank is loaded from a padded copy (see loraplex.adapters.package.adapter_file:
 ONNX Runtime's memory planner needs one rank across a run's LoRA inputs), written to a scratch
 directory and unlinked once onnxruntime-genai has it open.
+
+A failure belongs to its job: an onnxruntime-genai error while starting or stepping a generator,
+or a token sink that raises, ends that job only (its generator dropped first, so its adapter can
+unload); the others keep decoding.
 """
 
 from __future__ import annotations
@@ -30,8 +34,15 @@ from typing import Any
 from loraplex.adapters.package.adapter_file import AdapterWeights, loadable_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import devices
-from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, SamplingParams
-from loraplex.runtime.errors import AdapterIncompatible, ShuttingDown
+from loraplex.runtime.engines.base import (
+    AdapterHandle,
+    Engine,
+    FinishReason,
+    GenerationJob,
+    SamplingParams,
+    check_prompt,
+)
+from loraplex.runtime.errors import AdapterIncompatible, EngineFailure, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,7 @@ class GenaiEngine(Engine):
         self.model = og.Model(config)
         self._eos = set(package.config.eos_token_ids)
         self._vocab_size = package.config.vocab_size
+        self._max_len = package.config.context_length
         self._adapters = og.Adapters(self.model)
         self._inputs = package.lora_inputs
         self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
@@ -99,6 +111,7 @@ class GenaiEngine(Engine):
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
+        check_prompt(job.prompt_ids, self._max_len, self._vocab_size)
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the engine is closing and takes no new requests")
@@ -125,17 +138,32 @@ class GenaiEngine(Engine):
                 cancelled = [j for j in self._pending if j.stopped]
                 for job in cancelled:
                     self._pending.remove(job)
-            for job in cancelled:
-                job.sink.on_finish(job.stop_reason or FinishReason.CANCELLED)
-            for job in starting:
-                self._start(job)
-            for run in list(self._running):
-                self._step(run)
+            try:
+                for job in cancelled:
+                    _finish_job(job, job.stop_reason or FinishReason.CANCELLED)
+                while starting:
+                    self._start(starting.pop(0))
+                for run in list(self._running):
+                    self._step(run)
+            except Exception as exc:  # a bug here must not leave every client hanging
+                log.exception("genai engine loop failed; ending all jobs")
+                self._fail_all(exc, starting)
+
+    def _fail_all(self, error: Exception, unstarted: list[GenerationJob]) -> None:
+        failure = EngineFailure(f"the genai engine failed: {error}")
+        with self._cond:
+            pending, self._pending = [*unstarted, *self._pending], deque()
+        for run in list(self._running):
+            run.job.fail(failure)
+            self._finish(run, FinishReason.CANCELLED)
+        for job in pending:
+            job.fail(failure)
+            _finish_job(job, FinishReason.CANCELLED)
 
     def _start(self, job: GenerationJob) -> None:
         job.mark_started()
         if job.stopped:
-            job.sink.on_finish(job.stop_reason or FinishReason.CANCELLED)
+            _finish_job(job, job.stop_reason or FinishReason.CANCELLED)
             return
         try:
             with self._og_lock:
@@ -147,8 +175,9 @@ class GenaiEngine(Engine):
                 generator.append_tokens(job.prompt_ids)
         except Exception as exc:
             log.exception("request %s failed to start", job.request_id)
+            generator = None  # before the sink hears: the adapter must be free to unload
             job.fail(exc)
-            job.sink.on_finish(FinishReason.CANCELLED)
+            _finish_job(job, FinishReason.CANCELLED)
             return
         self._running.append(_Running(job, generator))
 
@@ -193,7 +222,13 @@ class GenaiEngine(Engine):
             self._finish(run, FinishReason.EOS)
             return
         run.produced += 1
-        job.sink.on_token(token)
+        try:
+            job.sink.on_token(token)
+        except Exception as exc:  # the request layer failed: end this job only
+            log.exception("token sink of request %s raised", job.request_id)
+            job.fail(exc)
+            self._finish(run, FinishReason.CANCELLED)
+            return
         if job.stopped:  # the sink found a stop string
             self._finish(run, job.stop_reason or FinishReason.STOP)
         elif done or run.produced >= job.params.max_new_tokens:
@@ -203,4 +238,11 @@ class GenaiEngine(Engine):
         self._running.remove(run)
         with self._og_lock:
             run.generator = None  # frees the KV cache and the adapter binding before the sink hears
-        run.job.sink.on_finish(reason)
+        _finish_job(run.job, reason)
+
+
+def _finish_job(job: GenerationJob, reason: FinishReason) -> None:
+    try:
+        job.sink.on_finish(reason)
+    except Exception:
+        log.exception("finish sink of request %s raised", job.request_id)

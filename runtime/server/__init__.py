@@ -1,6 +1,6 @@
 """The gRPC server: requests in, events out, adapters loaded and replaced while serving.
 
-- `app`: `ServerConfig`, `start_server`, `RunningServer`, `serve` (the SIGTERM-draining loop);
+- `app`: `ServerConfig` (+ `ServerTLS`), `start_server`, `RunningServer`, `serve` (the SIGTERM-draining loop);
 - `servicers`: proto <-> library translation, one servicer per service;
 - `status` (+ `auth`): the one place errors become statuses and tokens are checked;
 - `generation` (+ `request_state`, `validation`): the request path shared by every engine;
@@ -9,6 +9,6 @@
 - `metrics`: Prometheus.
 """
 
-from loraplex.runtime.server.app import RunningServer, ServerConfig, serve, start_server
+from loraplex.runtime.server.app import RunningServer, ServerConfig, ServerTLS, serve, start_server
 
-__all__ = ["RunningServer", "ServerConfig", "serve", "start_server"]
+__all__ = ["RunningServer", "ServerConfig", "ServerTLS", "serve", "start_server"]

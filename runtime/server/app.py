@@ -38,6 +38,32 @@ SERVICE_NAMES = (
 )
 
 
+BYTES_PER_CONTEXT_TOKEN = 16  # a prompt longer than this per context token cannot fit the context anyway
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS on the gRPC port and the metrics endpoint; with `client_ca`, mutual TLS: every client
+    must present a certificate signed by that CA (a client without one is refused at the handshake)."""
+
+    cert: Path  # PEM certificate chain of the server
+    key: Path  # PEM private key of the server
+    client_ca: Path | None = None  # PEM CA bundle client certificates must chain to (mutual TLS)
+
+    def __post_init__(self) -> None:
+        for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{what} {path} is not a file: give a PEM file")
+
+    def credentials(self) -> grpc.ServerCredentials:
+        client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+
 @dataclass
 class ServerConfig:
     package: Path
@@ -53,7 +79,11 @@ class ServerConfig:
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
     auth_scope: AuthScope = "admin"
-    metrics_port: int | None = None  # Prometheus HTTP port (0 = any free port, None = off)
+    metrics_port: int | None = None  # Prometheus HTTP(S) port (0 = any free port, None = off)
+    # A prompt (or the task inputs) over this many UTF-8 bytes is refused before tokenizing
+    # (None = BYTES_PER_CONTEXT_TOKEN per token of the model's context length).
+    max_prompt_bytes: int | None = None
+    tls: ServerTLS | None = None  # None = plaintext (loopback, or behind a TLS-terminating proxy)
     load_package_adapters: bool = True
     warmup: bool = True
 
@@ -64,6 +94,8 @@ class ServerConfig:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if self.max_slots is not None and self.max_slots < 1:
             raise ValueError("max_slots must be >= 1 (or None: one per batch row)")
+        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
+            raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
 
 
 @dataclass
@@ -117,7 +149,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics = ServerMetrics()
     info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
                 max_batch=config.max_batch, max_queue=config.max_queue)
-    generation = GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info)
+    context_length = package.config.context_length
+    max_prompt_bytes = config.max_prompt_bytes or BYTES_PER_CONTEXT_TOKEN * context_length
+    generation = GenerationServicer(package.manifest, context_length, package.config.vocab_size, info, max_prompt_bytes)
     adapters = AdaptersServicer(metrics, package.manifest.precision)
     health_servicer = health.aio.HealthServicer()
 
@@ -126,12 +160,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, config.tls.credentials())
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?)")
     await _set_health(health_servicer, False)
     await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the model is warm)", config.host, port)
+    log.info("listening on %s:%d%s (NOT_SERVING until the model is warm)", config.host, port,
+             "" if config.tls is None else " with mutual TLS" if config.tls.client_ca else " with TLS")
 
     engine = None
     try:
@@ -141,8 +180,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         )
         tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
         registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
-        service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
-                                    max_batch=config.max_batch, max_queue=config.max_queue)
+        service = GenerationService(engine, registry, tokenizer, context_length, metrics, max_batch=config.max_batch,
+                                    max_queue=config.max_queue, max_prompt_bytes=max_prompt_bytes)
         if config.load_package_adapters:
             for name, entry in sorted(package.manifest.adapters.items()):
                 await registry.load_file(name, package.adapter_path(name), entry.version)
@@ -157,7 +196,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     generation.service = adapters.service = service
     running = RunningServer(config, server, port, health_servicer, metrics, service, registry, engine)
     if config.metrics_port is not None:
-        running._metrics_http, running.metrics_port = metrics.serve(config.metrics_port, config.host)
+        running._metrics_http, running.metrics_port = metrics.serve(config.metrics_port, config.host, config.tls)
     await running.set_serving(True)
     log.info("serving %s on %s (engine %s, adapters: %s)", package.root, running.target, config.engine,
              ", ".join(registry.names()) or "none")
@@ -189,7 +228,8 @@ async def serve(config: ServerConfig, drain_grace: float = 30.0) -> int:
     running = await start_server(config)
     print(f"loraplex serving on {running.target}", flush=True)
     if running.metrics_port is not None:
-        print(f"metrics on http://{config.host}:{running.metrics_port}/metrics", flush=True)
+        scheme = "https" if config.tls else "http"
+        print(f"metrics on {scheme}://{config.host}:{running.metrics_port}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

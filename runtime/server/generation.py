@@ -4,7 +4,10 @@
 `Finished`). It decides everything a servicer only translates: which adapter version serves the
 request (a registry lease held until the engine has let go of the job), rendering `inputs`
 through the adapter's template, the context-length check, the bounded queue (max_batch running +
-max_queue waiting, then Overloaded). The output side of a request (text, stop strings, timings)
+max_queue waiting, then Overloaded). Rendering and tokenizing run in a worker thread, on a prompt
+whose size is bounded (`max_prompt_bytes`): onnxruntime-genai's tokenizer holds the GIL while it
+works, so only the bound keeps it short enough for health checks and other requests to be
+answered meanwhile. The output side of a request (text, stop strings, timings)
 is its `RequestState`. A client that goes away (cancel, deadline) stops the job; its slot is free
 once the engine reports the job finished.
 """
@@ -25,6 +28,7 @@ from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
 from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
+from loraplex.runtime.server.validation import text as checked_text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class GenerationResult:
 
 class GenerationService:
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer: TextTokenizer, context_length: int,
-                 metrics: ServerMetrics, *, max_batch: int, max_queue: int):
+                 metrics: ServerMetrics, *, max_batch: int, max_queue: int, max_prompt_bytes: int):
         self.engine = engine
         self.registry = registry
         self.tokenizer = tokenizer
@@ -58,6 +62,7 @@ class GenerationService:
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prompt_bytes = max_prompt_bytes
         self.draining = False
         self._requests: set[RequestState] = set()
         self._idle = asyncio.Event()
@@ -84,20 +89,23 @@ class GenerationService:
                 what = f"adapter {version.name!r}" if version.name else "the base model"
                 raise InvalidRequest(f"{what} has no task template; send `prompt` instead of `inputs`")
             try:
-                return version.template.render_prompt(inputs, where="inputs.fields")
+                rendered = version.template.render_prompt(inputs, where="inputs.fields")
             except TemplateError as exc:
                 raise InvalidRequest(str(exc)) from exc
+            return checked_text("the prompt rendered from inputs", rendered, max_bytes=self.max_prompt_bytes)
         if not prompt:
             raise InvalidRequest("the request has neither `prompt` nor `inputs`; set one of them")
-        return prompt
+        return checked_text("prompt", prompt, max_bytes=self.max_prompt_bytes)
 
-    def tokenize(self, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None) -> tuple[str, list[int]]:
+    async def tokenize(self, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None
+                       ) -> tuple[str, list[int]]:
         with self.registry.acquire(adapter) as lease:
             text = self.render(lease.version, prompt, inputs)
-        return text, self.tokenizer.encode(text)
+        return text, await asyncio.to_thread(self.tokenizer.encode, text)
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
+    def _prompt_ids(self, version: AdapterVersion, prompt: str | None, inputs: Mapping[str, str] | None) -> list[int]:
+        """Render and tokenize the prompt, checked against the context (in a worker thread)."""
+        ids = self.tokenizer.encode(self.render(version, prompt, inputs))
         if not ids:
             raise InvalidRequest("the prompt encodes to no tokens; send a non-empty prompt")
         if len(ids) >= self.context_length:
@@ -131,7 +139,7 @@ class GenerationService:
         state: RequestState | None = None
         status = "UNKNOWN"
         try:
-            prompt_ids = self._prompt_ids(self.render(lease.version, request.prompt, request.inputs))
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, lease.version, request.prompt, request.inputs)
             if len(self._requests) >= self.max_batch + self.max_queue:
                 raise Overloaded(
                     f"{len(self._requests)} requests in flight fill the queue (max_batch {self.max_batch} + "

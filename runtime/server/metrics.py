@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own CollectorRegistry, so several servers can share a process).
 
-Exposed over HTTP on --metrics-port. Labels: `adapter` (empty = base model) and `status` (a
+Exposed over HTTP on --metrics-port (HTTPS with the server's TLS certificate when TLS is on, and
+client certificates required under mutual TLS). Labels: `adapter` (empty = base model) and `status` (a
 canonical status name as gRPC spells it, "OK" for success). Requests are counted once they name a loaded adapter and
 pass parameter validation: a label per unknown adapter name would let any client grow the
 metric without bound.
@@ -9,8 +10,12 @@ metric without bound.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from loraplex.runtime.server.app import ServerTLS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -58,7 +63,12 @@ class ServerMetrics:
             registry=r,
         )
 
-    def serve(self, port: int, host: str = "127.0.0.1"):
-        """Start the HTTP exporter; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", tls: ServerTLS | None = None):
+        """Start the HTTP(S) exporter; returns (server, bound port)."""
+        secure = {}
+        if tls is not None:
+            secure = dict(certfile=str(tls.cert), keyfile=str(tls.key))
+            if tls.client_ca is not None:
+                secure.update(client_cafile=str(tls.client_ca), client_auth_required=True)
+        server, _thread = start_http_server(port, addr=host, registry=self.registry, **secure)
         return server, server.server_port

@@ -7,8 +7,10 @@ Every request takes a lease on the version current when it arrives and keeps it 
 - `unload` removes the name at once for new requests and waits for the leases in flight (or
   refuses with AdapterBusy when asked not to wait).
 Paths are confined to the adapter root (no `..`, no symlink out of it), names match
-`[A-Za-z0-9._-]{1,64}`, and a file that does not fit the graph is refused before the engine sees
-it, so a bad Load leaves the server serving as before.
+`[A-Za-z0-9._-]{1,64}` in full, and a path is checked (no NUL, bounded length) before the
+filesystem sees it; every OS error on the way has its status (`_path_error`). A file's bytes must
+match the sha256 recorded for it (`_verify_digest`), and a file that does not fit the graph is
+refused before the engine sees it, so a bad Load leaves the server serving as before.
 
 The registry lives on the asyncio loop (single-threaded); engine calls run in worker threads.
 """
@@ -16,7 +18,11 @@ The registry lives on the asyncio loop (single-threaded); engine calls run in wo
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +41,22 @@ from loraplex.runtime.engines.base import AdapterHandle, Engine
 from loraplex.runtime.errors import (
     AdapterBusy,
     AdapterFileNotFound,
+    AdapterFileUnusable,
     AdapterIncompatible,
     AdapterNotFound,
     InvalidRequest,
+    LoraplexError,
     PermissionDenied,
+    quoted,
 )
 
 log = logging.getLogger(__name__)
+
+MAX_PATH_CHARS = 1024  # a Load path longer than this is refused before the filesystem sees it
+MAX_NAME_BYTES = 255  # one path component (a file or directory name), as Linux allows
+MAX_LISTED = 20  # loaded adapters a NOT_FOUND message names
+DIGEST_SUFFIX = ".sha256"  # `<file>.sha256` beside an adapter file: its sha256 (sha256sum's format)
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(eq=False)
@@ -121,8 +136,13 @@ class AdapterRegistry:
         return self._current[name]
 
     def _not_found(self, name: str) -> AdapterNotFound:
-        loaded = ", ".join(self.names()) or "none"
-        return AdapterNotFound(f"adapter {name!r} is not loaded; loaded adapters: {loaded} (empty name = base model)")
+        names = self.names()
+        loaded = ", ".join(names[:MAX_LISTED]) or "none"
+        if len(names) > MAX_LISTED:
+            loaded += f" and {len(names) - MAX_LISTED} more (Adapters.List has them all)"
+        return AdapterNotFound(
+            f"adapter {quoted(name)} is not loaded; loaded adapters: {loaded} (empty name = base model)"
+        )
 
     # -- admin ----------------------------------------------------------------------------
     async def load(self, name: str, path: str | Path, version: str | None = None) -> AdapterVersion:
@@ -170,34 +190,59 @@ class AdapterRegistry:
 
     def resolve(self, path: str | Path) -> Path:
         """The real file a Load path names, refusing anything outside the adapter root."""
-        raw = Path(path)
-        if not str(path):
+        path = str(path)
+        if not path:
             raise InvalidRequest("path is empty: name an .onnx_adapter file under the server's adapter root")
+        if "\0" in path:
+            raise InvalidRequest(f"path {quoted(path)} contains a NUL character; no file name holds one")
+        if len(path) > MAX_PATH_CHARS:
+            raise InvalidRequest(f"path is {len(path)} characters; at most {MAX_PATH_CHARS} are accepted")
+        long = next((part for part in path.split("/") if len(part.encode("utf-8")) > MAX_NAME_BYTES), None)
+        if long is not None:
+            raise InvalidRequest(
+                f"path component {quoted(long, 40)} is {len(long.encode('utf-8'))} bytes; a file name holds at most "
+                f"{MAX_NAME_BYTES}"
+            )
+        raw = Path(path)
         candidate = raw if raw.is_absolute() else self.adapter_root / raw
-        real = candidate.resolve()
+        # Not strict: symlinks resolve as far as they exist and nothing raises, so confinement is
+        # decided first and a path outside the root never learns whether its target exists.
+        real = Path(os.path.realpath(candidate))
         if not real.is_relative_to(self.adapter_root):
             raise PermissionDenied(
-                f"path {str(path)!r} resolves outside the adapter root {self.adapter_root} (traversal or symlink); "
+                f"path {quoted(path)} resolves outside the adapter root {self.adapter_root} (traversal or symlink); "
                 "put the adapter file under the adapter root"
             )
-        if not real.is_file():
-            raise AdapterFileNotFound(f"no adapter file at {str(path)!r} under the adapter root {self.adapter_root}")
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as exc:
+            raise _path_error(path, exc) from None
+        if not stat.S_ISREG(mode):
+            raise AdapterFileNotFound(f"no adapter file at {quoted(path)} under the adapter root {self.adapter_root}")
         if real.suffix != ADAPTER_SUFFIX:
-            raise InvalidRequest(f"{real.name} is not an {ADAPTER_SUFFIX} file; write one with `loraplex adapters add`")
+            raise InvalidRequest(
+                f"{quoted(real.name)} is not an {ADAPTER_SUFFIX} file; write one with `loraplex adapters add`"
+            )
         return real
 
     # -- internals ------------------------------------------------------------------------
     def _prepare(self, name: str, file: Path, version: str | None) -> tuple[AdapterVersion, AdapterWeights]:
-        """Check the file against the graph and gather its metadata (worker thread)."""
+        """Verify the file's bytes, check it against the graph, gather its metadata (worker thread)."""
+        manifest = self._manifest()
         try:
+            sha = file_sha256(file)
+            self._verify_digest(file, sha, manifest)
             weights = read_adapter_file(file, self.package.lora_inputs)
+            size = file.stat().st_size
         except AdapterFileError as exc:
             raise AdapterIncompatible(
                 f"adapter {name!r} does not fit this package's graph: {exc}; "
                 "re-export it for this package with `loraplex adapters add`"
             ) from exc
-        sha = file_sha256(file)
-        entry = self._manifest_entry(name, sha)
+        except OSError as exc:
+            raise _path_error(file.name, exc) from None
+        entry = manifest.adapters.get(name) if manifest is not None else None
+        entry = entry if entry is not None and entry.sha256 == sha else None
         current = self._current.get(name)
         template = None
         if entry is not None and entry.template:
@@ -212,20 +257,42 @@ class AdapterRegistry:
             target_modules=list(entry.target_modules) if entry else _projections(weights),
             template=template,
             sha256=sha,
-            size_bytes=file.stat().st_size,
+            size_bytes=size,
             accuracy=entry.accuracy if entry else None,
         )
         return found, weights
 
-    def _manifest_entry(self, name: str, sha: str) -> AdapterEntry | None:
-        """The manifest's entry for this exact file, if the package describes it. Read from disk: an
-        adapter added to the package (`loraplex adapters add`) while serving is described there."""
+    def _manifest(self) -> Manifest | None:
+        """The package manifest as it is on disk now: an adapter added to the package (`loraplex
+        adapters add`) while serving is described there."""
         try:
-            manifest = Manifest.load(self.package.root)
-        except ManifestError:
+            return Manifest.load(self.package.root)
+        except (ManifestError, OSError):
             return None
-        entry = manifest.adapters.get(name)
-        return entry if entry is not None and entry.sha256 == sha else None
+
+    def _verify_digest(self, file: Path, sha: str, manifest: Manifest | None) -> None:
+        """The file's sha256 must be the one recorded for it: in `<file>.sha256` beside it, else in the
+        manifest entry whose file it is; a file with neither must be byte-identical to an adapter the
+        manifest records (a copy of a package adapter). Flipped bytes never reach the parser."""
+        entries: list[AdapterEntry] = list(manifest.adapters.values()) if manifest is not None else []
+        sidecar = file.with_name(file.name + DIGEST_SUFFIX)
+        if sidecar.is_file():
+            expected, source = _read_digest(sidecar), sidecar.name
+        else:
+            own = next((e for e in entries if Path(os.path.realpath(self.package.root / e.file)) == file), None)
+            if own is None:
+                if any(e.sha256 == sha for e in entries):
+                    return
+                raise AdapterFileUnusable(
+                    f"{file.name} has no recorded sha256: write it beside the file (`sha256sum {file.name} > "
+                    f"{file.name}{DIGEST_SUFFIX}`) or add the adapter to the package with `loraplex adapters add`"
+                )
+            expected, source = own.sha256, f"the package manifest (adapter {own.name!r})"
+        if sha != expected:
+            raise AdapterFileUnusable(
+                f"{file.name} does not match the sha256 recorded in {source} (its bytes hash to {sha[:16]}...): "
+                "the file is corrupt or was changed after it was recorded; copy or export it again"
+            )
 
     def _schedule_unload(self, version: AdapterVersion) -> None:
         if version.handle is None:
@@ -243,6 +310,31 @@ class AdapterRegistry:
         task = asyncio.get_running_loop().create_task(unload())
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
+
+
+def _read_digest(sidecar: Path) -> str:
+    with open(sidecar, "rb") as f:
+        words = f.read(4096).decode("ascii", "replace").split()
+    digest = words[0].lower() if words else ""
+    if not SHA256.fullmatch(digest):
+        raise AdapterFileUnusable(
+            f"{sidecar.name} does not start with a sha256 (64 hex digits): write it with sha256sum"
+        )
+    return digest
+
+
+def _path_error(path: str, exc: OSError) -> LoraplexError:
+    """The status of an OS error met while resolving or reading a Load path."""
+    what = f"path {quoted(path)}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return AdapterFileNotFound(f"no adapter file at {quoted(path)} under the adapter root")
+    if exc.errno == errno.ELOOP:
+        return InvalidRequest(f"{what} runs into a symlink loop; point it at a file")
+    if exc.errno == errno.ENAMETOOLONG:
+        return InvalidRequest(f"{what} is too long for the filesystem; use a shorter path")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"the server may not read {what}; fix the file's permissions")
+    return AdapterFileUnusable(f"cannot read {what}: {exc.strerror or exc}")
 
 
 def _projections(weights: AdapterWeights) -> list[str]:

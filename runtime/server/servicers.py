@@ -19,7 +19,7 @@ from loraplex.runtime.server.generation import GenerationRequest, GenerationServ
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterVersion
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
-from loraplex.runtime.server.validation import request_id, sampling_params
+from loraplex.runtime.server.validation import adapter_version, prompt_input, request_id, sampling_params, text
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 FINISH_REASONS = {
@@ -42,11 +42,23 @@ class _Ready:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
-    def __init__(self, manifest: Manifest, context_length: int, vocab_size: int, info: dict[str, Any]):
+    def __init__(self, manifest: Manifest, context_length: int, vocab_size: int, info: dict[str, Any],
+                 max_prompt_bytes: int):
         self.manifest = manifest
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.info = info  # engine, device, provider, max_batch, max_queue
+        self.max_prompt_bytes = max_prompt_bytes
+
+    def _input(self, request) -> tuple[str, str | None, dict[str, str] | None]:
+        """(adapter, prompt, inputs) of a GenerateRequest or TokenizeRequest, checked."""
+        which = request.WhichOneof("input")
+        prompt, inputs = prompt_input(
+            request.prompt if which == "prompt" else None,
+            request.inputs.fields if which == "inputs" else None,
+            self.max_prompt_bytes,
+        )
+        return text("adapter", request.adapter), prompt, inputs
 
     def _request(self, request: generation_pb2.GenerateRequest) -> GenerationRequest:
         p = request.params
@@ -61,14 +73,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             ignore_eos=p.ignore_eos,
             context_length=self.context_length,
         )
-        which = request.WhichOneof("input")
-        return GenerationRequest(
-            adapter=request.adapter,
-            prompt=request.prompt if which == "prompt" else None,
-            inputs=dict(request.inputs.fields) if which == "inputs" else None,
-            params=params,
-            request_id=request_id(request.request_id),
-        )
+        adapter, prompt, inputs = self._input(request)
+        return GenerationRequest(adapter=adapter, prompt=prompt, inputs=inputs, params=params,
+                                 request_id=request_id(request.request_id))
 
     async def Generate(self, request, context):
         result = await self.ready().generate(self._request(request))
@@ -98,13 +105,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
                 )
 
     async def Tokenize(self, request, context):
-        which = request.WhichOneof("input")
-        text, ids = self.ready().tokenize(
-            request.adapter,
-            request.prompt if which == "prompt" else None,
-            dict(request.inputs.fields) if which == "inputs" else None,
-        )
-        return generation_pb2.TokenizeResponse(token_ids=ids, text=text)
+        rendered, ids = await self.ready().tokenize(*self._input(request))
+        return generation_pb2.TokenizeResponse(token_ids=ids, text=rendered)
 
     async def ModelInfo(self, request, context):
         m = self.manifest
@@ -140,7 +142,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
     async def Load(self, request, context):
         with self._counted("load"):
             registry = self.ready().registry
-            version = await registry.load(request.name, request.path, request.version or None)
+            version = await registry.load(request.name, request.path, adapter_version(request.version) or None)
             self.metrics.loaded_adapters.set(len(registry.names()))
         return _adapter_info(version, self.precision)
 

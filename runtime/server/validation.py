@@ -1,21 +1,32 @@
 """Request validation in one place: each check raises InvalidRequest naming the field and the fix.
 
 Proto3 zero values mean "the default" (documented in generation.proto); they are turned into
-`SamplingParams` here so engines only see valid, explicit values.
+`SamplingParams` here so engines only see valid, explicit values. Ranges are chosen so that no
+accepted value can make the scores non-finite: dividing float32 logits by a temperature or a
+repetition penalty near zero overflows to inf, then NaN, and such a request could only fail.
+Text fields must not hold NUL (a C tokenizer would silently cut the prompt there), and their size
+is bounded before any tokenizing (`max_bytes`): tokenizing holds the GIL, so a huge prompt would
+stall every other request and the health checks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 
 from loraplex.runtime.engines.base import SamplingParams
-from loraplex.runtime.errors import InvalidRequest
+from loraplex.runtime.errors import InvalidRequest, quoted
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_REQUEST_ID = 128
+MAX_INPUT_FIELDS = 64
+MAX_FIELD_NAME = 64
+MAX_VERSION = 64
+TEMPERATURE_RANGE = (0.01, 100.0)  # or 0: greedy
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # or 0: the default, 1.0 (no penalty)
 
 
 def sampling_params(
@@ -37,22 +48,18 @@ def sampling_params(
         raise InvalidRequest(
             f"params.max_new_tokens is {max_new_tokens}, more than the model's context length {context_length}"
         )
-    _finite("params.temperature", temperature)
-    if temperature < 0:
-        raise InvalidRequest(f"params.temperature is {temperature}; use 0 (greedy) or a positive value")
-    _finite("params.top_p", top_p)
-    if not 0 <= top_p <= 1:
+    _in_range("params.temperature", temperature, TEMPERATURE_RANGE, "0 = greedy")
+    if not (math.isfinite(top_p) and 0 <= top_p <= 1):
         raise InvalidRequest(f"params.top_p is {top_p}; use a value in (0, 1] (0 = default 1.0)")
     if top_k < 0:
         raise InvalidRequest(f"params.top_k is {top_k}; use 0 (no cut) or a positive count")
-    _finite("params.repetition_penalty", repetition_penalty)
-    if repetition_penalty < 0:
-        raise InvalidRequest(f"params.repetition_penalty is {repetition_penalty}; use a positive value (1 = none)")
+    _in_range("params.repetition_penalty", repetition_penalty, REPETITION_PENALTY_RANGE, "0 = default 1.0, no penalty")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"params.stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for i, s in enumerate(stop):
         if not s or len(s) > MAX_STOP_LENGTH:
             raise InvalidRequest(f"params.stop[{i}] must be 1..{MAX_STOP_LENGTH} characters, got {len(s)}")
+        text(f"params.stop[{i}]", s)
     return SamplingParams(
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=float(temperature),
@@ -67,10 +74,61 @@ def sampling_params(
 
 def request_id(value: str) -> str:
     if len(value) > MAX_REQUEST_ID or not value.isprintable():
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID} printable characters")
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID} printable characters (no NUL, no newline)")
     return value
 
 
-def _finite(field: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise InvalidRequest(f"{field} is {value}; it must be a finite number")
+def adapter_version(value: str) -> str:
+    """Load's optional version label (echoed in every response and log line)."""
+    if len(value) > MAX_VERSION or not value.isprintable():
+        raise InvalidRequest(f"version must be at most {MAX_VERSION} printable characters, got {quoted(value, 80)}")
+    return value
+
+
+def text(field: str, value: str, *, max_bytes: int | None = None) -> str:
+    """A text field: no NUL character and, with `max_bytes`, at most that many UTF-8 bytes."""
+    nul = value.find("\0")
+    if nul >= 0:
+        raise InvalidRequest(f"{field} contains a NUL character (at offset {nul}); text may not hold NUL: remove it")
+    if max_bytes is not None and len(value) > max_bytes // 4:  # below that, it fits whatever the characters
+        size = len(value.encode("utf-8"))
+        if size > max_bytes:
+            raise InvalidRequest(
+                f"{field} is {size} bytes; at most {max_bytes} are accepted (the server's --max-prompt-bytes): "
+                "shorten it"
+            )
+    return value
+
+
+def prompt_input(prompt: str | None, inputs: Mapping[str, str] | None, max_bytes: int
+                 ) -> tuple[str | None, dict[str, str] | None]:
+    """The request's `prompt` or task `inputs`, checked before anything renders or tokenizes them."""
+    if inputs is None:
+        return (None if prompt is None else text("prompt", prompt, max_bytes=max_bytes)), None
+    if len(inputs) > MAX_INPUT_FIELDS:
+        raise InvalidRequest(f"inputs.fields has {len(inputs)} fields; at most {MAX_INPUT_FIELDS} are accepted")
+    total = 0
+    for key, value in inputs.items():
+        if not 1 <= len(key) <= MAX_FIELD_NAME:
+            raise InvalidRequest(f"inputs.fields has a field name of {len(key)} characters; use 1..{MAX_FIELD_NAME}")
+        text("inputs.fields (a field name)", key)
+        text(f"inputs.fields[{quoted(key)}]", value, max_bytes=max_bytes)
+        total += len(value.encode("utf-8"))
+    if total > max_bytes:
+        raise InvalidRequest(
+            f"inputs.fields hold {total} bytes; at most {max_bytes} are accepted (the server's --max-prompt-bytes)"
+        )
+    return None, dict(inputs)
+
+
+def _in_range(field: str, value: float, bounds: tuple[float, float], zero: str) -> None:
+    """0 (the default) or within `bounds`, compared as float32 (the wire type) so 0.01 is accepted."""
+    low, high = bounds
+    if value == 0:
+        return
+    if not (math.isfinite(value) and _float32(low) <= value <= _float32(high)):
+        raise InvalidRequest(f"{field} is {value}; use 0 ({zero}) or a value in [{low:g}, {high:g}]")
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]

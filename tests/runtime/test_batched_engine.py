@@ -11,7 +11,7 @@ from loraplex.adapters.package.adapter_file import AdapterFileError, read_adapte
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import AdapterHandle, FinishReason, GenerationJob, SamplingParams
 from loraplex.runtime.engines.batched import BatchedEngine
-from loraplex.runtime.errors import InvalidRequest
+from loraplex.runtime.errors import EngineFailure, InvalidRequest
 
 from tests.fixtures.reference import PackageFiles, genai_reference, package_files
 
@@ -286,3 +286,53 @@ def test_bad_prompts_and_unreadable_adapter_files_are_refused(package, make_engi
     bogus.write_bytes(b"not an adapter")
     with pytest.raises(AdapterFileError, match="not an .onnx_adapter file"):
         load(engine, package.root, "bogus", "1", bogus)
+
+
+def inject(engine: BatchedEngine, prompt, handle) -> tuple[GenerationJob, Collected]:
+    """Queue a job past `submit`'s checks: a row the session itself fails on (an id beyond the vocab)."""
+    sink = Collected()
+    job = GenerationJob(request_id="bad", prompt_ids=list(prompt), params=SamplingParams(max_new_tokens=10),
+                        adapter=handle, sink=sink)
+    with engine._cv:
+        engine._incoming.append(job)
+        engine._cv.notify()
+    return job, sink
+
+
+def test_a_prefill_that_fails_is_rerun_row_by_row_and_ends_only_the_failing_row(package, make_engine):
+    """Issue 11: one bad row used to fail every row of its step with INTERNAL."""
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    _, first = submit(engine, PROMPTS[0], None, pause_at=1)
+    first.reached.wait(WAIT_S)  # the others queue up and join in one prefill
+    good = [(n, p, submit(engine, p, handles[n])[1]) for p, n in zip(PROMPTS[1:], ["alpha", "beta", "gamma"],
+                                                                      strict=True)]
+    bad_job, bad = inject(engine, [5, engine.vocab_size + 7, 9], handles["alpha"])
+    first.resume()
+    assert bad.wait() == [] and bad.finish is FinishReason.CANCELLED
+    assert isinstance(bad_job.error, EngineFailure) and "decoding failed" in str(bad_job.error)
+    for name, prompt, sink in good:
+        assert sink.wait() == reference(package, name, prompt), name
+    assert first.wait() == reference(package, None, PROMPTS[0])
+    assert engine.scheduler.stats.prefill_runs == 2  # first alone, then the good rows with the bad one
+
+
+def test_a_decode_step_that_fails_is_rerun_row_by_row_and_ends_only_the_failing_row(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=3)
+    jobs = [(n, p, *submit(engine, p, handles.get(n), max_new_tokens=12)) for p, n in
+            zip(PROMPTS, [None, "alpha", "beta", "gamma"], strict=True)]
+    poison = jobs[1][2]
+    run = engine.runner.run
+
+    def failing_for_poison(batch, keep=None):  # a session failure caused by one row, from its 4th token on
+        rows = [r for r in batch.rows if r.job is poison]
+        if batch.kind == "decode" and rows and rows[0].generated >= 3:
+            raise RuntimeError("injected: this row breaks the session run")
+        return run(batch, keep)
+
+    engine.runner.run = failing_for_poison
+    for name, prompt, job, sink in jobs:
+        if job is poison:
+            assert sink.wait() == reference(package, name, prompt, 12)[:3] and sink.finish is FinishReason.CANCELLED
+            assert "injected" in str(job.error)
+        else:
+            assert sink.wait() == reference(package, name, prompt, 12), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from loraplex.v1 import adapters_pb2
 
 from tests.fixtures.serving import ENGINES, EngineBrake, ServerThread, serving_config, wait_until
 
@@ -102,35 +103,75 @@ def test_admin_calls_need_the_bearer_token(guarded):
             assert code == grpc.StatusCode.UNAUTHENTICATED
             assert [a.name for a in client.list_adapters()] == ["alpha", "beta", "gamma"]  # List is open
     with guarded.client(token=TOKEN) as client:
+        load = adapters_pb2.LoadAdapterRequest(name="delta", path="beta.onnx_adapter")
+        good = ("authorization", f"Bearer {TOKEN}")
+        for twice in ([("authorization", "Bearer wrong"), good], [good, good]):  # issue 11: last value won
+            code, details = code_of(lambda m=twice: client.adapters.Load(load, metadata=m, timeout=30))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "more than one" in details
+        assert "delta" not in [a.name for a in client.list_adapters()]
         assert client.load_adapter("delta", "beta.onnx_adapter").name == "delta"
         assert client.unload_adapter("delta").name == "delta"
     still_serving(guarded)
 
 
-BAD_LOADS = [
-    ("bad/name", "alpha.onnx_adapter", grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
-    ("..", "alpha.onnx_adapter", grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
-    ("x" * 65, "alpha.onnx_adapter", grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
-    ("delta", "../outside/alpha.onnx_adapter", grpc.StatusCode.PERMISSION_DENIED, "outside the adapter root"),
-    ("delta", "/etc/passwd", grpc.StatusCode.PERMISSION_DENIED, "outside the adapter root"),
-    ("delta", "escape.onnx_adapter", grpc.StatusCode.PERMISSION_DENIED, "symlink"),
-    ("delta", "absent.onnx_adapter", grpc.StatusCode.NOT_FOUND, "no adapter file"),
-    ("delta", "notes.txt", grpc.StatusCode.INVALID_ARGUMENT, ".onnx_adapter"),
-    ("delta", "garbage.onnx_adapter", grpc.StatusCode.FAILED_PRECONDITION, "not an .onnx_adapter"),
-    ("delta", "wrong_shape.onnx_adapter", grpc.StatusCode.FAILED_PRECONDITION, "graph expects"),
-    ("alpha", "partial.onnx_adapter", grpc.StatusCode.FAILED_PRECONDITION, "lacks"),
-]
+INVALID, DENIED, MISSING, REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                     grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+BAD_LOADS = {  # id: (name, path, status, words in the details)
+    "name-slash": ("bad/name", "alpha.onnx_adapter", INVALID, "invalid"),
+    "name-dotdot": ("..", "alpha.onnx_adapter", INVALID, "invalid"),
+    "name-65": ("x" * 65, "alpha.onnx_adapter", INVALID, "invalid"),
+    "name-100000": ("a" * 100_000, "alpha.onnx_adapter", INVALID, "invalid"),  # issue 11: no metadata overflow
+    "name-newline": ("spare\n", "alpha.onnx_adapter", INVALID, "invalid"),  # issue 11: full match
+    "name-nul": ("spare\0", "alpha.onnx_adapter", INVALID, "invalid"),
+    "traversal": ("delta", "../outside/alpha.onnx_adapter", DENIED, "outside the adapter root"),
+    "absolute": ("delta", "/etc/passwd", DENIED, "outside the adapter root"),
+    "symlink-out": ("delta", "escape.onnx_adapter", DENIED, "symlink"),
+    "absent": ("delta", "absent.onnx_adapter", MISSING, "no adapter file"),
+    "absent-outside": ("delta", "../nowhere/x.onnx_adapter", DENIED, "outside the adapter root"),
+    "not-adapter": ("delta", "notes.txt", INVALID, ".onnx_adapter"),
+    # issue 11, defect 2: every path error has its status, decided before the filesystem is asked
+    "path-nul": ("delta", "al\0pha.onnx_adapter", INVALID, "NUL"),
+    "path-300-char-name": ("delta", "a" * 300 + ".onnx_adapter", INVALID, "at most 255"),
+    "path-6000": ("delta", "a/" * 3000 + "x.onnx_adapter", INVALID, "at most 1024"),
+    "path-60000": ("delta", "b" * 60_000, INVALID, "at most 1024"),
+    "symlink-loop": ("delta", "loop_a/x.onnx_adapter", INVALID, "symlink loop"),
+    "directory": ("delta", "loop_a", INVALID, "symlink loop"),
+    # the file's bytes: recorded sha256 first, then the graph checks
+    "garbage": ("delta", "garbage.onnx_adapter", REFUSED, "not an .onnx_adapter"),
+    "wrong-shape": ("delta", "wrong_shape.onnx_adapter", REFUSED, "graph expects"),
+    "partial": ("alpha", "partial.onnx_adapter", REFUSED, "lacks"),
+    "nan": ("delta", "nan.onnx_adapter", REFUSED, "NaN"),  # issue 11, defect 1
+    "huge": ("delta", "huge.onnx_adapter", REFUSED, "magnitude"),
+    "float16": ("delta", "half.onnx_adapter", REFUSED, "float16"),  # issue 11, defect 7
+    "int32": ("delta", "ints.onnx_adapter", REFUSED, "int32"),
+    "flipped-bytes": ("delta", "flipped.onnx_adapter", REFUSED, "does not match the sha256"),  # defect 8
+    "unrecorded": ("delta", "unrecorded.onnx_adapter", REFUSED, "no recorded sha256"),
+    "bad-sidecar": ("delta", "badsum.onnx_adapter", REFUSED, "64 hex digits"),
+}
+TENSOR_FAULTS = ("nan", "huge", "float16", "int32", "wrong-shape")
 
 
-@pytest.mark.parametrize(("name", "path", "code", "words"), BAD_LOADS, ids=[b[1] + ":" + b[0][:8] for b in BAD_LOADS])
-def test_bad_load_fails_with_its_code_and_changes_nothing(guarded, name, path, code, words):
+@pytest.mark.parametrize("case", list(BAD_LOADS))
+def test_bad_load_fails_with_its_code_and_changes_nothing(guarded, case):
+    name, path, code, words = BAD_LOADS[case]
     with guarded.client(token=TOKEN) as client:
         before = [(a.name, a.version) for a in client.list_adapters()]
         got, details = code_of(lambda: client.load_adapter(name, path))
         assert got == code, details
         assert words in details
+        assert len(details) < 1200  # user input is quoted, not echoed whole
+        if case in TENSOR_FAULTS:
+            assert ".MatMul.weight" in details  # names the tensor at fault
         assert [(a.name, a.version) for a in client.list_adapters()] == before
     still_serving(guarded)
+
+
+def test_a_valid_file_with_its_recorded_sha256_loads(guarded):
+    with guarded.client(token=TOKEN) as client:
+        info = client.load_adapter("delta", "alpha_half.onnx_adapter")
+        assert len(info.sha256) == 64 and info.version == info.sha256[:12]
+        assert len(client.generate("delta", "The weather today", max_new_tokens=3).token_ids) == 3
+        client.unload_adapter("delta")
 
 
 def test_unload_unknown_adapter_is_not_found(guarded):

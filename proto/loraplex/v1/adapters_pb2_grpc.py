@@ -64,14 +64,27 @@ class AdaptersServicer:
         """Loads an adapter file under the server's adapter root. A name already loaded is replaced
         atomically: requests in flight finish on the old version, new requests get the new one.
         Needs the bearer token ("authorization: Bearer <token>") when the server has one.
+        The file's sha256 must be the one recorded for it: in `<file>.sha256` beside it (sha256sum's
+        format), else in the package manifest's entry for that file; a file with neither must be
+        byte-identical to an adapter the manifest records.
+        Statuses: INVALID_ARGUMENT for a bad name, version or path (NUL, over 1024 characters, a
+        component over 255 bytes, a symlink loop, not an .onnx_adapter file), checked before the
+        filesystem is touched where it can be; PERMISSION_DENIED for a path that resolves outside the
+        adapter root (or a file the server may not read); NOT_FOUND for a missing file;
+        FAILED_PRECONDITION for a file whose sha256 does not match or is not recorded, or that does not
+        fit the graph (names, shapes, dtype, NaN/inf or absurd magnitudes: the tensor is named). A
+        failed Load changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Unload(self, request, context):
-        """Waits for requests in flight on the adapter, or fails with FAILED_PRECONDITION if
-        `no_wait` is set and some are. Needs the bearer token when the server has one.
+        """Removes the name for new requests at once, then waits for the requests in flight on it, or
+        fails with FAILED_PRECONDITION if `no_wait` is set and some are. A request is in flight (holds
+        its version) until the engine has finished its job, not until the client has read its whole
+        stream: every engine answers alike. NOT_FOUND for a name that is not loaded. Needs the bearer
+        token when the server has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

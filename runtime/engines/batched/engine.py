@@ -4,6 +4,10 @@ One thread loops over `step()`: the scheduler decides (which rows run, KV rows, 
 the runner computes (one session run, a token per row), the scheduler post-processes (tokens to
 the sinks, finished rows). Requests join and leave at every step; a joining request stalls the
 others for one prefill run. CPU execution provider only: the KV rows are host-memory views.
+
+A failure belongs to the rows that cause it: the sampler reports a row's own error (non-finite
+scores) in place of its token, and when a whole session run fails the step is run again row by
+row, each row alone on its own KV row, so only the rows that fail alone end (with INTERNAL).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import threading
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.reader import Package
-from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob
+from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, check_prompt
 from loraplex.runtime.engines.batched.runner import ModelRunner
-from loraplex.runtime.engines.batched.scheduler import BatchedAdapter, Scheduler
-from loraplex.runtime.errors import DeviceUnavailable, InvalidRequest, ShuttingDown
+from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler
+from loraplex.runtime.errors import DeviceUnavailable, EngineFailure, InvalidRequest, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +73,7 @@ class BatchedEngine(Engine):
             self._cv.notify()
 
     def submit(self, job: GenerationJob) -> None:
-        prompt = job.prompt_ids
-        if not prompt:
-            raise InvalidRequest("the prompt is empty: send at least one token")
-        if len(prompt) >= self.max_len:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt)} tokens; the batched engine's context holds {self.max_len} "
-                "(prompt + completion): shorten the prompt"
-            )
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
+        check_prompt(job.prompt_ids, self.max_len, self.vocab_size)
         if isinstance(job.adapter, BatchedAdapter) and job.adapter.weights is None:
             raise InvalidRequest(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded")
         with self._cv:
@@ -102,12 +97,32 @@ class BatchedEngine(Engine):
         _finish(plan.ended)  # after the runner let go of their rows
         if plan.batch is None:
             return
+        self.scheduler.postprocess(plan.batch, self._run(plan.batch))
+
+    def _run(self, batch: Batch) -> list[int | Exception]:
+        """A token (or the row's error) per row. If the session run fails for the whole batch, each
+        row runs alone (KV rows [i, i+1), its fills only): only the rows that fail alone get the error.
+        Re-running is exact: a row's cache positions are rewritten with the same values."""
         try:
-            outcomes = self.runner.run(plan.batch)
-        except Exception as exc:  # an ONNX Runtime failure ends this batch's rows, not the server
-            log.exception("batched engine step failed for %d rows", len(plan.batch.rows))
-            outcomes = [exc] * len(plan.batch.rows)
-        self.scheduler.postprocess(plan.batch, outcomes)
+            return self.runner.run(batch)
+        except Exception as exc:
+            if len(batch.rows) == 1:
+                log.exception("request %s failed in the batched engine", batch.rows[0].job.request_id)
+                return [EngineFailure(f"decoding failed: {exc}")]
+            log.warning("a %s step of %d rows failed (%s); running its rows one by one", batch.kind,
+                        len(batch.rows), exc)
+        outcomes: list[int | Exception] = []
+        for i, row in enumerate(batch.rows):
+            alone = Batch(batch.kind, [row], batch.start + i, [f for f in batch.fills if f[0] == row.slot])
+            # The cache rows that must survive a growth: those filled so far (a prefill fills its rows
+            # one by one here), or every row of a decode step.
+            keep = batch.start + (i if batch.kind == "prefill" else len(batch.rows))
+            try:
+                outcomes.extend(self.runner.run(alone, keep=keep))
+            except Exception as exc:
+                log.exception("request %s failed in the batched engine", row.job.request_id)
+                outcomes.append(EngineFailure(f"decoding failed: {exc}"))
+        return outcomes
 
     def _loop(self) -> None:
         while True:

@@ -33,13 +33,17 @@ class ModelRunner:
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots, package.manifest.lora_rank)
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
 
-    def run(self, batch: Batch) -> list[int | Exception]:
-        """One session run for `batch`: a token, or the row's own error, per row."""
+    def run(self, batch: Batch, keep: int | None = None) -> list[int | Exception]:
+        """One session run for `batch`: a token, or the row's own error, per row. `keep`: how many KV
+        rows must keep their contents if the cache grows (default: the rows running before it)."""
         for slot, adapter in batch.fills:
             if adapter.weights is None:
                 raise RuntimeError(f"adapter {adapter.name}@{adapter.version} was unloaded before it was filled")
             self.bank.fill(slot, adapter.weights)
-        logits = self._prefill(batch.rows, batch.start) if batch.kind == "prefill" else self._decode(batch.rows)
+        if batch.kind == "prefill":
+            logits = self._prefill(batch.rows, batch.start, batch.start if keep is None else keep)
+        else:
+            logits = self._decode(batch.rows, batch.start, batch.start + len(batch.rows) if keep is None else keep)
         return choose_tokens(logits, [row.sampler for row in batch.rows])  # type: ignore[misc]
 
     def compact(self, moves: list[tuple[int, int, int]], idle: bool) -> None:
@@ -49,10 +53,10 @@ class ModelRunner:
         if idle:
             self.kv.reset()
 
-    def _prefill(self, rows: list[Row], start: int) -> np.ndarray:
+    def _prefill(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
         lengths = np.array([row.length for row in rows], dtype=np.int64)
         width = int(lengths.max())
-        self.kv.ensure(width, rows=start)
+        self.kv.ensure(width, rows=keep)
         ids = np.full((len(rows), width), self.config.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : row.length] = row.job.prompt_ids
@@ -60,15 +64,15 @@ class ModelRunner:
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return self._run(ids, mask, rows, start, lengths - 1)
 
-    def _decode(self, rows: list[Row]) -> np.ndarray:
+    def _decode(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
         ids = np.array([[row.last_token] for row in rows], dtype=np.int64)
         totals = np.array([row.length + 1 for row in rows], dtype=np.int64)
         # Each row's mask sums to its own total length (GQA reads only the sum); the width is the
         # longest row's, and must exceed 1 so GQA does not take a one-token step for a prompt.
         width = max(int(totals.max()), 2)
-        self.kv.ensure(int(totals.max()), rows=len(rows))
+        self.kv.ensure(int(totals.max()), rows=keep)
         mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
-        return self._run(ids, mask, rows, 0, np.zeros(len(rows), dtype=np.int64))
+        return self._run(ids, mask, rows, start, np.zeros(len(rows), dtype=np.int64))
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, rows: list[Row], start: int, last: np.ndarray) -> np.ndarray:
         """One session run over KV rows [start, start + len(rows)); logits [rows, vocab] at `last`."""

@@ -101,6 +101,6 @@ def choose_tokens(logits: np.ndarray, samplers: list[RowSampler]) -> list[int | 
                 continue
             try:
                 tokens[i] = sampler.choose(logits[i])
-            except (ValueError, ArithmeticError, EngineFailure) as exc:
+            except Exception as exc:  # this row's own failure: it ends this row, never the step
                 tokens[i] = exc
     return tokens
