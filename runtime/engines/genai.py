@@ -99,6 +99,9 @@ class GenaiEngine(Engine):
             self._cond.notify()
         self._thread.join()
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         while True:
             with self._cond:

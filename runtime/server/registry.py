@@ -6,9 +6,8 @@ Every request takes a lease on the version current when it arrives and keeps it 
   lease ends;
 - `unload` removes the name at once for new requests and waits for the leases in flight (or
   refuses with AdapterBusy when asked not to wait).
-Paths are confined to the adapter root (no `..`, no symlink out of it), names match
-`[A-Za-z0-9._-]{1,64}`, and a file that does not fit the graph is refused before the engine sees
-it, so a bad Load leaves the server serving as before.
+Paths are confined to the adapter root and files checked against the graph by `AdapterFiles`
+before the engine sees them, so a bad Load leaves the server serving as before.
 
 The registry lives on the asyncio loop (single-threaded); engine calls run in worker threads.
 """
@@ -20,19 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.adapters.package.adapter_file import ADAPTER_SUFFIX, AdapterFileError, AdapterWeights, read_adapter_file
-from loraplex.adapters.package.manifest import AdapterEntry, Manifest, ManifestError, check_adapter_name, file_sha256
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.engines.base import AdapterHandle, Engine
-from loraplex.runtime.errors import (
-    AdapterBusy,
-    AdapterFileNotFound,
-    AdapterIncompatible,
-    AdapterNotFound,
-    InvalidRequest,
-    PermissionDenied,
-)
+from loraplex.runtime.errors import AdapterBusy, AdapterNotFound
+from loraplex.runtime.server.adapter_files import AdapterFiles, CheckedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +44,11 @@ class AdapterVersion:
     served: int = 0
     retired: bool = False
     unloaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def of(cls, checked: CheckedAdapter, handle: AdapterHandle | None) -> AdapterVersion:
+        return cls(checked.name, checked.version, handle, checked.rank, list(checked.target_modules),
+                   checked.template, checked.sha256, checked.size_bytes)
 
 
 class Lease:
@@ -82,7 +78,8 @@ class AdapterRegistry:
     def __init__(self, engine: Engine, package: Package, adapter_root: Path):
         self.engine = engine
         self.package = package
-        self.adapter_root = Path(adapter_root).resolve()
+        self.files = AdapterFiles(package, adapter_root)
+        self.adapter_root = self.files.adapter_root
         self._current: dict[str, AdapterVersion] = {BASE_NAME: AdapterVersion(BASE_NAME, "base", None)}
         self._admin = asyncio.Lock()
         self._unloading: set[asyncio.Task] = set()
@@ -119,17 +116,22 @@ class AdapterRegistry:
     # -- admin ----------------------------------------------------------------------------
     async def load(self, name: str, path: str | Path, version: str | None = None) -> AdapterVersion:
         """Load (or replace) `name` from a file under the adapter root."""
-        try:
-            check_adapter_name(name)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
+        self.files.check_name(name)
         return await self.load_file(name, self.resolve(path), version)
 
-    async def load_file(self, name: str, file: Path, version: str | None = None) -> AdapterVersion:
-        """Load (or replace) `name` from a file already resolved and trusted (the package's own)."""
+    async def load_file(self, name: str, file: Path, version: str | None = None,
+                        template: PromptTemplate | None = None) -> AdapterVersion:
+        """Load (or replace) `name` from a file already resolved and trusted (the package's own).
+
+        `template` serves when the manifest does not describe the file (default: the template of the
+        version it replaces, so a replacement keeps serving the same task).
+        """
         async with self._admin:
-            new, weights = await asyncio.to_thread(self._prepare, name, file, version)
-            new.handle = await asyncio.to_thread(self.engine.load_adapter, name, new.version, weights)
+            current = self._current.get(name)
+            fallback = template if template is not None else (current.template if current else None)
+            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback)
+            handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
+            new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)
             self._current[name] = new
             if old is not None:
@@ -147,12 +149,19 @@ class AdapterRegistry:
                 raise AdapterBusy(
                     f"adapter {name!r} has {version.leases} request(s) in flight; unload with waiting, or retry later"
                 )
-            del self._current[name]
-            version.retired = True
-            if version.leases == 0:
-                self._schedule_unload(version)
+            self.retire(name)
         await version.unloaded.wait()
         log.info("adapter %s version %s unloaded after %d request(s)", name, version.version, version.served)
+        return version
+
+    def retire(self, name: str) -> AdapterVersion:
+        """Remove `name` for new requests at once; its version is freed after its last request
+        (await `.unloaded`). The caller serializes it with loads of the same name."""
+        version = self.get(name)
+        del self._current[name]
+        version.retired = True
+        if version.leases == 0:
+            self._schedule_unload(version)
         return version
 
     async def close(self) -> None:
@@ -162,62 +171,9 @@ class AdapterRegistry:
 
     def resolve(self, path: str | Path) -> Path:
         """The real file a Load path names, refusing anything outside the adapter root."""
-        raw = Path(path)
-        if not str(path):
-            raise InvalidRequest("path is empty: name an .onnx_adapter file under the server's adapter root")
-        candidate = raw if raw.is_absolute() else self.adapter_root / raw
-        real = candidate.resolve()
-        if not real.is_relative_to(self.adapter_root):
-            raise PermissionDenied(
-                f"path {str(path)!r} resolves outside the adapter root {self.adapter_root} (traversal or symlink); "
-                "put the adapter file under the adapter root"
-            )
-        if not real.is_file():
-            raise AdapterFileNotFound(f"no adapter file at {str(path)!r} under the adapter root {self.adapter_root}")
-        if real.suffix != ADAPTER_SUFFIX:
-            raise InvalidRequest(f"{real.name} is not an {ADAPTER_SUFFIX} file; write one with `loraplex adapters add`")
-        return real
+        return self.files.resolve(path)
 
     # -- internals ------------------------------------------------------------------------
-    def _prepare(self, name: str, file: Path, version: str | None) -> tuple[AdapterVersion, AdapterWeights]:
-        """Check the file against the graph and gather its metadata (worker thread)."""
-        try:
-            weights = read_adapter_file(file, self.package.lora_inputs)
-        except AdapterFileError as exc:
-            raise AdapterIncompatible(
-                f"adapter {name!r} does not fit this package's graph: {exc}; "
-                "re-export it for this package with `loraplex adapters add`"
-            ) from exc
-        sha = file_sha256(file)
-        entry = self._manifest_entry(name, sha)
-        current = self._current.get(name)
-        template = None
-        if entry is not None and entry.template:
-            template = PromptTemplate.from_dict(entry.template)
-        elif current is not None:
-            template = current.template  # a replacement keeps serving the same task
-        found = AdapterVersion(
-            name=name,
-            version=version or (entry.version if entry else sha[:12]),
-            handle=None,
-            rank=entry.rank if entry else weights.rank,
-            target_modules=list(entry.target_modules) if entry else _projections(weights),
-            template=template,
-            sha256=sha,
-            size_bytes=file.stat().st_size,
-        )
-        return found, weights
-
-    def _manifest_entry(self, name: str, sha: str) -> AdapterEntry | None:
-        """The manifest's entry for this exact file, if the package describes it. Read from disk: an
-        adapter added to the package (`loraplex adapters add`) while serving is described there."""
-        try:
-            manifest = Manifest.load(self.package.root)
-        except ManifestError:
-            return None
-        entry = manifest.adapters.get(name)
-        return entry if entry is not None and entry.sha256 == sha else None
-
     def _schedule_unload(self, version: AdapterVersion) -> None:
         if version.handle is None:
             version.unloaded.set()
@@ -235,7 +191,3 @@ class AdapterRegistry:
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
 
-
-def _projections(weights: AdapterWeights) -> list[str]:
-    """The projections a file adapts (q_proj, ...), for a file the manifest does not describe."""
-    return sorted({module.rsplit(".", 1)[-1] for module in weights.ranks})

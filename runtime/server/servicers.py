@@ -132,14 +132,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
 
     async def List(self, request, context):
         versions = self.ready().registry.versions()
-        return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
+        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(v) for v in versions])
 
     async def Load(self, request, context):
         with self._counted("load"):
             registry = self.ready().registry
             version = await registry.load(request.name, request.path, request.version or None)
             self.metrics.loaded_adapters.set(len(registry.names()))
-        return _adapter_info(version)
+        return adapter_info(version)
 
     async def Unload(self, request, context):
         with self._counted("unload"):
@@ -162,7 +162,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
             self.metrics.adapter_loads.labels(action, status).inc()
 
 
-def _adapter_info(v: AdapterVersion) -> adapters_pb2.AdapterInfo:
+def adapter_info(v: AdapterVersion) -> adapters_pb2.AdapterInfo:
     info = adapters_pb2.AdapterInfo(
         name=v.name,
         version=v.version,

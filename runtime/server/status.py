@@ -3,8 +3,8 @@
 `ServingInterceptor` wraps each unary and server-streaming handler: it checks the bearer token
 of guarded methods (`auth`), then runs the handler; a `LoraplexError` aborts the call with its
 status (`errors.py` names it) and its message; anything else is a server fault, logged with its
-traceback and sent as INTERNAL. Servicers therefore only translate messages and never catch
-errors themselves.
+traceback and sent as INTERNAL (`status_of`; the cluster front end maps errors with it too).
+Servicers therefore only translate messages and never catch errors themselves.
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_name(error)]
 
 
-async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and details a client gets for `error`; a server fault is logged with its traceback."""
     if not isinstance(error, LoraplexError):
         log.error("%s failed", method, exc_info=error)
-    await context.abort(status_code(error), str(error) or type(error).__name__)
+    return status_code(error), str(error) or type(error).__name__
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    await context.abort(*status_of(error, method))
 
 
 def _unary(behavior: Callable[..., Awaitable[Any]], method: str, check: Check) -> Callable[..., Awaitable[Any]]:
