@@ -73,14 +73,15 @@ def build_application(config: ClusterConfig) -> Application:
         name=ENGINE,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus, **config.ray_options},
-        request_router_config=RequestRouterConfig(
-            request_router_class=AdapterAffinityRouter,
-            request_router_kwargs={"slots": config.slots, "spill_queue": config.server.max_batch},
-        ),
         graceful_shutdown_timeout_s=config.drain_grace,
         graceful_shutdown_wait_loop_s=0.2,
         health_check_period_s=5.0,
     )
+    if config.affinity_router:
+        engine_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={"slots": config.slots, "spill_queue": config.server.max_batch},
+        )
     autoscaling = config.autoscaling()
     if autoscaling is None:
         engine_options["num_replicas"] = config.replicas

@@ -34,6 +34,7 @@ class ClusterConfig:
     replica_gpus: float = 0.0
     drain_grace: float = 30.0  # seconds a stopping replica waits for its requests in flight
     ray_options: dict[str, Any] = field(default_factory=dict)  # extra ray_actor_options for engine replicas
+    affinity_router: bool = True  # False: Serve's own multiplexed routing (for comparison: bench/cluster.py)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
