@@ -161,7 +161,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
             replica_gpus=args.replica_gpus, drain_grace=args.drain_grace,
         )
         return serve_cluster(config, address=args.address)
-    except (LoraplexError, OSError, ValueError) as exc:
+    except (LoraplexError, OSError, ValueError, RuntimeError) as exc:  # RuntimeError: Serve's deploy failed
         print(f"loraplex serve-ray: {exc}", file=sys.stderr)
         return 2
 

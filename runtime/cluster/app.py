@@ -62,6 +62,13 @@ class CatalogReplica(AdapterCatalog):
         except LoraplexError as exc:
             return exc
 
+    # Serve runs a deployment's plain methods in a thread pool: these read on the catalog's loop.
+    async def reports(self):
+        return self.replicas()
+
+    async def healthy(self) -> bool:
+        return self.serving()
+
 
 def build_application(config: ClusterConfig) -> Application:
     catalog = serve.deployment(
@@ -117,7 +124,12 @@ def undeploy(config: ClusterConfig) -> None:
 
 def serve_cluster(config: ClusterConfig, address: str | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and remove the application (what `loraplex serve-ray` runs)."""
-    deploy(config, address)
+    try:
+        deploy(config, address)
+    except BaseException:
+        if ray.is_initialized() and config.app_name in serve.status().applications:
+            undeploy(config)  # a failed deployment would stay behind, retrying
+        raise
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (exit at once)
         signal.signal(sig, lambda *_: stop.set())

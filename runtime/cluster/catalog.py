@@ -92,8 +92,8 @@ class ReplicaReport:
 @dataclass(frozen=True)
 class CatalogUpdate:
     state: CatalogState
-    round: int
-    want_metrics: bool
+    round: int  # the newest report round: answer it
+    metrics_round: int  # the newest round that asked for metrics: send them if not sent since
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ class AdapterCatalog:
         self._seen: dict[str, float] = {}
         self._changed = asyncio.Condition()
         self._round = 0
-        self._want_metrics = False
+        self._metrics_round = 0
+        self._metrics: dict[str, str] = {}  # replica -> its latest Prometheus text
         self._admin = asyncio.Lock()
         self.state = self._with(_package_adapters(package, self._next_serial))
 
@@ -126,17 +127,20 @@ class AdapterCatalog:
         async with self._changed:
             self._reports[report.replica] = report
             self._seen[report.replica] = time.monotonic()
+            if report.metrics:
+                self._metrics[report.replica] = report.metrics
             self._changed.notify_all()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._behind(report)),
                                        self.heartbeat_s if timeout is None else timeout)
-            return CatalogUpdate(self.state, self._round, self._want_metrics)
+            return CatalogUpdate(self.state, self._round, self._metrics_round)
 
     async def leave(self, replica: str) -> None:
         """A stopping replica: stop waiting for it."""
         async with self._changed:
             self._reports.pop(replica, None)
             self._seen.pop(replica, None)
+            self._metrics.pop(replica, None)
             self._changed.notify_all()
 
     def replicas(self) -> list[ReplicaReport]:
@@ -202,7 +206,7 @@ class AdapterCatalog:
 
     async def metrics(self) -> dict[str, str]:
         """Each live replica's Prometheus text (a fresh report round)."""
-        return {r.replica: r.metrics for r in await self._report_round(want_metrics=True)}
+        return {r.replica: self._metrics.get(r.replica, "") for r in await self._report_round(want_metrics=True)}
 
     # -- internals --------------------------------------------------------------------------
     def _next_serial(self) -> int:
@@ -230,7 +234,8 @@ class AdapterCatalog:
     async def _report_round(self, want_metrics: bool = False) -> list[ReplicaReport]:
         async with self._changed:
             self._round += 1
-            self._want_metrics = want_metrics
+            if want_metrics:
+                self._metrics_round = self._round
             self._changed.notify_all()
         round_ = self._round
         try:

@@ -87,9 +87,8 @@ class ClusterFront:
     # -- loraplex.v1.Adapters (and grpc.health.v1.Health/List) -------------------------------
     async def List(self, request, grpc_context: RayServegRPCContext):
         if isinstance(request, health_pb2.HealthListRequest):
-            return health_pb2.HealthListResponse(
-                statuses={name: HEALTH(status=await self._health()) for name in ("", *SERVICE_NAMES)}
-            )
+            status = HEALTH(status=await self._health())
+            return health_pb2.HealthListResponse(statuses={name: status for name in ("", *SERVICE_NAMES)})
 
         async def listing():
             listed: list[AdapterStatus] = await self.catalog.status.remote()
@@ -132,7 +131,7 @@ class ClusterFront:
 
     async def _health(self) -> int:
         try:
-            serving = await asyncio.wait_for(self.catalog.serving.remote(), 5.0)
+            serving = await asyncio.wait_for(self.catalog.healthy.remote(), 5.0)
         except Exception:
             log.warning("health: the adapter catalog did not answer", exc_info=True)
             serving = False

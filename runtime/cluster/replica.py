@@ -79,6 +79,7 @@ class EngineReplica:
         self._applied = first.state.generation  # nothing held yet: the first state applies at once
         self._completion: asyncio.Task | None = None
         self._answered = 0  # the catalog's last report round this replica answered
+        self._metrics_sent = 0  # ... and the last one it sent its metrics in
         self._report_now = asyncio.Event()
         self._closed = False
 
@@ -147,10 +148,10 @@ class EngineReplica:
                                                              self.adapters.state.generation):
                     self._complete(state.generation, await self.adapters.apply(state))
                 metrics = ""
-                if update.round > self._answered:
-                    self._answered = update.round
-                    if update.want_metrics:
-                        metrics = generate_latest(self.metrics.registry).decode()
+                if update.metrics_round > self._metrics_sent:
+                    self._metrics_sent = update.round
+                    metrics = generate_latest(self.metrics.registry).decode()
+                self._answered = max(self._answered, update.round)
                 report = self.adapters.report(self.replica, applied=self._applied, answered=self._answered,
                                               metrics=metrics, serving=not self._closed)
                 report.pid, report.node = os.getpid(), socket.gethostname()
@@ -177,7 +178,7 @@ class EngineReplica:
             return poll.result()
         poll.cancel()
         response.cancel()
-        return CatalogUpdate(self.adapters.state, self._answered, False)
+        return CatalogUpdate(self.adapters.state, self._answered, 0)
 
     def _complete(self, generation: int, drained: list[asyncio.Event]) -> None:
         """Report `generation` applied once its retired versions drained (in order of generations)."""

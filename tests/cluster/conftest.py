@@ -56,7 +56,7 @@ class ClusterHandle:
         return serve.get_deployment_handle(CATALOG, self.config.app_name)
 
     def replicas(self) -> list:
-        return self.catalog().replicas.remote().result(timeout_s=30)
+        return self.catalog().reports.remote().result(timeout_s=30)
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.ports.http}/{self.config.app_name}/metrics"
