@@ -51,6 +51,8 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
                          help="autoscaling target of requests per replica (default: --max-batch)")
     cluster.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
     cluster.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    cluster.add_argument("--front-replicas", type=int, default=1,
+                         help="front end replicas, at most one per node (several nodes: one per node)")
     _add_serving_options(cluster)
     cluster.add_argument("--drain-grace", type=float, default=30.0,
                          help="seconds a stopping replica waits for its requests in flight")
@@ -158,7 +160,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
             server=server, app_name=args.app_name, grpc_port=args.grpc_port, http_host=args.http_host,
             http_port=args.http_port, replicas=args.replicas, max_replicas=args.max_replicas,
             target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus,
-            replica_gpus=args.replica_gpus, drain_grace=args.drain_grace,
+            replica_gpus=args.replica_gpus, front_replicas=args.front_replicas, drain_grace=args.drain_grace,
         )
         return serve_cluster(config, address=args.address)
     except (LoraplexError, OSError, ValueError, RuntimeError) as exc:  # RuntimeError: Serve's deploy failed

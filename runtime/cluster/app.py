@@ -95,8 +95,12 @@ def build_application(config: ClusterConfig) -> Application:
     else:
         engine_options["autoscaling_config"] = autoscaling
     engine = serve.deployment(EngineReplica, **engine_options).bind(config.server, catalog, config.slots)
+    front_options: dict[str, Any] = {}
+    if config.front_replicas > 1:
+        front_options["max_replicas_per_node"] = 1  # one per node: the hop after the node's proxy stays local
     return serve.deployment(
-        ClusterFront, name=FRONT, num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0},
+        ClusterFront, name=FRONT, num_replicas=config.front_replicas, max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0}, **front_options,
     ).bind(config, engine, catalog)
 
 

@@ -32,13 +32,14 @@ class ClusterConfig:
     target_ongoing_requests: float | None = None  # autoscaling target per replica (default: max_batch)
     replica_cpus: float = 1.0  # CPUs Ray reserves per engine replica (fractions allowed)
     replica_gpus: float = 0.0
+    front_replicas: int = 1  # front end replicas (no model; on several nodes: one per node, see docs/cluster.md)
     drain_grace: float = 30.0  # seconds a stopping replica waits for its requests in flight
     ray_options: dict[str, Any] = field(default_factory=dict)  # extra ray_actor_options for engine replicas
     affinity_router: bool = True  # False: Serve's own multiplexed routing (for comparison: bench/cluster.py)
 
     def __post_init__(self) -> None:
-        if self.replicas < 1:
-            raise ValueError("replicas must be >= 1")
+        if self.replicas < 1 or self.front_replicas < 1:
+            raise ValueError("replicas and front_replicas must be >= 1")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
