@@ -3,6 +3,10 @@
 They build the proto messages from plain arguments and return the proto responses unchanged;
 errors arrive as `grpc.RpcError` (`AioRpcError` for AsyncClient) with the server's status code.
 `tls=ClientTLS(...)` connects over TLS (and presents a client certificate for mutual TLS).
+
+The same client talks to `loraplex serve` and to a Ray Serve cluster (`loraplex serve-ray`): the
+cluster routes by the adapter named in the request, so no routing metadata is needed. Only when
+the cluster runs several Serve applications does a call need to name one: `application=`.
 """
 
 from __future__ import annotations
@@ -84,8 +88,17 @@ class ClientTLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def _auth(token: str | None) -> list[tuple[str, str]] | None:
-    return [("authorization", f"Bearer {token}")] if token else None
+class _CallOptions:
+    """Per-call deadline and metadata: the Serve application (if any) and the bearer token (if any)
+    on every call, so one client serves a server whose token guards admin calls or all of them."""
+
+    def __init__(self, token: str | None, timeout: float | None, application: str | None):
+        self.timeout = timeout
+        self.metadata = ([("application", application)] if application else []) + (
+            [("authorization", f"Bearer {token}")] if token else [])
+
+    def __call__(self, *, admin: bool = False, timeout: float | None | object = ...) -> dict:
+        return {"timeout": self.timeout if timeout is ... else timeout, "metadata": self.metadata or None}
 
 
 def _tokenize_request(adapter: str, prompt: str | None, inputs: Mapping[str, str] | None):
@@ -98,10 +111,11 @@ def _tokenize_request(adapter: str, prompt: str | None, inputs: Mapping[str, str
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+    """Blocking client. `timeout` (seconds) is the default deadline of every call; `application` names
+    the Serve application on a Ray cluster that runs several."""
 
     def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0,
-                 tls: ClientTLS | None = None):
+                 tls: ClientTLS | None = None, application: str | None = None):
         if tls is None:
             self.channel = grpc.insecure_channel(target)
         else:
@@ -111,36 +125,37 @@ class Client:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.token = token
         self.timeout = timeout
+        self.options = _CallOptions(token, timeout, application)
 
     def generate(self, adapter: str = "", prompt: str | None = None, inputs=None, **params):
-        timeout = params.pop("timeout", self.timeout)
-        return self.generation.Generate(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+        options = self.options(timeout=params.pop("timeout", self.timeout))
+        return self.generation.Generate(generate_request(adapter, prompt, inputs, **params), **options)
 
     def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> Iterator:
-        timeout = params.pop("timeout", self.timeout)
-        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+        options = self.options(timeout=params.pop("timeout", self.timeout))
+        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), **options)
 
     def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
-        response = self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), timeout=self.timeout)
+        response = self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), **self.options())
         return list(response.token_ids)
 
     def model_info(self) -> generation_pb2.ModelInfoResponse:
-        return self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout)
+        return self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), **self.options())
 
     def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
-        return list(self.adapters.List(adapters_pb2.ListAdaptersRequest(), timeout=self.timeout).adapters)
+        return list(self.adapters.List(adapters_pb2.ListAdaptersRequest(), **self.options()).adapters)
 
     def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
-        return self.adapters.Load(request, metadata=_auth(self.token), timeout=self.timeout)
+        return self.adapters.Load(request, **self.options(admin=True))
 
     def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:
         request = adapters_pb2.UnloadAdapterRequest(name=name, no_wait=no_wait)
-        return self.adapters.Unload(request, metadata=_auth(self.token), timeout=self.timeout)
+        return self.adapters.Unload(request, **self.options(admin=True))
 
     def health(self, service: str = "") -> str:
         """"SERVING", "NOT_SERVING", ... for the whole server ("") or one service."""
-        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), **self.options())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
@@ -157,7 +172,7 @@ class AsyncClient:
     """asyncio client with the same methods as `Client` (awaitable; `stream` is an async iterator)."""
 
     def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0,
-                 tls: ClientTLS | None = None):
+                 tls: ClientTLS | None = None, application: str | None = None):
         if tls is None:
             self.channel = grpc.aio.insecure_channel(target)
         else:
@@ -167,36 +182,37 @@ class AsyncClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.token = token
         self.timeout = timeout
+        self.options = _CallOptions(token, timeout, application)
 
     async def generate(self, adapter: str = "", prompt: str | None = None, inputs=None, **params):
-        timeout = params.pop("timeout", self.timeout)
-        return await self.generation.Generate(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+        options = self.options(timeout=params.pop("timeout", self.timeout))
+        return await self.generation.Generate(generate_request(adapter, prompt, inputs, **params), **options)
 
     def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> AsyncIterator:
-        timeout = params.pop("timeout", self.timeout)
-        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), timeout=timeout)
+        options = self.options(timeout=params.pop("timeout", self.timeout))
+        return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), **options)
 
     async def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
-        response = await self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), timeout=self.timeout)
+        response = await self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), **self.options())
         return list(response.token_ids)
 
     async def model_info(self) -> generation_pb2.ModelInfoResponse:
-        return await self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout)
+        return await self.generation.ModelInfo(generation_pb2.ModelInfoRequest(), **self.options())
 
     async def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
-        return list((await self.adapters.List(adapters_pb2.ListAdaptersRequest(), timeout=self.timeout)).adapters)
+        return list((await self.adapters.List(adapters_pb2.ListAdaptersRequest(), **self.options())).adapters)
 
     async def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
-        return await self.adapters.Load(request, metadata=_auth(self.token), timeout=self.timeout)
+        return await self.adapters.Load(request, **self.options(admin=True))
 
     async def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:
         request = adapters_pb2.UnloadAdapterRequest(name=name, no_wait=no_wait)
-        return await self.adapters.Unload(request, metadata=_auth(self.token), timeout=self.timeout)
+        return await self.adapters.Unload(request, **self.options(admin=True))
 
     async def health(self, service: str = "") -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        response = await self.health_stub.Check(request, timeout=self.timeout)
+        response = await self.health_stub.Check(request, **self.options())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Runtime subcommands: serve, generate, demo, adapters list|load|unload (thin: parse, call, print)."""
+"""Runtime subcommands: serve, serve-ray, generate, demo, adapters list|load|unload (thin: parse, call, print)."""
 
 from __future__ import annotations
 
@@ -30,26 +30,9 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--package", required=True, type=Path, help="package directory from `loraplex export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 = any free port (printed at start)")
-    serve.add_argument("--device", default="cpu", choices=DEVICES)
-    serve.add_argument("--provider", choices=[p for p in PROVIDERS if p != "cpu"], default=None,
-                       help="execution provider (default: cuda for gpu, qnn for npu)")
-    serve.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
-                       help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
-    serve.add_argument("--max-slots", type=int, default=0,
-                       help="batched engine: adapters resident in the weight bank at once (0 = one per batch row)")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
-    serve.add_argument("--adapter-root", type=Path, default=None,
-                       help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
-    serve.add_argument("--auth-token-file", type=Path, default=None,
-                       help="bearer token required by Load/Unload (or by every call: --auth-scope all)")
-    serve.add_argument("--auth-scope", choices=["admin", "all"], default="admin",
-                       help="which calls need the token: admin (Load/Unload) or all loraplex.v1 calls")
+    _add_serving_options(serve)
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="Prometheus port (0 = any free port); HTTPS with the --tls-* files")
-    serve.add_argument("--max-prompt-bytes", type=int, default=None,
-                       help="refuse prompts (or task inputs) over this many UTF-8 bytes before tokenizing "
-                            "(default: 16 per token of the model's context length)")
     serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve over TLS")
     serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", type=Path, default=None,
@@ -57,11 +40,65 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     serve.set_defaults(func=_serve)
 
+    cluster = commands.add_parser(
+        "serve-ray", help="serve a package on Ray Serve: many replicas, routed by adapter, same gRPC contract",
+        description="Needs the ray extra: pip install 'loraplex[ray]'. Each replica takes the `serve` options.",
+    )
+    cluster.add_argument("--package", required=True, type=Path,
+                         help="package directory (the same path on every node of the cluster)")
+    cluster.add_argument("--address", default=None,
+                         help="Ray cluster to join (auto, ray://head:10001); default: RAY_ADDRESS, else a local Ray")
+    cluster.add_argument("--app-name", default="loraplex", help="Serve application name (clients: --application)")
+    cluster.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy port (set when Serve starts)")
+    cluster.add_argument("--http-host", default="127.0.0.1", help="Serve's HTTP proxy host (metrics)")
+    cluster.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port: /<app-name>/metrics")
+    cluster.add_argument("--replicas", type=int, default=1, help="engine replicas (the minimum when autoscaling)")
+    cluster.add_argument("--max-replicas", type=int, default=None,
+                         help="autoscale on queue depth between --replicas and this")
+    cluster.add_argument("--target-ongoing-requests", type=float, default=None,
+                         help="autoscaling target of requests per replica (default: --max-batch)")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    cluster.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    cluster.add_argument("--front-replicas", type=int, default=1,
+                         help="front end replicas, at most one per node (several nodes: one per node)")
+    _add_serving_options(cluster)
+    cluster.add_argument("--drain-grace", type=float, default=30.0,
+                         help="seconds a stopping replica waits for its requests in flight")
+    cluster.set_defaults(func=_serve_ray)
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    """What one server (or each cluster replica) runs: device, engine, batch, adapters, auth."""
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--provider", choices=[p for p in PROVIDERS if p != "cpu"], default=None,
+                        help="execution provider (default: cuda for gpu, qnn for npu)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
+                        help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
+    parser.add_argument("--max-slots", type=int, default=0,
+                        help="batched engine: adapters resident in the weight bank at once (0 = one per batch row)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
+    parser.add_argument("--adapter-root", type=Path, default=None,
+                        help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="bearer token required by Load/Unload (or by every call: --auth-scope all)")
+    parser.add_argument("--auth-scope", choices=["admin", "all"], default="admin",
+                        help="which calls need the token: admin (Load/Unload) or all loraplex.v1 calls")
+    parser.add_argument("--max-prompt-bytes", type=int, default=None,
+                        help="refuse prompts (or task inputs) over this many UTF-8 bytes before tokenizing "
+                             "(default: 16 per token of the model's context length)")
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
+    _add_client_tls(parser)
+    parser.add_argument("--application", default=None,
+                        help="Serve application name, when a Ray cluster (serve-ray) runs several")
+
 
 def _register_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="send one generation request to a running server")
-    generate.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
-    _add_client_tls(generate)
+    _add_target(generate)
     generate.add_argument("--adapter", default="", help="adapter name (empty = base model)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw prompt text")
@@ -79,9 +116,8 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
 
 def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
     def admin(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT")
+        _add_target(parser)
         parser.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
-        _add_client_tls(parser)
 
     listing = adapter_commands.add_parser("list", help="adapters loaded in a running server")
     admin(listing)
@@ -137,6 +173,35 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _serve_ray(args: argparse.Namespace) -> int:
+    from loraplex.runtime.errors import LoraplexError
+    from loraplex.runtime.server import ServerConfig
+
+    try:
+        from loraplex.runtime.cluster.app import serve_cluster
+        from loraplex.runtime.cluster.config import ClusterConfig
+    except ImportError as exc:
+        print(f"loraplex serve-ray: {exc}; install the ray extra: pip install 'loraplex[ray]'", file=sys.stderr)
+        return 2
+    try:
+        server = ServerConfig(
+            package=args.package, device=args.device, provider=args.provider, engine=args.engine,
+            max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
+            adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+            max_prompt_bytes=args.max_prompt_bytes,
+        )
+        config = ClusterConfig(
+            server=server, app_name=args.app_name, grpc_port=args.grpc_port, http_host=args.http_host,
+            http_port=args.http_port, replicas=args.replicas, max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests, replica_cpus=args.replica_cpus,
+            replica_gpus=args.replica_gpus, front_replicas=args.front_replicas, drain_grace=args.drain_grace,
+        )
+        return serve_cluster(config, address=args.address)
+    except (LoraplexError, OSError, ValueError, RuntimeError) as exc:  # RuntimeError: Serve's deploy failed
+        print(f"loraplex serve-ray: {exc}", file=sys.stderr)
+        return 2
+
+
 def _client(args: argparse.Namespace):
     from loraplex.runtime.client import Client, ClientTLS
 
@@ -144,7 +209,7 @@ def _client(args: argparse.Namespace):
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
-    return Client(args.target, token=token, tls=tls)
+    return Client(args.target, token=token, tls=tls, application=args.application)
 
 
 def _rpc(call) -> int:

@@ -76,6 +76,18 @@ class ShuttingDown(LoraplexError):
     code = "UNAVAILABLE"
 
 
+class ReplicaLost(LoraplexError):
+    """Cluster: the replica serving a request stopped (killed, crashed, scaled down) before answering."""
+
+    code = "UNAVAILABLE"
+
+
+class ClusterBehind(LoraplexError):
+    """Cluster: an adapter change is recorded, but not every replica confirmed it in time."""
+
+    code = "UNAVAILABLE"
+
+
 class DeviceUnavailable(LoraplexError):
     """The requested device or execution provider is not present on this machine (raised at start)."""
 

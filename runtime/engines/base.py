@@ -144,3 +144,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop the engine's thread after the jobs in flight end."""
+
+    def healthy(self) -> bool:
+        """False once the engine can no longer decode (its thread died): health checks report it."""
+        return True

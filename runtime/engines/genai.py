@@ -125,6 +125,9 @@ class GenaiEngine(Engine):
         self._thread.join()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         while True:
             with self._cond:

@@ -144,14 +144,10 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start serving `config.package`; returns once health says SERVING."""
-    auth = BearerAuth(_read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
+    auth = BearerAuth(read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
     package = await asyncio.to_thread(Package.open, config.package)
     metrics = ServerMetrics()
-    info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
-                max_batch=config.max_batch, max_queue=config.max_queue)
-    context_length = package.config.context_length
-    max_prompt_bytes = config.max_prompt_bytes or BYTES_PER_CONTEXT_TOKEN * context_length
-    generation = GenerationServicer(package.manifest, context_length, package.config.vocab_size, info, max_prompt_bytes)
+    generation = generation_servicer(config, package)
     adapters = AdaptersServicer(metrics, package.manifest.precision)
     health_servicer = health.aio.HealthServicer()
 
@@ -172,27 +168,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
     log.info("listening on %s:%d%s (NOT_SERVING until the model is warm)", config.host, port,
              "" if config.tls is None else " with mutual TLS" if config.tls.client_ca else " with TLS")
 
-    engine = None
     try:
-        engine = await asyncio.to_thread(
-            build_engine, package, config.engine, device=config.device, provider=config.provider,
-            max_batch=config.max_batch, max_slots=config.max_slots, intra_op_threads=config.intra_op_threads,
-        )
-        tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
-        registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
-        service = GenerationService(engine, registry, tokenizer, context_length, metrics, max_batch=config.max_batch,
-                                    max_queue=config.max_queue, max_prompt_bytes=max_prompt_bytes)
-        if config.load_package_adapters:
-            for name, entry in sorted(package.manifest.adapters.items()):
-                await registry.load_file(name, package.adapter_path(name), entry.version)
-        metrics.loaded_adapters.set(len(registry.names()))
-        if config.warmup:
-            await _warm_up(service, registry)
+        core = await build_core(config, package, metrics)
     except BaseException:
         await server.stop(None)
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
         raise
+    service, registry, engine = core.service, core.registry, core.engine
     generation.service = adapters.service = service
     running = RunningServer(config, server, port, health_servicer, metrics, service, registry, engine)
     if config.metrics_port is not None:
@@ -201,6 +182,56 @@ async def start_server(config: ServerConfig) -> RunningServer:
     log.info("serving %s on %s (engine %s, adapters: %s)", package.root, running.target, config.engine,
              ", ".join(registry.names()) or "none")
     return running
+
+
+def generation_servicer(config: ServerConfig, package: Package) -> GenerationServicer:
+    """The Generation servicer for `config` (its service is set once the model is warm)."""
+    info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
+                max_batch=config.max_batch, max_queue=config.max_queue)
+    return GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info,
+                              max_prompt_bytes(config, package))
+
+
+def max_prompt_bytes(config: ServerConfig, package: Package) -> int:
+    return config.max_prompt_bytes or BYTES_PER_CONTEXT_TOKEN * package.config.context_length
+
+
+@dataclass
+class ServingCore:
+    """What serves requests, without a port: engine, adapter registry and the request path."""
+
+    package: Package
+    engine: Engine
+    registry: AdapterRegistry
+    service: GenerationService
+
+
+async def build_core(config: ServerConfig, package: Package, metrics: ServerMetrics) -> ServingCore:
+    """Load the model, the package's adapters (if configured) and warm up; the engine is closed on failure.
+
+    `start_server` serves the result on its own port; a cluster replica (`loraplex.runtime.cluster`)
+    serves it behind Ray Serve's proxy.
+    """
+    engine = await asyncio.to_thread(
+        build_engine, package, config.engine, device=config.device, provider=config.provider,
+        max_batch=config.max_batch, max_slots=config.max_slots, intra_op_threads=config.intra_op_threads,
+    )
+    try:
+        tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
+        registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
+        service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
+                                    max_batch=config.max_batch, max_queue=config.max_queue,
+                                    max_prompt_bytes=max_prompt_bytes(config, package))
+        if config.load_package_adapters:
+            for name, entry in sorted(package.manifest.adapters.items()):
+                await registry.load_file(name, package.adapter_path(name), entry.version)
+        metrics.loaded_adapters.set(len(registry.names()))
+        if config.warmup:
+            await _warm_up(service, registry)
+    except BaseException:
+        await asyncio.to_thread(engine.close)
+        raise
+    return ServingCore(package, engine, registry, service)
 
 
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -216,7 +247,7 @@ async def _warm_up(service: GenerationService, registry: AdapterRegistry) -> Non
         await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params, request_id="warmup"))
 
 
-def _read_token(path: Path) -> str:
+def read_token(path: Path) -> str:
     token = Path(path).read_text().strip()
     if not token:
         raise ValueError(f"--auth-token-file {path} is empty: write the bearer token into it")

@@ -137,14 +137,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
 
     async def List(self, request, context):
         versions = self.ready().registry.versions()
-        return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_info(v, self.precision) for v in versions])
+        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(v, self.precision) for v in versions])
 
     async def Load(self, request, context):
         with self._counted("load"):
             registry = self.ready().registry
             version = await registry.load(request.name, request.path, adapter_version(request.version) or None)
             self.metrics.loaded_adapters.set(len(registry.names()))
-        return _adapter_info(version, self.precision)
+        return adapter_info(version, self.precision)
 
     async def Unload(self, request, context):
         with self._counted("unload"):
@@ -172,7 +172,7 @@ def _accuracy(a: Accuracy, precision: str) -> adapters_pb2.TaskAccuracy:
                                      base=a.base[a.metric], examples=a.examples, precision=precision)
 
 
-def _adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
+def adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
     info = adapters_pb2.AdapterInfo(
         name=v.name,
         version=v.version,

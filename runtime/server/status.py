@@ -4,7 +4,7 @@
 token of guarded methods (`auth`), refuses request bytes that do not decode, then runs the handler;
 a `LoraplexError` aborts the call with its status (`errors.py` names it) and its message; anything
 else is a server fault, logged with its traceback and sent as INTERNAL. Servicers therefore only
-translate messages and never catch errors themselves.
+translate messages and never catch errors themselves (`status_of`: the cluster front end maps errors with it too).
 
 Malformed request bytes (truncated, random, a string field that is not UTF-8) would make grpcio's
 own deserializer raise, which grpcio reports as UNKNOWN with an ERROR traceback per call. The
@@ -60,10 +60,15 @@ def bounded_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
     return message
 
 
-async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and details a client gets for `error`; a server fault is logged with its traceback."""
     if not isinstance(error, LoraplexError):
         log.error("%s failed", method, exc_info=error)
-    await context.abort(status_code(error), bounded_details(str(error) or type(error).__name__))
+    return status_code(error), bounded_details(str(error) or type(error).__name__)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    await context.abort(*status_of(error, method))
 
 
 def _give_up_if_expired(context: grpc.aio.ServicerContext) -> None:

@@ -88,6 +88,9 @@ class BatchedEngine(Engine):
             self._cv.notify()
         self._thread.join()
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     # ----- the engine thread -----
 
     def step(self) -> None:
