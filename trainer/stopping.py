@@ -9,8 +9,7 @@ No torch here: the rules are tested on made-up histories.
   (1.0) only the metric counts, since no further evaluation can beat it.
 - Plateau: the metric plateaued when its best value was first reached at least `patience`
   evaluations before training ended (or 3 when early stopping is off), or when it is perfect.
-  Otherwise training ended (budget or timeout) while the metric was still improving: raise
-  max_steps.
+  Otherwise training ended (budget or timeout) while the metric may still improve: raise max_steps.
 """
 
 from __future__ import annotations
@@ -112,12 +111,11 @@ class TrainingState:
         since = self.evals_since_best()
         if self.stop_reason == "early_stopping" or since >= window:
             return True, f"{self.metric} plateaued: {best}, then {since} evaluations without a better one"
-        ended = (
-            "the search's time limit stopped training"
-            if self.stop_reason == "timeout"
-            else f"the {self.total_steps}-step budget ran out"
+        ended = "the search's time limit" if self.stop_reason == "timeout" else f"the {self.total_steps}-step budget"
+        return False, (
+            f"{self.metric} may still improve: {ended} ended training {since} evaluation(s) after its {best}, "
+            f"fewer than the {window} that make a plateau; raise max_steps"
         )
-        return False, f"{self.metric} was still improving when {ended} ({best}); raise max_steps"
 
     _SAVED = ("step", "train_loss", "pending_loss", "eval_loss", "eval_metric", "best_step", "best_metric",
               "best_loss", "lowest_loss", "first_best_step", "best_state", "evals_without_improvement",

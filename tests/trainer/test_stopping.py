@@ -21,8 +21,8 @@ def test_the_budget_ending_while_the_metric_improves_is_not_a_plateau():
     assert (state.best_step, state.best_metric) == (40, 0.6)
     plateaued, note = state.plateau()
     assert plateaued is False
-    assert note == ("accuracy was still improving when the 40-step budget ran out (best accuracy 0.6 at step 40); "
-                    "raise max_steps")  # fmt: skip
+    assert note == ("accuracy may still improve: the 40-step budget ended training 0 evaluation(s) after its best "
+                    "accuracy 0.6 at step 40, fewer than the 3 that make a plateau; raise max_steps")  # fmt: skip
 
 
 def test_early_stopping_after_patience_evaluations_without_any_improvement():
