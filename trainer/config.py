@@ -117,7 +117,10 @@ class TaskConfig:
     seed: int = field(default=0, metadata=_help("seed for LoRA init, eval split, data order and dropout"))
 
     # Evaluation, early stopping, checkpoints.
-    eval_split: float = field(default=0.1, metadata=_help("fraction of records held out for evaluation (0 = none)"))
+    eval_split: float = field(
+        default=0.1,
+        metadata=_help("fraction of records held out for evaluation (0 = none: no metric, no early stopping)"),
+    )
     eval_steps: int | None = field(
         default=None,
         metadata=_help(f"evaluate every N optimizer steps; default: each epoch, at most {DEFAULT_EVAL_STEPS} apart"),

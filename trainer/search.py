@@ -143,7 +143,11 @@ def search_task(
                   f"({row['time_s']:.1f}s) with {shown}", file=sys.stderr, flush=True)  # fmt: skip
         return row["metric"]
 
-    study.optimize(objective, n_trials=trials, timeout=timeout)
+    def stop_at_deadline(study: Any, _trial: Any) -> None:  # one clock for the search and its running trial
+        if deadline is not None and time.monotonic() >= deadline:
+            study.stop()
+
+    study.optimize(objective, n_trials=trials, callbacks=[stop_at_deadline])
     best = _best(rows, metric)
     chosen = results[best]
     for name in ADAPTER_FILES:
@@ -167,7 +171,10 @@ def search_task(
         "wall_time_s": round(elapsed, 3),
         "trials": rows,
     }
-    training["files"] = {**training["files"], "search": SEARCH_DIR}
+    trial_dir = chosen.adapter_dir.relative_to(config.adapter_dir).as_posix()
+    tensorboard = training["files"]["tensorboard"]
+    training["files"] = {**training["files"], "search": SEARCH_DIR,
+                         "tensorboard": f"{trial_dir}/{tensorboard}" if tensorboard else None}  # fmt: skip
     write_training_json(config.adapter_dir, training)
     return TrainingResult(config.task, config.adapter_dir, training)
 

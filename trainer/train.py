@@ -26,7 +26,7 @@ from typing import Any
 from loraplex.trainer.base_model import base_identity, load_base_model, resolve_target_modules
 from loraplex.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loraplex.trainer.config import CHECKPOINT_DIR, ConfigError, TaskConfig
-from loraplex.trainer.dataset import Example, collate, load_examples, split_indices
+from loraplex.trainer.dataset import Example, check_records, collate, read_records, split_indices, tokenize_record
 from loraplex.trainer.evaluate import Scores, TaskEvaluator
 from loraplex.trainer.metrics import MetricError, check_metric_fits
 from loraplex.trainer.stopping import TrainingState
@@ -105,6 +105,8 @@ def train_tasks(
         for config in configs:
             check_search(config, search, search_timeout)
     check_method(configs[0].method)
+    for config in configs:  # every task's data, before the base loads and before task 1 trains
+        task_kind(config, read_records(config.data))
     identity = base_identity(base_dir)
     threads = torch.get_num_threads()
     if num_threads:
@@ -155,15 +157,23 @@ def _quiet_library_progress(progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def task_kind(config: TaskConfig, records: list[dict[str, Any]]) -> str:
+    """Check the records against the template and the declared metric; the task's kind (errors name the task)."""
+    check_records(records, config.template, config.data, task=config.task)
+    completions = [config.template.render_completion(r) for r in records]
+    try:
+        return check_metric_fits(config.metric, completions, where=f"task {config.task!r}")
+    except MetricError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def prepare_task(config: TaskConfig, model: Any, tokenizer: Any) -> TaskData:
     """Read, check, split and tokenize a task's data; decide its kind and metrics (errors name the task)."""
     max_length = getattr(model.config, "max_position_embeddings", None)
-    examples = load_examples(config.data, config.template, tokenizer, max_length=max_length, task=config.task)
+    records = read_records(config.data)
+    kind = task_kind(config, records)
+    examples = [tokenize_record(r, i, config.template, tokenizer, max_length) for i, r in enumerate(records)]
     train_idx, eval_idx = split_indices(len(examples), config.eval_split, config.seed, where=str(config.data))
-    try:
-        kind = check_metric_fits(config.metric, [e.completion for e in examples], where=f"task {config.task!r}")
-    except MetricError as exc:
-        raise ConfigError(str(exc)) from exc
     eval_set = [examples[i] for i in eval_idx]
     evaluator = TaskEvaluator.for_task(examples, eval_set, kind=kind, metric=config.metric,
                                        limit=config.eval_metric_limit, seed=config.seed,

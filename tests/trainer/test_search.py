@@ -38,6 +38,7 @@ def test_a_search_of_three_trials_keeps_the_best_by_the_metric(loaded_base, tiny
     adapter = json.loads((tmp_path / "mood" / "adapter_config.json").read_text())
     assert adapter["r"] == best["params"].get("rank", 8)
     assert (tmp_path / "mood" / "adapter_model.safetensors").is_file()
+    assert saved["files"]["tensorboard"] == f"search/trial-{best['trial']:02d}/tensorboard"
     for t in trials:  # each trial's record stays; only the kept weights remain
         trial_dir = tmp_path / "mood" / "search" / f"trial-{t['trial']:02d}"
         assert {"training.json", "curves.png", "tensorboard"} <= {p.name for p in trial_dir.iterdir()}
@@ -50,11 +51,13 @@ def test_a_search_of_three_trials_keeps_the_best_by_the_metric(loaded_base, tiny
 
 def test_the_time_limit_ends_the_search_and_its_running_trial(loaded_base, tiny_base, small_data, tmp_path):
     model, tokenizer = loaded_base
-    config = TaskConfig(task="mood", data=small_data, **SENTIMENT, out=tmp_path, max_steps=500, eval_steps=5)
-    result = search_task(model, tokenizer, config, base_identity(tiny_base), trials=5, timeout=3, progress=False)
+    # No early stopping and a budget no machine gets through in 2 s: the time limit must end the first trial.
+    config = TaskConfig(task="mood", data=small_data, **SENTIMENT, out=tmp_path, max_steps=100_000, eval_steps=10,
+                        early_stopping_patience=None)  # fmt: skip
+    result = search_task(model, tokenizer, config, base_identity(tiny_base), trials=5, timeout=2, progress=False)
     search = result.training["search"]
-    assert search["timed_out"] and search["trials_run"] < 5
-    assert search["trials"][0]["stop_reason"] == "timeout" and search["trials"][0]["steps"] < 500
+    assert search["timed_out"] and search["trials_run"] == 1
+    assert search["trials"][0]["stop_reason"] == "timeout" and 0 < search["trials"][0]["steps"] < 100_000
     assert result.training["plateaued"] is not None
 
 

@@ -291,3 +291,15 @@ def test_tasks_share_one_base_load_and_each_starts_from_a_fresh_lora(tiny_base, 
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     out = " ".join(capsys.readouterr().out.split())
     assert "2 task(s) in" in out and "(base model loaded once" in out
+
+
+def test_every_tasks_data_is_checked_before_the_first_task_trains(tiny_base, small_data, tmp_path):
+    from loraplex.trainer.dataset import DatasetError
+    from loraplex.trainer.train import train_tasks
+
+    good = TaskConfig(task="good", data=small_data, **SENTIMENT, out=tmp_path, max_steps=1)
+    bad = TaskConfig(task="bad", data=small_data, prompt_template="{review}", completion_template=" {label}",
+                     out=tmp_path)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"task 'bad': .*record 0 has no field 'review'.*add 'review' to every"):
+        train_tasks(tiny_base, [good, bad], progress=False, summary=False)
+    assert not (tmp_path / "good").exists()
