@@ -5,12 +5,12 @@ Two kinds of task, told apart by their completions:
   "negative"). Metrics: accuracy, macro_f1, exact_match, perplexity.
 - `generation`: free text. Metrics: rouge_l, bleu, exact_match, perplexity.
 
-Every metric is a float in [0, 1] except perplexity (>= 1, lower is better). Text is compared as a
-client sees it: predictions and references are stripped of surrounding whitespace first.
-- exact_match: the fraction of predictions equal to their reference.
-- accuracy: the same count, read as a label task's accuracy.
-- macro_f1: per-label F1 (torchmetrics), averaged over the labels that occur in the references or
-  predictions; a prediction that is no label at all is a miss for its reference's label.
+Every metric is a float in [0, 1] except perplexity (>= 1, lower is better).
+- exact_match: the fraction of predictions equal to their reference, character for character (the
+  trainer's prediction is the text before EOS, so a completion that does not stop is no match).
+- accuracy: the fraction of predictions equal to their label, surrounding whitespace stripped.
+- macro_f1: per-label F1 (torchmetrics) on the stripped labels, averaged over the labels that occur
+  in the references or predictions; a prediction that is no label is a miss for its reference's label.
 - rouge_l: ROUGE-L F-measure per pair (torchmetrics, the rouge-score algorithm: lowercased,
   alphanumeric tokens, no stemming), averaged over pairs.
 - bleu: corpus BLEU (sacreBLEU, 13a tokenization, exp smoothing) / 100, with effective order: a
@@ -149,7 +149,9 @@ def compute_metrics(
             if eval_loss is None:
                 raise MetricError("perplexity comes from the eval loss: pass eval_loss=")
             results[name] = perplexity(eval_loss)
-        elif name in ("exact_match", "accuracy"):  # a count of equal strings, nothing to delegate
+        elif name == "exact_match":  # counts of equal strings: nothing to delegate
+            results[name] = sum(p == r for p, r in zip(predictions, references, strict=True)) / len(refs)
+        elif name == "accuracy":
             results[name] = sum(p == r for p, r in zip(preds, refs, strict=True)) / len(refs)
         elif name == "macro_f1":
             results[name] = _macro_f1(preds, refs, labels)

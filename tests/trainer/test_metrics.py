@@ -13,9 +13,9 @@ from loraplex.trainer.metrics import (
 )
 
 
-def test_exact_match_and_accuracy_count_equal_stripped_strings():
-    got = compute_metrics(["exact_match", "accuracy"], ["a", " b\n", "c"], ["a", "b", "b"])
-    assert got == pytest.approx({"exact_match": 2 / 3, "accuracy": 2 / 3})
+def test_exact_match_counts_equal_strings_and_accuracy_equal_stripped_labels():
+    got = compute_metrics(["exact_match", "accuracy"], [" a", " b\n", "c"], [" a", " b", " b"])
+    assert got == pytest.approx({"exact_match": 1 / 3, "accuracy": 2 / 3})
 
 
 def test_macro_f1_averages_per_label_f1_and_counts_a_non_label_as_a_miss():
