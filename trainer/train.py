@@ -94,19 +94,7 @@ def train_tasks(
     import torch
 
     started = time.perf_counter()
-    if not configs:
-        raise ConfigError("no tasks to train")
-    methods = {c.method for c in configs}
-    if len(methods) > 1:
-        raise ConfigError(f"tasks trained together share one loaded base; they mix methods {sorted(methods)}")
-    if search:
-        from loraplex.trainer.search import check_search
-
-        for config in configs:
-            check_search(config, search, search_timeout)
-    check_method(configs[0].method)
-    for config in configs:  # every task's data, before the base loads and before task 1 trains
-        task_kind(config, read_records(config.data))
+    check_tasks(configs, search, search_timeout)
     identity = base_identity(base_dir)
     threads = torch.get_num_threads()
     if num_threads:
@@ -132,6 +120,23 @@ def train_tasks(
 
         print_summary(results, total_s=time.perf_counter() - started, base_load_s=loaded - started)
     return results
+
+
+def check_tasks(configs: Sequence[TaskConfig], search: int = 0, search_timeout: float | None = None) -> None:
+    """Everything that can fail without the base model, for every task: before task 1 trains, not after."""
+    if not configs:
+        raise ConfigError("no tasks to train")
+    methods = {c.method for c in configs}
+    if len(methods) > 1:
+        raise ConfigError(f"tasks trained together share one loaded base; they mix methods {sorted(methods)}")
+    if search:
+        from loraplex.trainer.search import check_search
+
+        for config in configs:
+            check_search(config, search, search_timeout)
+    check_method(configs[0].method)
+    for config in configs:
+        task_kind(config, read_records(config.data))
 
 
 def train(base_dir: str | Path, config: TaskConfig, **kwargs: Any) -> TrainingResult:
@@ -276,12 +281,7 @@ def train_task(
         state = TrainingState(metric=data.evaluator.primary, patience=patience, total_steps=total_steps)
         checkpoint = latest_checkpoint(checkpoint_dir) if config.resume else None
         if checkpoint is not None:
-            saved = load_checkpoint(checkpoint, config)
-            _load_lora_state(peft_model, saved["lora"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["rng"])
-            state.restore(saved["run"])
+            _resume(checkpoint, config, peft_model, optimizer, scheduler, state)
         tensorboard = out / TENSORBOARD_DIR if config.report_to == "tensorboard" else None
         log = TrainingLog(tensorboard, purge_step=state.step + 1 if checkpoint is not None else None)
 
@@ -304,11 +304,7 @@ def train_task(
                                                     if state.eval_metric else {}))  # fmt: skip
             bar.update(1)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint_dir, state.step, {
-                    "config": config.to_dict(), "lora": _lora_state(peft_model),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "run": state.snapshot(),
-                })  # fmt: skip
+                _checkpoint(checkpoint_dir, config, peft_model, optimizer, scheduler, state)
             if on_step is not None:
                 on_step(state.step, loss)
         bar.close()
@@ -326,6 +322,28 @@ def train_task(
         if log is not None:
             log.close()
         peft_model.unload()  # removes the LoRA layers: the next task starts from the bare base
+
+
+def _checkpoint(directory: Path, config: TaskConfig, model: Any, optimizer: Any, scheduler: Any,
+                state: TrainingState) -> None:
+    import torch
+
+    save_checkpoint(directory, state.step, {
+        "config": config.to_dict(), "lora": _lora_state(model), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "run": state.snapshot(),
+    })  # fmt: skip
+
+
+def _resume(path: Path, config: TaskConfig, model: Any, optimizer: Any, scheduler: Any,
+            state: TrainingState) -> None:
+    import torch
+
+    saved = load_checkpoint(path, config)
+    _load_lora_state(model, saved["lora"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    state.restore(saved["run"])
 
 
 def _evaluate(model: Any, tokenizer: Any, data: TaskData, state: TrainingState, log: Any) -> None:
