@@ -15,6 +15,7 @@ OUT/TASK/search/trial-NN; their adapter weights are deleted once the best is cop
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -26,6 +27,7 @@ from loraplex.trainer.search_space import ALL_MODULES, DEFAULT_SPACE, SearchSpac
 from loraplex.trainer.summary import format_param
 
 SEARCH_DIR = "search"
+TIE_BREAK = 1e-6
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "curves.png")
 
 
@@ -141,7 +143,7 @@ def search_task(
             shown = " ".join(f"{name}={format_param(name, value)}" for name, value in params.items())
             print(f"{config.task} trial {trial.number}: {metric} {row['metric']:.4g} after {row['steps']} steps "
                   f"({row['time_s']:.1f}s) with {shown}", file=sys.stderr, flush=True)  # fmt: skip
-        return row["metric"]
+        return _objective(metric, row["metric"], row["eval_loss"])
 
     def stop_at_deadline(study: Any, _trial: Any) -> None:  # one clock for the search and its running trial
         if deadline is not None and time.monotonic() >= deadline:
@@ -177,6 +179,18 @@ def search_task(
                          "tensorboard": f"{trial_dir}/{tensorboard}" if tensorboard else None}  # fmt: skip
     write_training_json(config.adapter_dir, training)
     return TrainingResult(config.task, config.adapter_dir, training)
+
+
+def _objective(metric: str, value: float, eval_loss: float | None) -> float:
+    """The value Optuna models: the metric, with the eval loss breaking ties.
+
+    On small eval splits many trials reach the same accuracy (often 1.0); TPE splits trials into
+    good and bad by rank, and ties leave it no signal. A 1e-6 weight orders equal metrics by eval loss
+    without reordering different ones (metric steps are >= 1/eval records).
+    """
+    if metric == "perplexity" or eval_loss is None or not math.isfinite(eval_loss):
+        return value
+    return value - TIE_BREAK * min(eval_loss, 100.0)
 
 
 def _best(rows: list[dict[str, Any]], metric: str) -> int:

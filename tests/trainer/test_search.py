@@ -5,7 +5,7 @@ import json
 import pytest
 from loraplex.trainer.base_model import base_identity
 from loraplex.trainer.config import TaskConfig
-from loraplex.trainer.search import _best, search_task
+from loraplex.trainer.search import _best, _objective, search_task
 
 from tests.trainer.conftest import SENTIMENT
 
@@ -65,6 +65,10 @@ def test_equal_metrics_prefer_the_lower_eval_loss():
     rows = [{"metric": 0.9, "eval_loss": 0.5}, {"metric": 1.0, "eval_loss": 0.4}, {"metric": 1.0, "eval_loss": 0.2}]
     assert _best(rows, "accuracy") == 2
     assert _best([{"metric": 3.0, "eval_loss": 1.1}, {"metric": 2.0, "eval_loss": 0.7}], "perplexity") == 1
+    # What Optuna models orders the same way, and never reorders different metric values.
+    values = [_objective("accuracy", r["metric"], r["eval_loss"]) for r in rows]
+    assert values[2] > values[1] > values[0]
+    assert _objective("accuracy", 0.975, 0.0) < _objective("accuracy", 1.0, 100.0)
 
 
 @pytest.mark.parametrize(
