@@ -2,9 +2,10 @@
 
 Optuna's TPE sampler (seeded with the task's seed; its first trials are random, then it models
 which values do well) proposes learning rate, rank, alpha, target modules, step budget, batch size
-and dropout within the task's SearchSpace. Trial 0 is the task's own settings, so a search never
-keeps something worse than training without one. Each trial is an ordinary training run with
-early stopping, on the one base model already loaded, one after another.
+and dropout within the task's SearchSpace. Trial 0 takes the task's own values of the searched
+options where the space holds them (the rest sampled), so a search whose space holds the task's
+settings never keeps something worse than training without one. Each trial is an ordinary
+training run with early stopping, on the one base model already loaded, one after another.
 
 The best trial has the best eval metric on the whole eval split (ties: the lower eval loss). Its
 adapter, training.json and curves.png are written to OUT/TASK; training.json's `search` holds the
@@ -165,7 +166,7 @@ def search_task(
         "trials_run": len(rows),
         "timeout_s": timeout,
         "timed_out": timeout is not None and (len(rows) < trials or any(r["stop_reason"] == "timeout" for r in rows)),
-        "sampler": f"TPE, seed {config.seed}, first {startup} random; trial 0 = the task's settings",
+        "sampler": f"TPE, seed {config.seed}, first {startup} random; trial 0 = the task's values",
         "space": space.to_dict(),
         "metric": metric,
         "direction": "maximize" if higher_is_better(metric) else "minimize",
