@@ -46,7 +46,7 @@ def print_summary(
             _fmt(t["final_eval_loss"], ".4f"),
             str(t["steps"]),
             STOPS.get(t["stop_reason"], t["stop_reason"]),
-            f"{t['wall_time_s']:.1f}s",
+            f"{t['search']['wall_time_s'] if 'search' in t else t['wall_time_s']:.1f}s",  # a search: all its trials
         )
         if not t["plateaued"]:
             notes.append(f"{t['task']}: {t['plateau_note']}")
