@@ -15,7 +15,7 @@ from loraplex.trainer.config import ConfigError, TaskConfig
 
 PATTERN = "step-*.pt"
 # Options that do not change what training computes; a resumed run may differ in these.
-NOT_COMPARED = {"resume", "checkpoint_every", "out", "data"}
+NOT_COMPARED = {"resume", "checkpoint_every", "out", "data", "logging_steps", "report_to", "search"}
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from typing import Any
 
 # Given on the command line as their own flags (and required without --config).
@@ -32,11 +33,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="YAML task file (base, out, defaults, tasks); see loraplex.trainer.config")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 suits tiny models)")
+    train.add_argument("--search", dest="search_trials", type=int, default=0, metavar="N",
+                       help="hyper-parameter search: train N trials per task (Optuna TPE) within the task file's "
+                       "'search' space (default: learning rate, rank, batch size) and keep the best by the eval "
+                       "metric")  # fmt: skip
+    train.add_argument("--search-timeout", type=float, metavar="SECONDS",
+                       help="stop each task's search after this many seconds (the running trial keeps its best)")
     add_config_options(train)
     train.set_defaults(func=_train)
 
 
 def _option_type(f: dataclasses.Field) -> dict[str, Any]:
+    from loraplex.trainer.config import TaskConfig
+
+    hint = typing.get_type_hints(TaskConfig)[f.name]
+    if typing.get_origin(hint) is typing.Literal:
+        return {"type": str, "choices": typing.get_args(hint)}
     kind = str(f.type)
     if kind.startswith("bool"):
         return {"action": argparse.BooleanOptionalAction}
@@ -65,9 +77,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from loraplex.trainer.config import field_names
+    from loraplex.trainer.config import config_fields
 
-    return {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    return {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,7 +109,8 @@ def _train(args: argparse.Namespace) -> int:
             base, configs = args.base, [TaskConfig.from_dict(options, where="command line")]
         if base is None:
             raise ConfigError("no base model: pass --base DIR or set 'base' in the task file")
-        train_tasks(base, configs, progress=not args.no_progress, num_threads=args.threads)
+        train_tasks(base, configs, progress=not args.no_progress, num_threads=args.threads, search=args.search_trials,
+                    search_timeout=args.search_timeout)
     except (ConfigError, DatasetError, TemplateError, BaseModelError, QLoRAUnavailable) as exc:
         print(f"loraplex train: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,10 @@ A task file (`loraplex train --config tasks.yaml`, `loraplex export --config tas
         data: sentiment.jsonl
         prompt_template: "Review: {text}\\nSentiment:"
         completion_template: " {label}"
+        metric: accuracy        # optional: auto (default) infers it from the data
+        search:                 # optional: the space of `loraplex train --search N` (see search_space.py)
+          learning_rate: [0.001, 0.01]
+          rank: [4, 8]
 """
 
 from __future__ import annotations
@@ -25,14 +29,26 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from loraplex.adapters.package.template import PromptTemplate, TemplateError
+from loraplex.trainer.search_space import SearchSpace, SearchSpaceError
 
-METHODS = ("lora", "qlora")
-LR_SCHEDULERS = ("linear", "cosine", "constant")
+Method = Literal["lora", "qlora"]
+LrScheduler = Literal["linear", "cosine", "constant"]
+MetricChoice = Literal["auto", "exact_match", "accuracy", "macro_f1", "rouge_l", "bleu", "perplexity"]
+ReportTo = Literal["none", "tensorboard"]
+METHODS: tuple[str, ...] = get_args(Method)
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
+METRIC_CHOICES: tuple[str, ...] = get_args(MetricChoice)
+REPORT_TO: tuple[str, ...] = get_args(ReportTo)
+
 TRAINING_JSON = "training.json"
 CHECKPOINT_DIR = "checkpoints"
+# The step budget when neither max_steps nor epochs is set: generous, early stopping decides.
+DEFAULT_MAX_STEPS = 1000
+# Evaluate once per epoch, but at least this often (steps), when eval_steps is not set.
+DEFAULT_EVAL_STEPS = 50
 
 
 class ConfigError(ValueError):
@@ -40,6 +56,7 @@ class ConfigError(ValueError):
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: `help` for the CLI and docs; `cli=False` for options only a task file can set."""
     return {"help": text, **extra}
 
 
@@ -57,7 +74,15 @@ class TaskConfig:
         metadata=_help("what the model must produce after the prompt, e.g. ' {label}'; loss is taken on it only")
     )
     out: Path = field(default=Path("adapters"), metadata=_help("output root: the adapter is written to OUT/TASK/"))
-    method: str = field(default="lora", metadata=_help("lora, or qlora (4-bit base; needs CUDA and bitsandbytes)"))
+    method: Method = field(default="lora", metadata=_help("lora, or qlora (4-bit base; needs CUDA and bitsandbytes)"))
+    metric: MetricChoice = field(
+        default="auto",
+        metadata=_help(
+            "the eval metric that selects the checkpoint and the search's best trial: accuracy or macro_f1 "
+            "(label tasks), rouge_l or bleu (generated text), exact_match, perplexity; auto = accuracy when the "
+            "completions form a small closed set, else rouge_l"
+        ),
+    )
 
     # LoRA shape.
     rank: int = field(default=8, metadata=_help("LoRA rank r"))
@@ -72,35 +97,73 @@ class TaskConfig:
     # Schedule.
     learning_rate: float = field(default=2e-3, metadata=_help("peak learning rate (AdamW)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    lr_scheduler: str = field(default="linear", metadata=_help("linear | cosine | constant, after warmup"))
+    lr_scheduler: LrScheduler = field(
+        default="linear", metadata=_help("linear | cosine | constant, after warmup; decays over the step budget")
+    )
     warmup_steps: int = field(default=0, metadata=_help("optimizer steps of linear warmup from 0"))
-    epochs: float = field(default=3.0, metadata=_help("passes over the training split (ignored with max_steps)"))
-    max_steps: int | None = field(default=None, metadata=_help("optimizer steps to train; overrides epochs"))
+    max_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            f"step budget (optimizer steps); early stopping usually ends training sooner; "
+            f"default: epochs if set, else {DEFAULT_MAX_STEPS}"
+        ),
+    )
+    epochs: float | None = field(
+        default=None, metadata=_help("step budget in passes over the training split (ignored with max_steps)")
+    )
     batch_size: int = field(default=16, metadata=_help("records per micro-batch"))
     gradient_accumulation: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     max_grad_norm: float | None = field(default=1.0, metadata=_help("gradient clipping norm; null = off"))
     seed: int = field(default=0, metadata=_help("seed for LoRA init, eval split, data order and dropout"))
 
     # Evaluation, early stopping, checkpoints.
-    eval_split: float = field(default=0.1, metadata=_help("fraction of records held out for evaluation (0 = none)"))
-    eval_every: int | None = field(
-        default=None, metadata=_help("evaluate every N optimizer steps; default: once per epoch")
+    eval_split: float = field(
+        default=0.1,
+        metadata=_help("fraction of records held out for evaluation (0 = none: no metric, no early stopping)"),
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata=_help(f"evaluate every N optimizer steps; default: each epoch, at most {DEFAULT_EVAL_STEPS} apart"),
+    )
+    eval_metric_limit: int | None = field(
+        default=256,
+        metadata=_help(
+            "score the eval metric on at most this many eval records at each evaluation (a fixed sample; "
+            "the final figures use the whole eval split); null = all"
+        ),
     )
     early_stopping_patience: int | None = field(
-        default=None,
-        metadata=_help("stop after this many evaluations without a lower eval loss; null = never stop early"),
+        default=3,
+        metadata=_help(
+            "stop after this many evaluations in which neither the eval metric nor the eval loss improved; "
+            "needs an eval split; null = train the whole step budget"
+        ),
     )
     restore_best: bool = field(
-        default=True, metadata=_help("save the weights of the evaluation with the lowest eval loss, not the last")
+        default=True,
+        metadata=_help("save the weights of the evaluation with the best eval metric (ties: lower eval loss)"),
+    )
+    logging_steps: int = field(default=1, metadata=_help("record the mean train loss every N optimizer steps"))
+    report_to: ReportTo = field(
+        default="none", metadata=_help("none, or tensorboard: event files in OUT/TASK/tensorboard")
     )
     checkpoint_every: int | None = field(
         default=None, metadata=_help("write a resumable checkpoint every N optimizer steps; null = never")
     )
     resume: bool = field(default=False, metadata=_help("continue from the last checkpoint in OUT/TASK/checkpoints"))
+    search: SearchSpace | None = field(
+        default=None,
+        metadata=_help("the space `--search N` samples (task file only; see loraplex.trainer.search_space)", cli=False),
+    )
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
         self.out = Path(self.out)
+        if self.search is not None and not isinstance(self.search, SearchSpace):
+            try:
+                self.search = SearchSpace.from_dict(self.search)
+            except SearchSpaceError as exc:
+                raise ConfigError(f"task {self.task!r}: {exc} (under 'search:' in the task file)") from exc
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
@@ -120,6 +183,18 @@ class TaskConfig:
     def checkpoint_dir(self) -> Path:
         return self.adapter_dir / CHECKPOINT_DIR
 
+    def step_budget(self, steps_per_epoch: int) -> int:
+        """Optimizer steps to train at most: max_steps, else epochs' worth, else DEFAULT_MAX_STEPS."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * steps_per_epoch))
+        return DEFAULT_MAX_STEPS
+
+    def eval_interval(self, steps_per_epoch: int) -> int:
+        """Optimizer steps between evaluations: eval_steps, else one epoch but at most DEFAULT_EVAL_STEPS."""
+        return self.eval_steps or max(1, min(steps_per_epoch, DEFAULT_EVAL_STEPS))
+
     def validate(self) -> None:
         where = f"task {self.task!r}"
         if not self.task or "/" in self.task or self.task in (".", ".."):
@@ -130,13 +205,15 @@ class TaskConfig:
             raise ConfigError(f"{where}: {exc}") from exc
         if not template.completion_fields and not self.completion_template.strip():
             raise ConfigError(f"{where}: completion_template is empty; say what the model must learn to produce")
-        if self.method not in METHODS:
-            raise ConfigError(f"{where}: method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ConfigError(
-                f"{where}: lr_scheduler {self.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}"
-            )
-        positive = dict(rank=self.rank, batch_size=self.batch_size, gradient_accumulation=self.gradient_accumulation)
+        closed_sets = {"method": METHODS, "lr_scheduler": LR_SCHEDULERS, "metric": METRIC_CHOICES,
+                       "report_to": REPORT_TO}  # fmt: skip
+        for name, choices in closed_sets.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{where}: {name} {getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}"
+                )
+        positive = dict(rank=self.rank, batch_size=self.batch_size, gradient_accumulation=self.gradient_accumulation,
+                        logging_steps=self.logging_steps)  # fmt: skip
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
@@ -146,19 +223,18 @@ class TaskConfig:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"{where}: learning_rate must be positive, got {self.learning_rate!r}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"{where}: set epochs > 0 or max_steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"{where}: epochs must be > 0, got {self.epochs!r}; or leave it unset (step budget)")
         optional_positive = {
             "max_steps": self.max_steps,
-            "eval_every": self.eval_every,
+            "eval_steps": self.eval_steps,
+            "eval_metric_limit": self.eval_metric_limit,
             "early_stopping_patience": self.early_stopping_patience,
             "checkpoint_every": self.checkpoint_every,
         }
         for name, value in optional_positive.items():
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{where}: {name} must be a positive integer or null, got {value!r}")
-        if self.early_stopping_patience is not None and self.eval_split == 0:
-            raise ConfigError(f"{where}: early_stopping_patience needs an eval split; set eval_split > 0")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError(f"{where}: target_modules is empty; leave it unset for all projections")
 
@@ -167,6 +243,7 @@ class TaskConfig:
         data = dataclasses.asdict(self)
         data["data"] = str(self.data)
         data["out"] = str(self.out)
+        data["search"] = self.search.to_dict() if self.search is not None else None
         return data
 
     @classmethod
@@ -194,8 +271,8 @@ def field_names() -> list[str]:
 
 
 def config_fields() -> list[dataclasses.Field]:
-    """The fields with their types and help, for building command-line options."""
-    return list(dataclasses.fields(TaskConfig))
+    """The fields with their types and help, for building command-line options (task-file-only ones left out)."""
+    return [f for f in dataclasses.fields(TaskConfig) if f.metadata.get("cli", True)]
 
 
 def load_tasks_yaml(
@@ -241,6 +318,8 @@ def load_tasks_yaml(
         if not isinstance(options, dict):
             raise ConfigError(f"task file {path}: task {name!r} must be a mapping of options")
         merged: dict[str, Any] = {**defaults, **options, "task": str(name)}
+        if isinstance(defaults.get("search"), dict) and isinstance(options.get("search"), dict):
+            merged["search"] = {**defaults["search"], **options["search"]}  # the task's keys win
         # The caller's out wins, then the task's, the defaults', the file's.
         merged["out"] = out_dir if out is not None or "out" not in merged else resolve(merged["out"])
         if "data" in merged:

@@ -65,18 +65,31 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def check_records(records: list[dict[str, Any]], template: PromptTemplate, path: str | Path) -> None:
-    """Every field the template names exists in every record; errors name the first record and field."""
+def check_records(
+    records: list[dict[str, Any]], template: PromptTemplate, path: str | Path, *, task: str | None = None
+) -> None:
+    """Every field the template names exists in every record, and every completion has text.
+
+    Errors name the task, the file, the first bad record (0-based index) and field, and the fix.
+    """
+    at = f"task {task!r}: {path}" if task else f"{path}"
     needed = template.prompt_fields + [f for f in template.completion_fields if f not in template.prompt_fields]
     for i, record in enumerate(records):
         for name in needed:
             if name not in record:
                 have = ", ".join(sorted(record)) or "none"
+                side = "prompt" if name in template.prompt_fields else "completion"
                 raise DatasetError(
-                    f"{path}: record {i} has no field {name!r} required by the template (record has: {have})"
+                    f"{at}: record {i} has no field {name!r} required by the template (record has: {have}); "
+                    f"add {name!r} to every record, or change the {side} template to use the record's fields"
                 )
             if record[name] is None:
-                raise DatasetError(f"{path}: record {i} field {name!r} is null")
+                raise DatasetError(f"{at}: record {i} field {name!r} is null; give it a value or drop the record")
+        if not template.render_completion(record, where=f"record {i}").strip():
+            raise DatasetError(
+                f"{at}: record {i} has an empty completion (completion template {template.completion!r} renders "
+                "to whitespace); give the record the text the model must produce, or drop it"
+            )
 
 
 def split_indices(n: int, eval_split: float, seed: int, *, where: str = "dataset") -> tuple[list[int], list[int]]:
@@ -121,11 +134,12 @@ def tokenize_record(
 
 
 def load_examples(
-    path: str | Path, template: PromptTemplate, tokenizer: Any, *, max_length: int | None = None
+    path: str | Path, template: PromptTemplate, tokenizer: Any, *, max_length: int | None = None,
+    task: str | None = None,
 ) -> list[Example]:
-    """Read, check and tokenize every record of a data file."""
+    """Read, check and tokenize every record of a data file (`task` names it in errors)."""
     records = read_records(path)
-    check_records(records, template, path)
+    check_records(records, template, path, task=task)
     return [tokenize_record(r, i, template, tokenizer, max_length) for i, r in enumerate(records)]
 
 

@@ -1,18 +1,23 @@
-"""Quality figures on the eval split: token-level loss (and perplexity), and exact match of greedy output.
+"""Quality figures on the eval split: token-level loss (perplexity) and the task's metrics on greedy output.
 
-Exact match is strict, as a client of the server sees it: greedy decoding from the prompt alone
-must produce exactly the completion's text and then EOS. Prompts are batched only with prompts of
-the same token length, so no padding enters generation and each result equals an unbatched run.
+Greedy decoding from the prompt alone, as a client of the server sees it, with a short budget: the
+reference completion's length + 1 tokens (one more cannot change whether it matched). Prompts are
+batched only with prompts of the same token length, so no padding enters generation and each
+result equals an unbatched run.
+
+During training the eval loss covers the whole eval split and the metric a fixed sample of at
+most `eval_metric_limit` records (generation is the slow part); the final figures cover it all.
 """
 
 from __future__ import annotations
 
-import math
+import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.trainer.dataset import IGNORE_INDEX, Example, collate
+from loraplex.trainer.metrics import compute_metrics, labels_of, metrics_for, perplexity
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Prediction:
 
     @property
     def correct(self) -> bool:
+        """Strict: the expected text, then EOS (what `eval_samples` in training.json flags)."""
         return self.stopped and self.generated == self.expected
 
 
@@ -47,10 +53,6 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, batch_size: int 
             count += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def greedy_predictions(model: Any, tokenizer: Any, examples: list[Example], batch_size: int = 64) -> list[Prediction]:
@@ -88,5 +90,63 @@ def greedy_predictions(model: Any, tokenizer: Any, examples: list[Example], batc
     return [results[e.index] for e in examples]
 
 
-def exact_match(predictions: list[Prediction]) -> float:
-    return sum(p.correct for p in predictions) / len(predictions) if predictions else 0.0
+@dataclass
+class Scores:
+    """One model's figures on the whole eval split."""
+
+    loss: float
+    metrics: dict[str, float]  # every metric of the task, its primary metric first
+    predictions: list[Prediction] = field(repr=False)
+
+
+@dataclass
+class TaskEvaluator:
+    """How one task is scored: its eval split, its kind, its metrics, the sample scored while training."""
+
+    examples: list[Example]  # the eval split
+    kind: str  # classification | generation
+    metrics: list[str]  # the primary metric first
+    labels: list[str] | None  # a label task's label set (every completion in the data)
+    sample: list[Example]  # scored at each evaluation during training
+    pad_id: int
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def sampled(self) -> bool:
+        """The metric during training covers a sample, not the whole eval split."""
+        return len(self.sample) < len(self.examples)
+
+    @classmethod
+    def for_task(
+        cls, examples: list[Example], eval_set: list[Example], *, kind: str, metric: str, limit: int | None,
+        seed: int, pad_id: int,
+    ) -> TaskEvaluator:
+        labels = labels_of(e.completion for e in examples) if kind == "classification" else None
+        sample = eval_set
+        if limit is not None and len(eval_set) > limit:
+            chosen = sorted(random.Random(f"metric-sample-{seed}").sample(range(len(eval_set)), limit))
+            sample = [eval_set[i] for i in chosen]
+        return cls(eval_set, kind, metrics_for(metric, kind), labels, sample, pad_id)
+
+    def during_training(self, model: Any, tokenizer: Any) -> tuple[float, float]:
+        """(eval loss on the whole split, primary metric on the sample)."""
+        loss = eval_loss(model, self.examples, self.pad_id)
+        if self.primary == "perplexity":
+            return loss, perplexity(loss)
+        predictions = greedy_predictions(model, tokenizer, self.sample)
+        return loss, self._score([self.primary], predictions, loss)[self.primary]
+
+    def final(self, model: Any, tokenizer: Any) -> Scores:
+        """Every metric on the whole eval split."""
+        loss = eval_loss(model, self.examples, self.pad_id)
+        predictions = greedy_predictions(model, tokenizer, self.examples)
+        return Scores(loss, self._score(self.metrics, predictions, loss), predictions)
+
+    def _score(self, names: list[str], predictions: list[Prediction], loss: float) -> dict[str, float]:
+        return compute_metrics(
+            names, [p.generated for p in predictions], [p.expected for p in predictions],
+            labels=self.labels, eval_loss=loss,
+        )

@@ -36,6 +36,7 @@ tasks:
     assert first.prompt_template == "Q: {q}\nA:"
     assert (second.rank, second.data, second.out) == (16, Path("/abs/b.jsonl"), folder / "other")
     assert first.eval_split == 0.1  # the documented default
+    assert (first.max_steps, first.epochs, first.early_stopping_patience, first.metric) == (None, 2, 3, "auto")
     # The caller's base and out win over the file's.
     base, configs = load_tasks_yaml(file, base=tmp_path / "b", out=tmp_path / "o")
     assert base == tmp_path / "b"
@@ -64,7 +65,11 @@ def test_unknown_option_names_it_and_lists_valid_ones(tmp_path):
         ({"eval_split": 1.0}, r"eval_split must be in \[0, 1\)"),
         ({"completion_template": ""}, "completion_template is empty"),
         ({"prompt_template": "Q: {}"}, "fields must be named"),
-        ({"eval_split": 0.0, "early_stopping_patience": 2}, "early_stopping_patience needs an eval split"),
+        ({"metric": "bleu4"}, "task 't': metric 'bleu4' is unknown; choose one of auto, exact_match, accuracy"),
+        ({"report_to": "wandb"}, "report_to 'wandb' is unknown; choose one of none, tensorboard"),
+        ({"epochs": 0}, r"epochs must be > 0"),
+        ({"logging_steps": 0}, "logging_steps must be a positive integer"),
+        ({"eval_metric_limit": 0}, "eval_metric_limit must be a positive integer or null"),
     ],
 )
 def test_invalid_options_are_rejected_with_the_field(change, message):
@@ -80,14 +85,71 @@ def test_config_round_trips_through_json():
 
 def test_every_field_has_help_and_a_cli_option():
     import argparse
+    import dataclasses
 
     parser = argparse.ArgumentParser()
     add_config_options(parser)
-    for f in config_fields():
+    for f in dataclasses.fields(TaskConfig):
         assert f.metadata["help"], f.name
+    assert [f.name for f in dataclasses.fields(TaskConfig) if f not in config_fields()] == ["search"]  # file only
     args = parser.parse_args(
-        ["--task", "t", "--rank", "4", "--target-modules", "q_proj", "v_proj", "--use-rslora", "--learning-rate", "0.1"]
-    )
+        ["--task", "t", "--rank", "4", "--target-modules", "q_proj", "v_proj", "--use-rslora", "--learning-rate", "0.1",
+         "--metric", "macro_f1", "--logging-steps", "5", "--eval-steps", "10", "--report-to", "tensorboard"]
+    )  # fmt: skip
     assert overrides_from_args(args) == {
         "task": "t", "rank": 4, "target_modules": ["q_proj", "v_proj"], "use_rslora": True, "learning_rate": 0.1,
+        "metric": "macro_f1", "logging_steps": 5, "eval_steps": 10, "report_to": "tensorboard",
     }  # fmt: skip
+    with pytest.raises(SystemExit):  # a closed set: argparse lists the choices
+        parser.parse_args(["--metric", "bleu4"])
+
+
+def test_metric_choices_are_the_projects_metric_names():
+    from loraplex.trainer.config import METRIC_CHOICES
+    from loraplex.trainer.metrics import METRICS
+
+    assert METRIC_CHOICES[0] == "auto"
+    assert METRIC_CHOICES[1:] == METRICS
+
+
+SEARCH_TASK = "{data: x, prompt_template: '{q}', completion_template: '{a}'}"
+
+
+def test_search_space_from_defaults_and_task_merges_key_by_key(tmp_path):
+    file = write_yaml(tmp_path / "t.yaml", f"""
+defaults:
+  search: {{learning_rate: [0.001, 0.01], rank: [4, 8]}}
+tasks:
+  a: {SEARCH_TASK}
+  b: {{data: x, prompt_template: '{{q}}', completion_template: '{{a}}', search: {{rank: [16], batch_size: [8, 16]}}}}
+""")
+    _, (a, b) = load_tasks_yaml(file)
+    assert a.search.to_dict() == {"learning_rate": [0.001, 0.01], "rank": [4, 8]}
+    assert b.search.to_dict() == {"learning_rate": [0.001, 0.01], "rank": [16], "batch_size": [8, 16]}
+    assert TaskConfig.from_dict(json.loads(json.dumps(b.to_dict()))) == b  # round-trips through training.json
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ("{learning_rate: [0.01, 0.001]}", r"search learning_rate range \[0.01, 0.001\] is empty: low must be below"),
+        ("{max_steps: [200, 200]}", r"search max_steps range \[200, 200\] is empty"),
+        ("{rank: []}", r"search rank is \[\]: it needs a non-empty list of choices"),
+        ("{lr: [0.001, 0.01]}", "search option 'lr' is unknown; searchable options: learning_rate, rank"),
+        ("{learning_rate: [0, 0.01]}", "a log-scale range needs low > 0"),
+        ("{batch_size: [8, 0]}", "search batch_size choice 0 is invalid: batch_size choices are positive whole"),
+        ("{target_modules: [[]]}", r"search target_modules choice \[\] is neither a non-empty list"),
+        ("{rank: null}", "the search space searches nothing"),
+    ],
+)
+def test_invalid_search_space_names_the_task_and_the_fix(tmp_path, search, message):
+    file = write_yaml(tmp_path / "t.yaml", f"tasks:\n  mood: {SEARCH_TASK[:-1]}, search: {search}}}\n")
+    with pytest.raises(ConfigError, match=r"task 'mood'.*" + message + r".*under 'search:' in the task file"):
+        load_tasks_yaml(file)
+
+
+def test_empty_completion_template_names_the_task_and_the_fix(tmp_path):
+    task = "{data: x, prompt_template: '{q}', completion_template: ''}"
+    file = write_yaml(tmp_path / "t.yaml", f"tasks:\n  mood: {task}\n")
+    with pytest.raises(ConfigError, match="task 'mood'.*completion_template is empty; say what the model must learn"):
+        load_tasks_yaml(file)

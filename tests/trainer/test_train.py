@@ -3,40 +3,13 @@
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 from loraplex.trainer.base_model import base_identity, load_base_model
 from loraplex.trainer.config import TaskConfig
-from loraplex.trainer.demo_tasks import DATA_DIR, TASKS
+from loraplex.trainer.demo_tasks import DATA_DIR
 
-SENTIMENT = dict(
-    prompt_template=TASKS["sentiment"]["prompt"], completion_template=TASKS["sentiment"]["completion"]
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train as fast on one thread, and far faster when other processes share the cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """The first 60 sentiment records: enough for a few real optimizer steps."""
-    path = tmp_path_factory.mktemp("data") / "sentiment60.jsonl"
-    path.write_text("".join((DATA_DIR / "sentiment.jsonl").read_text().splitlines(keepends=True)[:60]))
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded_base(tiny_base):
-    return load_base_model(tiny_base)
+from tests.trainer.conftest import SENTIMENT
 
 
 def test_demo_adapters_reach_the_acceptance_accuracy(demo_training):
@@ -69,8 +42,20 @@ def test_training_json_records_template_base_options_and_curves(demo_training, t
     assert [s for s, _ in training["train_loss"]] == list(range(1, steps + 1))
     assert training["train_loss"][-1][1] < training["train_loss"][0][1]
     assert [s for s, _ in training["eval_loss"]] == list(range(23, steps + 1, 23))  # once per epoch of 23 steps
-    assert training["eval_perplexity"] == pytest.approx(math.exp(training["final_eval_loss"]))
-    assert training["final_eval_loss"] == pytest.approx(min(loss for _, loss in training["eval_loss"]), rel=1e-4)
+    assert training["eval_perplexity"] == pytest.approx(math.exp(training["final_eval_loss"]), rel=1e-5)
+    kept = dict(training["eval_loss"])[training["best_step"]]
+    assert training["final_eval_loss"] == pytest.approx(kept, rel=1e-4)  # the kept evaluation's weights
+    # A label task, inferred: scored by accuracy, with and without the adapter; the curve per evaluation.
+    assert (training["task_kind"], training["metric"]) == ("classification", "accuracy")
+    assert list(training["eval_metrics"]) == ["accuracy", "macro_f1", "exact_match", "perplexity"]
+    assert training["eval_metrics"]["accuracy"] == 1.0 and training["base_eval_metrics"]["accuracy"] == 0.0
+    assert [s for s, _ in training["eval_metric_curve"]] == [s for s, _ in training["eval_loss"]]
+    assert training["metric_sample"] == {"records": 40, "of": 40}
+    assert (training["stop_reason"], training["plateaued"]) == ("early_stopping", True)
+    assert (result.adapter_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    generation = demo_training["reverse"].training
+    assert (generation["task_kind"], generation["metric"]) == ("generation", "rouge_l")
+    assert list(generation["eval_metrics"]) == ["rouge_l", "bleu", "exact_match", "perplexity"]
 
 
 def test_adapter_loads_with_peft_and_generates_its_completions(demo_training, tiny_base):
@@ -99,7 +84,7 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_result(loaded_base, tiny
     model, tokenizer = loaded_base
     identity = base_identity(tiny_base)
     options = dict(task="s", data=small_data, **SENTIMENT, max_steps=8, batch_size=8, dropout=0.1,
-                   eval_every=2, checkpoint_every=3, learning_rate=0.01, seed=3)  # fmt: skip
+                   eval_steps=2, checkpoint_every=3, learning_rate=0.01, seed=3)  # fmt: skip
     straight = train_task(model, tokenizer, TaskConfig(**options, out=tmp_path / "a"), identity, progress=False)
 
     class Crash(Exception):
@@ -153,7 +138,7 @@ def test_early_stopping_keeps_the_best_evaluation(loaded_base, tiny_base, small_
     model, tokenizer = loaded_base
     # A learning rate far too high: the eval loss soon stops improving.
     config = TaskConfig(task="s", data=small_data, **SENTIMENT, out=tmp_path, max_steps=40, batch_size=8,
-                        eval_every=1, early_stopping_patience=2, learning_rate=0.5, lr_scheduler="constant",
+                        eval_steps=1, early_stopping_patience=2, learning_rate=0.5, lr_scheduler="constant",
                         max_grad_norm=None, eval_split=0.2)  # fmt: skip
     training = train_task(model, tokenizer, config, base_identity(tiny_base), progress=False).training
     assert training["stopped_early"]
@@ -211,20 +196,39 @@ def test_cli_trains_from_flags_and_from_a_task_file(tiny_base, small_data, tmp_p
     ("extra", "message"),
     [
         (["--target-modules", "q_proj", "qkv_proj"], "target module 'qkv_proj' does not exist in llama models"),
-        (["--completion-template", " {verdict}"], "record 0 has no field 'verdict'"),
+        (["--completion-template", " {verdict}"], "task 't': DATA: record 0 has no field 'verdict' required by the "
+                                                  "template (record has: label, text); add 'verdict' to every record, "
+                                                  "or change the completion template"),
         (["--eval-split", "0.99", "--data", "ONE"], "leaves no training data"),
+        (["--data", "REVERSE", "--prompt-template", "{words}", "--completion-template", " {reversed}", "--metric",
+          "accuracy"], "task 't': metric 'accuracy' needs a label task (completions from a small closed set), but its "
+                       "400 records have 386 distinct completions; use metric: rouge_l, bleu or exact_match"),
+        (["--data", "BLANK"], "task 't': BLANK: record 2 has an empty completion (completion template ' {label}' "
+                              "renders to whitespace); give the record the text the model must produce, or drop it"),
+        (["--config", "BAD_SEARCH", "--search", "2"], "task 'mood': search learning_rate range [0.01, 0.001] is empty"),
     ],
+    ids=["unknown-module", "record-lacks-field", "no-training-data", "metric-does-not-fit", "empty-completion",
+         "empty-search-range"],
 )
 def test_cli_reports_bad_input_and_exits_2(tiny_base, small_data, tmp_path, capsys, extra, message):
     from loraplex.runtime.cli import main
 
-    one = tmp_path / "one.jsonl"
-    one.write_text(small_data.read_text().splitlines()[0] + "\n")
-    extra = [str(one) if arg == "ONE" else arg for arg in extra]
+    files = {"ONE": tmp_path / "one.jsonl", "BLANK": tmp_path / "blank.jsonl", "BAD_SEARCH": tmp_path / "bad.yaml",
+             "REVERSE": DATA_DIR / "reverse.jsonl", "DATA": small_data}  # fmt: skip
+    lines = small_data.read_text().splitlines()
+    files["ONE"].write_text(lines[0] + "\n")
+    files["BLANK"].write_text("\n".join(lines[:2] + [json.dumps({"text": "the show was", "label": " "})] + lines[2:]))
+    files["BAD_SEARCH"].write_text(f"tasks:\n  mood: {{data: {small_data}, prompt_template: '{{text}}', "
+                                   "completion_template: ' {label}', search: {learning_rate: [0.01, 0.001]}}\n")
+    extra = [str(files[arg]) if arg in files else arg for arg in extra]
     args = ["train", "--base", str(tiny_base), "--task", "t", "--data", str(small_data),
             "--prompt-template", SENTIMENT["prompt_template"], "--completion-template", " {label}",
             "--out", str(tmp_path), "--no-progress", *extra]  # fmt: skip
+    if "--config" in extra:
+        args = ["train", "--base", str(tiny_base), "--no-progress", *extra]
     assert main(args) == 2
+    for name, path in files.items():
+        message = message.replace(name, str(path))
     assert message in capsys.readouterr().err
 
 
@@ -236,3 +240,66 @@ def test_cli_rejects_a_base_that_is_not_a_causal_lm(tmp_path, small_data, capsys
             "--completion-template", " {label}", "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(args) == 2
     assert "is not a causal language model" in capsys.readouterr().err
+
+
+def test_tensorboard_events_curves_png_and_a_budget_that_ends_too_soon(loaded_base, tiny_base, small_data, tmp_path,
+                                                                        capsys):  # fmt: skip
+    from loraplex.trainer.summary import print_summary
+    from loraplex.trainer.train import train_task
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tokenizer = loaded_base
+    config = TaskConfig(task="s", data=small_data, **SENTIMENT, out=tmp_path, max_steps=6, eval_steps=2,
+                        logging_steps=2, batch_size=8, report_to="tensorboard")  # fmt: skip
+    result = train_task(model, tokenizer, config, base_identity(tiny_base), progress=False)
+    training = result.training
+    assert training["train_loss"] == [[2, pytest.approx(training["train_loss"][0][1])], [4, pytest.approx(
+        training["train_loss"][1][1])], [6, pytest.approx(training["train_loss"][2][1])]]  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "s" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "eval/loss", "eval/accuracy", "final/accuracy",
+            "final/base_accuracy", "final/perplexity"} <= set(scalars)  # fmt: skip
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [2, 4, 6]
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([v for _, v in training["eval_loss"]])
+    png = tmp_path / "s" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert training["files"] == {"curves": "curves.png", "tensorboard": "tensorboard"}
+
+    # Six steps are far from enough: the metric is still moving and the summary says so.
+    assert (training["stop_reason"], training["plateaued"]) == ("budget", False)
+    print_summary([result])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note s: accuracy may still improve: the 6-step budget ended training" in out
+    assert "raise max_steps" in out
+
+
+def test_tasks_share_one_base_load_and_each_starts_from_a_fresh_lora(tiny_base, small_data, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    from loraplex.trainer import train as train_module
+    from safetensors.torch import load_file
+
+    loads = []
+    real_load = train_module.load_base_model
+    monkeypatch.setattr(train_module, "load_base_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    options = dict(data=small_data, **SENTIMENT, out=tmp_path, max_steps=3, eval_steps=3, batch_size=8)
+    configs = [TaskConfig(task=name, **options) for name in ("first", "second")]
+    results = train_module.train_tasks(tiny_base, configs, progress=False, num_threads=1)
+    assert len(loads) == 1
+    # The same options under two names: the second task's LoRA starts where the first's did, not where it ended.
+    a, b = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in results)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 task(s) in" in out and "(base model loaded once" in out
+
+
+def test_every_tasks_data_is_checked_before_the_first_task_trains(tiny_base, small_data, tmp_path):
+    from loraplex.trainer.dataset import DatasetError
+    from loraplex.trainer.train import train_tasks
+
+    good = TaskConfig(task="good", data=small_data, **SENTIMENT, out=tmp_path, max_steps=1)
+    bad = TaskConfig(task="bad", data=small_data, prompt_template="{review}", completion_template=" {label}",
+                     out=tmp_path)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"task 'bad': .*record 0 has no field 'review'.*add 'review' to every"):
+        train_tasks(tiny_base, [good, bad], progress=False, summary=False)
+    assert not (tmp_path / "good").exists()
