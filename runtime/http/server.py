@@ -8,7 +8,8 @@ NOT_SERVING), `state.service` once the model is warm, `close()` after the drain.
 The socket is bound here, not by uvicorn: a port in use fails the start with an OSError (uvicorn
 would `sys.exit`), and port 0 tells which port it got. Signals stay with `loraplex serve`, whose
 SIGTERM drains both ports: uvicorn's own handlers are not installed. uvicorn leaves logging alone
-(no log config) and writes no access log.
+(no log config), logs warnings and errors only (its start and stop lines would speak of a
+"server process" of its own) and writes no access log.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class HttpFrontend:
             if tls.client_ca is not None:
                 options.update(ssl_ca_certs=str(tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(
-            build_app(state), lifespan="off", ws="none", log_config=None, access_log=False,
+            build_app(state), lifespan="off", ws="none", log_config=None, log_level="warning", access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE, **options,
         )
         self._server = _EmbeddedServer(config)

@@ -147,3 +147,11 @@ def test_sigterm_drains_the_http_port_too(tiny_package):
         if process.poll() is None:
             process.kill()
         process.wait(30)
+
+
+def test_serve_without_the_http_extra_says_how_to_install_it(tiny_package, monkeypatch, capsys):
+    from loraplex.runtime.cli import main
+
+    monkeypatch.setitem(sys.modules, "loraplex.runtime.http.server", None)  # as if uvicorn were not installed
+    assert main(["serve", "--package", str(tiny_package), "--port", "0", "--http-port", "0"]) == 2
+    assert "pip install 'loraplex[http]'" in capsys.readouterr().err
