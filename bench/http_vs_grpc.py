@@ -3,8 +3,9 @@
 One `loraplex serve --http-port` process serves both ports over the same engine, so the two front
 ends are measured against the same model, warm-up and machine state, interleaved:
 - latency: the same greedy request (one adapter, a fixed prompt, `--new-tokens` tokens, EOS
-  ignored), one at a time, alternating gRPC and HTTP; p50 and p90 of the whole request as the
-  client sees it, and of the time to the first streamed chunk;
+  ignored), one at a time, in blocks alternating gRPC and HTTP; p50 and p90 of the whole request
+  as the client sees it, p50 of the time to the first streamed chunk, and the server process's
+  CPU time per request (robust on a shared machine, where wall times of both sides stretch);
 - throughput: `--clients` threads, client i on adapter i % `--adapters`, each sending requests
   back to back for `--seconds`; completion tokens per second, gRPC and HTTP phases alternating.
 The gRPC side is `loraplex.runtime.client.Client`; the HTTP side plain JSON over keep-alive
@@ -137,7 +138,13 @@ class Served:
         self.process.wait(60)
 
 
-def latency(served: Served, rounds: int, tokens: int) -> dict:
+def latency(served: Served, rounds: int, tokens: int, block: int = 10) -> dict:
+    """Blocks of `block` requests per front end, alternating; wall time per request, and the server
+    process's CPU time per request (user + system, per block: a shared machine slows the wall clock
+    of both sides, CPU time shows what each front end costs the server)."""
+    import psutil
+
+    server = psutil.Process(served.process.pid)
     adapter = served.adapters[0]
     sides: dict[str, Callable] = {"grpc": served.grpc_request, "http": served.http_request}
     for side in sides.values():  # connections open, both paths warm
@@ -145,15 +152,21 @@ def latency(served: Served, rounds: int, tokens: int) -> dict:
             side(adapter, tokens, stream)
     total: dict[str, list[float]] = {name: [] for name in sides}
     first: dict[str, list[float]] = {name: [] for name in sides}
-    for i in range(rounds):
-        order = list(sides.items()) if i % 2 == 0 else list(sides.items())[::-1]
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+    for b in range(max(1, rounds // block)):
+        order = list(sides.items()) if b % 2 == 0 else list(sides.items())[::-1]
         for name, side in order:
-            start = time.perf_counter()
-            side(adapter, tokens)
-            total[name].append(time.perf_counter() - start)
-            first[name].append(side(adapter, tokens, True)[1])
+            before = sum(server.cpu_times()[:2])
+            for _ in range(block):
+                start = time.perf_counter()
+                side(adapter, tokens)
+                total[name].append(time.perf_counter() - start)
+            cpu[name].append((sum(server.cpu_times()[:2]) - before) / block)
+            for _ in range(block):
+                first[name].append(side(adapter, tokens, True)[1])
     return {name: {"p50_ms": _pct(total[name], 50), "p90_ms": _pct(total[name], 90),
-                   "first_chunk_p50_ms": _pct(first[name], 50)} for name in sides}
+                   "first_chunk_p50_ms": _pct(first[name], 50),
+                   "server_cpu_ms_per_request": 1000 * statistics.median(cpu[name])} for name in sides}
 
 
 def throughput(served: Served, clients: int, seconds: float, tokens: int, phases: int) -> dict:
@@ -216,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"single request p50: gRPC {g['p50_ms']:.1f} ms, HTTP {h['p50_ms']:.1f} ms "
           f"(+{h['p50_ms'] - g['p50_ms']:.1f} ms); p90 {g['p90_ms']:.1f} / {h['p90_ms']:.1f} ms")
     print(f"first streamed chunk p50: gRPC {g['first_chunk_p50_ms']:.1f} ms, HTTP {h['first_chunk_p50_ms']:.1f} ms")
+    print(f"server CPU per request (median of blocks): gRPC {g['server_cpu_ms_per_request']:.1f} ms, "
+          f"HTTP {h['server_cpu_ms_per_request']:.1f} ms")
     tg, th = thr["grpc"]["tokens_per_s"], thr["http"]["tokens_per_s"]
     print(f"{args.clients} clients over {args.adapters} adapters: gRPC {tg:.0f} tok/s, HTTP {th:.0f} tok/s "
           f"({th / tg:.2f}x); phases gRPC {[round(x) for x in thr['grpc']['phases']]}, "
