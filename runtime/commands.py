@@ -26,13 +26,18 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
 
 
 def _register_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="serve a package over gRPC (adapter chosen per request)")
+    serve = commands.add_parser("serve", help="serve a package over gRPC, and optionally the OpenAI HTTP API "
+                                "(adapter chosen per request)")
     serve.add_argument("--package", required=True, type=Path, help="package directory from `loraplex export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 = any free port (printed at start)")
     _add_serving_options(serve)
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="Prometheus port (0 = any free port); HTTPS with the --tls-* files")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                            "/v1/models) on this port (0 = any free port), with the same auth, TLS and metrics; "
+                            "needs pip install 'loraplex[http]'")
     serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve over TLS")
     serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", type=Path, default=None,
@@ -166,9 +171,10 @@ def _serve(args: argparse.Namespace) -> int:
             engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
             adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
             metrics_port=args.metrics_port, max_prompt_bytes=args.max_prompt_bytes, tls=_server_tls(args),
+            http_port=args.http_port,
         )
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
-    except (LoraplexError, OSError, ValueError) as exc:
+    except (LoraplexError, OSError, ValueError, ImportError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 2
 

@@ -17,9 +17,17 @@ class LoraplexError(Exception):
 
 
 class InvalidRequest(LoraplexError):
-    """A parameter is out of range, a template field is missing, the prompt is too long."""
+    """A parameter is out of range, a template field is missing, the prompt is too long.
+
+    `field` names the request field at fault when there is one (as the front end spells it), so a
+    front end whose error format has a place for it (OpenAI's `param`) can fill it in.
+    """
 
     code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class AdapterNotFound(LoraplexError):

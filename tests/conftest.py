@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.serving",
     "tests.fixtures.real",
     "tests.fixtures.tls",
+    "tests.fixtures.http",
 ]
 
 

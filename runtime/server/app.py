@@ -5,6 +5,11 @@ Order at start: the gRPC port opens first with health NOT_SERVING (load balancer
 replica), then the package is read, the engine loads the model, the package's adapters are loaded,
 every adapter is warmed up with one token, and only then health says SERVING. `drain` is the
 SIGTERM path: NOT_SERVING, no new requests, in-flight requests finish, then the port closes.
+
+With `http_port`, the OpenAI-compatible HTTP front end (`loraplex.runtime.http`, the `http` extra)
+opens right after the gRPC port, on the same loop, over the same request path; it is imported only
+then, so a gRPC-only server never loads Starlette or uvicorn. Health, draining and stopping cover
+both ports.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +36,10 @@ from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServic
 from loraplex.runtime.server.status import ServingInterceptor
 from loraplex.runtime.server.tokenizer import PackageTokenizer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from loraplex.adapters.package.manifest import Manifest
+    from loraplex.runtime.http.server import HttpFrontend
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,9 @@ class ServerConfig:
     # (None = BYTES_PER_CONTEXT_TOKEN per token of the model's context length).
     max_prompt_bytes: int | None = None
     tls: ServerTLS | None = None  # None = plaintext (loopback, or behind a TLS-terminating proxy)
+    # OpenAI-compatible HTTP port beside gRPC (0 = any free port, None = off); needs `loraplex[http]`.
+    # Same auth (scope `all` guards its /v1 routes), TLS and metrics as the gRPC port.
+    http_port: int | None = None
     load_package_adapters: bool = True
     warmup: bool = True
 
@@ -109,8 +123,13 @@ class RunningServer:
     registry: AdapterRegistry
     engine: Engine
     metrics_port: int | None = None
+    http: HttpFrontend | None = None  # the OpenAI-compatible HTTP port, with `http_port`
     _metrics_http: object | None = None
     _stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def target(self) -> str:
@@ -118,6 +137,8 @@ class RunningServer:
 
     async def set_serving(self, serving: bool) -> None:
         await _set_health(self.health, serving)
+        if self.http is not None:
+            self.http.state.serving = serving
 
     async def drain(self, grace: float | None = 30.0) -> bool:
         """Health NOT_SERVING, refuse new requests, wait for in-flight ones; True if all finished."""
@@ -135,6 +156,8 @@ class RunningServer:
         self._stopped = True
         await self.drain(grace)
         await self.server.stop(1.0)
+        if self.http is not None:
+            await self.http.close()
         await self.registry.close()
         await asyncio.to_thread(self.engine.close)
         if self._metrics_http is not None:
@@ -168,14 +191,24 @@ async def start_server(config: ServerConfig) -> RunningServer:
     log.info("listening on %s:%d%s (NOT_SERVING until the model is warm)", config.host, port,
              "" if config.tls is None else " with mutual TLS" if config.tls.client_ca else " with TLS")
 
+    http = None
     try:
+        if config.http_port is not None:
+            http = await _open_http(config, package.manifest, package.config.context_length,
+                                    max_prompt_bytes(config, package), metrics, auth)
         core = await build_core(config, package, metrics)
     except BaseException:
         await server.stop(None)
+        if http is not None:
+            await http.close()
         raise
     service, registry, engine = core.service, core.registry, core.engine
     generation.service = adapters.service = service
-    running = RunningServer(config, server, port, health_servicer, metrics, service, registry, engine)
+    running = RunningServer(config, server, port, health_servicer, metrics, service, registry, engine, http=http)
+    if http is not None:
+        tokenizer = service.tokenizer
+        http.state.chat_prompt = tokenizer.chat_prompt if tokenizer.chat_template is not None else None
+        http.state.service = service
     if config.metrics_port is not None:
         running._metrics_http, running.metrics_port = metrics.serve(config.metrics_port, config.host, config.tls)
     await running.set_serving(True)
@@ -234,6 +267,30 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
     return ServingCore(package, engine, registry, service)
 
 
+async def _open_http(config: ServerConfig, manifest: Manifest, context_length: int, max_prompt_bytes: int,
+                     metrics: ServerMetrics, auth: BearerAuth | None) -> HttpFrontend:
+    """The HTTP front end on `config.http_port`, answering 503 until the server is warm."""
+    try:  # the `http` extra: imported only when an HTTP port is asked for
+        from loraplex.runtime.http.routes import HttpState
+        from loraplex.runtime.http.server import HttpFrontend
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"--http-port needs the HTTP extra ({exc}): pip install 'loraplex[http]'", name=exc.name
+        ) from exc
+    state = HttpState(base_id=base_model_id(manifest), context_length=context_length,
+                      max_prompt_bytes=max_prompt_bytes, metrics=metrics, chat_prompt=None, auth=auth,
+                      created=int(time.time()))
+    http = HttpFrontend(state, config.host, config.http_port, config.tls)
+    await http.open()
+    return http
+
+
+def base_model_id(manifest: Manifest) -> str:
+    """The HTTP `model` id of the base model: `base:<model_type>` (e.g. `base:llama`). Stable for a
+    package, and never an adapter's name (adapter names have no colon)."""
+    return f"base:{manifest.base.model_type}"
+
+
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *SERVICE_NAMES):
@@ -261,6 +318,8 @@ async def serve(config: ServerConfig, drain_grace: float = 30.0) -> int:
     if running.metrics_port is not None:
         scheme = "https" if config.tls else "http"
         print(f"metrics on {scheme}://{config.host}:{running.metrics_port}/metrics", flush=True)
+    if running.http is not None:
+        print(f"OpenAI-compatible HTTP on {running.http.url}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,6 +29,12 @@ TEMPERATURE_RANGE = (0.01, 100.0)  # or 0: greedy
 REPETITION_PENALTY_RANGE = (0.01, 100.0)  # or 0: the default, 1.0 (no penalty)
 
 
+# Each sampling field as the request names it: the gRPC contract's names (a front end with other
+# names, such as the OpenAI HTTP API's `max_tokens`, passes its own to `sampling_params`).
+GRPC_FIELDS = {name: f"params.{name}" for name in
+               ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")}
+
+
 def sampling_params(
     *,
     max_new_tokens: int = 0,
@@ -40,26 +46,31 @@ def sampling_params(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     context_length: int,
+    fields: Mapping[str, str] = GRPC_FIELDS,
 ) -> SamplingParams:
-    """Validated SamplingParams from wire values (0 = default)."""
+    """Validated SamplingParams from wire values (0 = default); messages name `fields`."""
+    name = fields["max_new_tokens"]
     if max_new_tokens < 0:
-        raise InvalidRequest(f"params.max_new_tokens is {max_new_tokens}; use 1..{context_length} (0 = default)")
+        raise InvalidRequest(f"{name} is {max_new_tokens}; use 1..{context_length} (0 = default)", field=name)
     if max_new_tokens > context_length:
         raise InvalidRequest(
-            f"params.max_new_tokens is {max_new_tokens}, more than the model's context length {context_length}"
+            f"{name} is {max_new_tokens}, more than the model's context length {context_length}", field=name
         )
-    _in_range("params.temperature", temperature, TEMPERATURE_RANGE, "0 = greedy")
+    _in_range(fields["temperature"], temperature, TEMPERATURE_RANGE, "0 = greedy")
+    name = fields["top_p"]
     if not (math.isfinite(top_p) and 0 <= top_p <= 1):
-        raise InvalidRequest(f"params.top_p is {top_p}; use a value in (0, 1] (0 = default 1.0)")
+        raise InvalidRequest(f"{name} is {top_p}; use a value in (0, 1] (0 = default 1.0)", field=name)
+    name = fields["top_k"]
     if top_k < 0:
-        raise InvalidRequest(f"params.top_k is {top_k}; use 0 (no cut) or a positive count")
-    _in_range("params.repetition_penalty", repetition_penalty, REPETITION_PENALTY_RANGE, "0 = default 1.0, no penalty")
+        raise InvalidRequest(f"{name} is {top_k}; use 0 (no cut) or a positive count", field=name)
+    _in_range(fields["repetition_penalty"], repetition_penalty, REPETITION_PENALTY_RANGE, "0 = default 1.0, no penalty")
+    name = fields["stop"]
     if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"params.stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        raise InvalidRequest(f"{name} has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", field=name)
     for i, s in enumerate(stop):
         if not s or len(s) > MAX_STOP_LENGTH:
-            raise InvalidRequest(f"params.stop[{i}] must be 1..{MAX_STOP_LENGTH} characters, got {len(s)}")
-        text(f"params.stop[{i}]", s)
+            raise InvalidRequest(f"{name}[{i}] must be 1..{MAX_STOP_LENGTH} characters, got {len(s)}", field=name)
+        text(f"{name}[{i}]", s)
     return SamplingParams(
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=float(temperature),
@@ -86,17 +97,25 @@ def adapter_version(value: str) -> str:
 
 
 def text(field: str, value: str, *, max_bytes: int | None = None) -> str:
-    """A text field: no NUL character and, with `max_bytes`, at most that many UTF-8 bytes."""
+    """A text field: no NUL character, valid Unicode and, with `max_bytes`, at most that many UTF-8 bytes.
+
+    A lone surrogate cannot come over gRPC (protobuf checks UTF-8) but can from JSON (`"\\ud800"`):
+    it is not text, and would fail wherever the text is encoded next.
+    """
     nul = value.find("\0")
     if nul >= 0:
-        raise InvalidRequest(f"{field} contains a NUL character (at offset {nul}); text may not hold NUL: remove it")
-    if max_bytes is not None and len(value) > max_bytes // 4:  # below that, it fits whatever the characters
+        raise InvalidRequest(f"{field} contains a NUL character (at offset {nul}); text may not hold NUL: remove it",
+                             field=field)
+    try:
         size = len(value.encode("utf-8"))
-        if size > max_bytes:
-            raise InvalidRequest(
-                f"{field} is {size} bytes; at most {max_bytes} are accepted (the server's --max-prompt-bytes): "
-                "shorten it"
-            )
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{field} holds a lone UTF-16 surrogate (at offset {exc.start}), which is not text: "
+                             "send valid Unicode", field=field) from None
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidRequest(
+            f"{field} is {size} bytes; at most {max_bytes} are accepted (the server's --max-prompt-bytes): "
+            "shorten it", field=field,
+        )
     return value
 
 
@@ -127,7 +146,7 @@ def _in_range(field: str, value: float, bounds: tuple[float, float], zero: str) 
     if value == 0:
         return
     if not (math.isfinite(value) and _float32(low) <= value <= _float32(high)):
-        raise InvalidRequest(f"{field} is {value}; use 0 ({zero}) or a value in [{low:g}, {high:g}]")
+        raise InvalidRequest(f"{field} is {value}; use 0 ({zero}) or a value in [{low:g}, {high:g}]", field=field)
 
 
 def _float32(value: float) -> float:

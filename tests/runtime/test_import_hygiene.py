@@ -1,31 +1,48 @@
 """The server's import path must not pull in training or export stacks (edge devices lack them), nor
-ray: only `loraplex serve-ray` (the `loraplex.runtime.cluster` modules, extra `ray`) imports it."""
+ray (only `loraplex serve-ray`, the `loraplex.runtime.cluster` modules, extra `ray`, imports it), and a
+gRPC-only server must not pull in the optional HTTP stack (`loraplex[http]`)."""
 
 import subprocess
 import sys
 
 HEAVY = ("torch", "peft", "olive", "transformers")
+HTTP_STACK = ("starlette", "uvicorn", "fastapi", "openai")
+CLUSTER_PACKAGE = "loraplex.runtime.cluster"
+HTTP_PACKAGE = "loraplex.runtime.http"
+
+IMPORTED_BY = """
+import sys, pkgutil, importlib, loraplex.runtime as r
+skip = {skip!r}
+for m in pkgutil.walk_packages(r.__path__, 'loraplex.runtime.'):
+    if not any(m.name.startswith(s + '.') for s in skip):
+        importlib.import_module(m.name)
+import loraplex.runtime.server.app
+from loraplex.runtime.cli import build_parser
+build_parser()  # every subcommand registered, serve-ray included
+print(','.join(sorted(n for n in {names!r} if n in sys.modules)))
+"""
 
 
-def imported_after(code: str, names) -> str:
-    code += f"\nimport sys\nprint(','.join(sorted(n for n in {tuple(names)!r} if n in sys.modules)))\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+def imported(names: tuple[str, ...], skip: tuple[str, ...] = ()) -> str:
+    """Which of `names` importing every runtime module (but those under `skip`) pulls in."""
+    code = IMPORTED_BY.format(skip=skip, names=names)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def imported_after(code: str, names: tuple[str, ...]) -> str:
+    code += f"\nimport sys\nprint(','.join(sorted(n for n in {names!r} if n in sys.modules)))\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_runtime_imports_no_torch_peft_olive_or_ray():
-    code = (
-        "import pkgutil, importlib, loraplex.runtime as r\n"
-        "for m in pkgutil.iter_modules(r.__path__):\n"  # `cluster` here is its package only, ray-free
-        "    importlib.import_module('loraplex.runtime.' + m.name)\n"
-        "import loraplex.runtime.server.app\n"
-        "from loraplex.runtime.cli import build_parser\n"
-        "build_parser()\n"  # every subcommand registered, serve-ray included
-    )
-    found = imported_after(code, (*HEAVY, "ray"))
-    assert found == "", f"runtime imported {found}"
+    found = imported((*HEAVY, "ray"), skip=(CLUSTER_PACKAGE,))
+    assert found == "", f"the runtime (HTTP front end included) imported {found}"
+
+
+def test_runtime_outside_the_http_front_end_imports_no_http_stack():
+    found = imported(HTTP_STACK, skip=(HTTP_PACKAGE, CLUSTER_PACKAGE))
+    assert found == "", f"a gRPC-only server would import the HTTP extra: {found}"
 
 
 def test_cluster_imports_ray_but_no_torch_peft_or_olive():
-    code = "import loraplex.runtime.cluster.app\n"
-    assert imported_after(code, (*HEAVY, "ray")) == "ray"
+    assert imported_after("import loraplex.runtime.cluster.app\n", (*HEAVY, "ray")) == "ray"
