@@ -7,7 +7,10 @@ greedily by PyTorch PEFT (fp32, the reference) and by the exported package throu
 the server will use for it (the batched engine for a CPU package; onnxruntime-genai on the CPU
 for GPU/NPU targets, which cannot run here). Both see the same prompt token ids (the package's
 tokenizer), and their text is decoded the same way. A prediction is right when decoding stops
-at EOS with exactly the completion's text, as a client of the server would see it.
+at EOS with exactly the completion's text, as a client of the server would see it. The adapter
+is judged by the metric its training selected it by (training.json `metric`: accuracy, macro_f1,
+rouge_l or bleu from `loraplex.trainer.metrics`), exact match where none is recorded; exact match
+is always recorded too.
 """
 
 from __future__ import annotations
@@ -146,9 +149,29 @@ def exact_match(predictions: Sequence[Prediction], examples: Sequence[TaskExampl
     return right / len(examples)
 
 
+def task_metric(recorded: str | None) -> str:
+    """The metric an adapter is judged by: the one its training selected it by when that is a text
+    metric (accuracy, macro_f1, rouge_l, bleu, exact_match); exact match otherwise (perplexity, none)."""
+    from loraplex.trainer.metrics import TEXT_METRICS
+
+    return recorded if recorded in TEXT_METRICS else PRIMARY_METRIC
+
+
+def _scores(predictions: Sequence[Prediction], examples: Sequence[TaskExample], decode: Callable,
+            metric: str) -> dict[str, float]:
+    scores = {PRIMARY_METRIC: exact_match(predictions, examples, decode)}
+    if metric != PRIMARY_METRIC:
+        from loraplex.trainer.metrics import compute_metrics
+
+        texts = [decode(p.tokens) for p in predictions]
+        scores.update(compute_metrics([metric], texts, [e.completion for e in examples]))
+    return scores
+
+
 def measure(name: str, examples: list[TaskExample], source: str, package: EngineDecoder, reference: TorchDecoder,
-            max_drop: float) -> Accuracy:
-    """Decode `examples` both ways and compare; the adapter must be loaded in both decoders as `name`."""
+            max_drop: float, metric: str = PRIMARY_METRIC) -> Accuracy:
+    """Decode `examples` both ways and compare by `metric` (exact match is always recorded too); the
+    adapter must be loaded in both decoders as `name`."""
     encode, decode = package.tokenizer.encode, package.tokenizer.decode
     prompts = [encode(e.prompt) for e in examples]
     budget = max(len(encode(e.completion)) for e in examples) + 2  # the completion, EOS, one token of slack
@@ -157,13 +180,10 @@ def measure(name: str, examples: list[TaskExample], source: str, package: Engine
     eos = reference.eos_ids
     theirs = [_prediction(tokens, eos) for tokens in reference.greedy_many(prompts, name, budget)]
     agreement = sum(a.tokens == b.tokens and a.stopped == b.stopped for a, b in zip(ours, theirs, strict=True))
-    scores = {
-        "pytorch": {PRIMARY_METRIC: exact_match(theirs, examples, decode)},
-        "package": {PRIMARY_METRIC: exact_match(ours, examples, decode)},
-        "base": {PRIMARY_METRIC: exact_match(base, examples, decode)},
-    }
-    drop = scores["pytorch"][PRIMARY_METRIC] - scores["package"][PRIMARY_METRIC]
-    return Accuracy(metric=PRIMARY_METRIC, examples=len(examples), source=source, **scores, engine=package.engine_name,
+    scores = {side: _scores(predictions, examples, decode, metric)
+              for side, predictions in (("pytorch", theirs), ("package", ours), ("base", base))}
+    drop = scores["pytorch"][metric] - scores["package"][metric]
+    return Accuracy(metric=metric, examples=len(examples), source=source, **scores, engine=package.engine_name,
                     token_agreement=agreement / len(examples), max_drop=max_drop, passed=drop <= max_drop + 1e-9)
 
 
@@ -177,8 +197,8 @@ def check(name: str, accuracy: Accuracy, precision: str) -> None:
     if accuracy.passed:
         return
     fixes = ("export in fp32" if precision == "fp16" else
-             "export in fp16 (GPU) or fp32, or raise int4 quality: --int4-accuracy-level 4 with a smaller "
-             "--int4-block-size (e.g. 16), or --int4-algo k_quant; or allow more with --max-accuracy-drop")
+             "export in fp16 (GPU) or fp32, or raise int4 quality: a smaller --int4-block-size (e.g. 16) "
+             "or --int4-algo k_quant; or train the adapter longer; or allow more with --max-accuracy-drop")
     raise AccuracyError(
         f"adapter {name!r} loses task accuracy in the {precision} package: {accuracy.metric} "
         f"{accuracy.package[accuracy.metric]:.1%} vs {accuracy.pytorch[accuracy.metric]:.1%} in PyTorch fp32 on "

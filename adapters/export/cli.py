@@ -30,8 +30,13 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
                         help="int4: weights per quantization scale (smaller: more accurate, larger file)")
     export.add_argument("--int4-accuracy-level", type=int, default=4, choices=(1, 2, 3, 4),
                         help="int4: compute precision of the quantized MatMuls on CPU (4 = int8, fastest; 1 = fp32)")
-    export.add_argument("--int4-algo", default="default", choices=("default", "rtn", "k_quant"),
-                        help="int4: quantization algorithm (k_quant: llama.cpp-style, more accurate)")
+    export.add_argument("--int4-algo", default="rtn", choices=("rtn", "default", "k_quant"),
+                        help="int4: quantization algorithm (rtn or default: round to nearest, seconds; k_quant: "
+                             "llama.cpp-style, minutes)")
+    export.add_argument("--int4-symmetric", action=argparse.BooleanOptionalAction, default=False,
+                        help="int4: one scale per block and no zero point (default: asymmetric, more accurate)")
+    export.add_argument("--int4-lm-head", choices=("int8", "int4"), default="int8",
+                        help="int4: precision of the LM head (default int8: more accurate, slightly larger)")
     _verification_options(export)
     export.set_defaults(func=_export)
 
@@ -109,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
         base, adapters = adapters_from_args(args)
         timings: dict[str, float] = {}
         int4 = Int4Options(block_size=args.int4_block_size, accuracy_level=args.int4_accuracy_level,
-                           algo=args.int4_algo)
+                           algo=args.int4_algo, symmetric=args.int4_symmetric, lm_head_int8=args.int4_lm_head == "int8")
         manifest = export_package(base, adapters, args.out, precision=args.precision, device=args.device,
                                   provider=args.provider, int4=int4, verify=args.verify,
                                   verification=verification_from_args(args), progress=True, timings=timings)

@@ -107,6 +107,12 @@ class PeftAdapter:
         return None
 
     @property
+    def task_metric(self) -> str | None:
+        """The metric training selected this adapter by (`metric` in training.json), if recorded."""
+        value = (self.training or {}).get("metric")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def weights_size(self) -> int:
         return (self.path / WEIGHTS_NAME).stat().st_size
 

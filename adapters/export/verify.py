@@ -82,6 +82,7 @@ def _accuracy(name: str, adapter: PeftAdapter, file: Path, engine: accuracy.Engi
         return None
     examples, source = found
     engine.load(name, file)
-    result = accuracy.measure(name, examples, source, engine, ref, options.max_accuracy_drop)
+    result = accuracy.measure(name, examples, source, engine, ref, options.max_accuracy_drop,
+                              accuracy.task_metric(adapter.task_metric))
     accuracy.check(name, result, precision)
     return result

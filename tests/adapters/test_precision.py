@@ -20,6 +20,10 @@ from loraplex.adapters.package.manifest import Manifest
 from tests.fixtures.packages import TINY_SPEC
 
 
+def _node(model, name: str) -> onnx.NodeProto:
+    return next(n for n in onnx.load(str(model), load_external_data=False).graph.node if n.name == name)
+
+
 def _ops(model_path) -> dict[str, str]:
     return {n.name: n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
 
@@ -29,6 +33,9 @@ def test_int4_base_keeps_lora_in_float_and_any_rank_loads(package_factory, tiny_
     package = package_factory(TINY_SPEC, precision="int4")
     ops = _ops(package / "model.onnx")
     assert ops["/model/layers.0/attn/q_proj/MatMul_Q4"] == "MatMulNBits"  # base projection quantized
+    assert ops["/lm_head/MatMul_Q8"] == "MatMulNBits"  # the LM head in int8 (loraplex's default)
+    q_proj = _node(package / "model.onnx", "/model/layers.0/attn/q_proj/MatMul_Q4")
+    assert len(q_proj.input) == 4 and "zero_points" in q_proj.input[3]  # asymmetric
     assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"  # LoRA branch float
     assert ops["/model/layers.3/mlp/down_proj/lora_B/MatMul"] == "MatMul"
     assert {i.dtype for i in read_lora_inputs(package / "model.onnx").inputs} == {np.dtype("float32")}
@@ -100,3 +107,20 @@ def test_bad_precision_and_device_are_refused(tiny_base, tmp_path):
         export_package(tiny_base, {"a b": tmp_path}, tmp_path / "x")
     with pytest.raises(ValueError, match="at least one adapter"):
         export_package(tiny_base, {}, tmp_path / "x")
+
+
+def test_int4_defaults_fall_back_where_the_rtn_quantizer_cannot_go(tmp_path):
+    from loraplex.adapters.export.base_graph import Int4Options
+
+    config = {"hidden_size": 576, "num_attention_heads": 9, "intermediate_size": 1536}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    options = Int4Options()
+    assert options.for_base(tmp_path) is options  # 18 and 48 blocks per row
+    assert options.extra_options() == ["block_size=32", "accuracy_level=4", "algo_config=rtn_last",
+                                       "is_symmetric=false"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 352}))  # 11 blocks
+    fallback = options.for_base(tmp_path)
+    assert fallback.algo == "default" and "matmul_mixed_precision=last_matmul:int8" in fallback.extra_options()
+    assert Int4Options(symmetric=True).for_base(tmp_path).algo == "rtn"  # symmetric rtn packs no zero points
+    with pytest.raises(ValueError, match="int4 block size 48"):
+        Int4Options(block_size=48)

@@ -115,7 +115,7 @@ def test_ignore_eos_decodes_past_eos_on_every_engine(demo_package, demo_adapters
         handle.stop()
 
 
-def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo_package):
+def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo_package, demo_adapters):
     from loraplex.adapters.package.manifest import Manifest
 
     manifest = Manifest.load(demo_package)
@@ -124,7 +124,11 @@ def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo
     for task, entry in manifest.adapters.items():
         verified = entry.accuracy
         assert verified is not None and verified.passed and verified.engine == "batched"
+        # judged by the metric training selected the adapter by, exact match recorded beside it
+        assert verified.metric == training_record(demo_adapters[task])["metric"]
+        assert "exact_match" in verified.package
+        metric = verified.metric
         for shown in (info.accuracy[task], listed[task].accuracy):
-            assert (shown.metric, shown.examples, shown.precision) == ("exact_match", verified.examples, "fp32")
-            assert shown.package == verified.package["exact_match"] == verified.pytorch["exact_match"]
-            assert shown.base == verified.base["exact_match"] < shown.package
+            assert (shown.metric, shown.examples, shown.precision) == (metric, verified.examples, "fp32")
+            assert shown.package == verified.package[metric] == verified.pytorch[metric]
+            assert shown.base == verified.base[metric] < shown.package
