@@ -13,6 +13,10 @@ LoRA input at one rank is loaded from a padded copy (see loraplex.adapters.packa
 ONNX Runtime's memory planner needs one rank across a run's LoRA inputs), written to a scratch
 directory and unlinked once onnxruntime-genai has it open.
 
+An output constraint goes to onnxruntime-genai's own guidance (`GeneratorParams.set_guidance`, the
+same llguidance the batched engine masks with, on the same `OutputConstraint.guidance()` form);
+when it is complete the generator produces EOS, which ends the job with STOP.
+
 A failure belongs to its job: an onnxruntime-genai error while starting or stepping a generator,
 or a token sink that raises, ends that job only (its generator dropped first, so its adapter can
 unload); the others keep decoding.
@@ -172,6 +176,8 @@ class GenaiEngine(Engine):
             with self._og_lock:
                 params = self._og.GeneratorParams(self.model)
                 params.set_search_options(**self._search_options(job))
+                if job.params.constraint is not None:
+                    params.set_guidance(*job.params.constraint.guidance())
                 generator = self._og.Generator(self.model, params)
                 if isinstance(job.adapter, GenaiAdapter):
                     generator.set_active_adapter(self._adapters, job.adapter.key)
@@ -202,7 +208,7 @@ class GenaiEngine(Engine):
                 top_k=min(p.top_k, self._vocab_size) if p.top_k else self._vocab_size,
                 random_seed=int(seed % (2**31 - 1)),
             )
-        if p.ignore_eos:
+        if p.ignore_eos and p.constraint is None:  # a complete constraint ends the job whatever ignore_eos says
             options["min_length"] = max_length
         return options
 
@@ -220,6 +226,9 @@ class GenaiEngine(Engine):
             log.exception("request %s failed while decoding", job.request_id)
             job.fail(exc)
             self._finish(run, FinishReason.CANCELLED)
+            return
+        if token in self._eos and job.params.constraint is not None:
+            self._finish(run, FinishReason.STOP)  # the constraint is complete (guidance allows only EOS then)
             return
         if token in self._eos and not job.params.ignore_eos:
             self._finish(run, FinishReason.EOS)

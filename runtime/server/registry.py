@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.package.manifest import Accuracy
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.engines.base import AdapterHandle, Engine
@@ -44,6 +45,7 @@ class AdapterVersion:
     sha256: str = ""
     size_bytes: int = 0
     accuracy: Accuracy | None = None  # as export verified it
+    output: OutputConstraint | None = None  # the default output contract of its requests
     leases: int = 0
     served: int = 0
     retired: bool = False
@@ -52,7 +54,7 @@ class AdapterVersion:
     @classmethod
     def of(cls, checked: CheckedAdapter, handle: AdapterHandle | None) -> AdapterVersion:
         return cls(checked.name, checked.version, handle, checked.rank, list(checked.target_modules),
-                   checked.template, checked.sha256, checked.size_bytes, checked.accuracy)
+                   checked.template, checked.sha256, checked.size_bytes, checked.accuracy, checked.output)
 
 
 class Lease:
@@ -138,7 +140,8 @@ class AdapterRegistry:
         async with self._admin:
             current = self._current.get(name)
             fallback = template if template is not None else (current.template if current else None)
-            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback)
+            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback,
+                                                       current.output if current else None)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)

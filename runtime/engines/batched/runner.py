@@ -5,7 +5,9 @@ decision: the scheduler says which rows run in which KV rows with which slots. A
 the new rows' prompts (right-padded to the longest) straight into their rows of the shared KV
 buffer; a decode step feeds every running row its last token. Either way the graph computes the
 LM head for one position per row (`logits_index`) and each row's token is chosen by its own
-sampler. InferenceSession.run releases the GIL, so the asyncio server keeps serving during a step.
+sampler (which masks the logits of a row with an output constraint, through llguidance, built on
+the package's tokenizer.json the first time a constrained row arrives). InferenceSession.run
+releases the GIL, so the asyncio server keeps serving during a step.
 See `kv` for the cache layout and why padding cannot change any row's result.
 """
 
@@ -19,6 +21,9 @@ from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPU
 from loraplex.runtime.engines.batched.kv import KVCache
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
+from loraplex.runtime.engines.guidance import Guidance, RowConstraint
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class ModelRunner:
@@ -32,6 +37,17 @@ class ModelRunner:
         self.session = ort.InferenceSession(str(banked), options, providers=["CPUExecutionProvider"])
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots, package.manifest.lora_rank)
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
+        self._tokenizer_json = package.root / TOKENIZER_FILE
+        self._guidance: Guidance | None = None
+
+    def constraint_of(self, row: Row) -> RowConstraint | None:
+        """A fresh constraint state for a row whose request has one."""
+        constraint = row.job.params.constraint
+        if constraint is None:
+            return None
+        if self._guidance is None:
+            self._guidance = Guidance(self._tokenizer_json, self.config.vocab_size, self.config.eos_token_ids)
+        return self._guidance.row(constraint)
 
     def run(self, batch: Batch, keep: int | None = None) -> list[int | Exception]:
         """One session run for `batch`: a token, or the row's own error, per row. `keep`: how many KV
@@ -60,7 +76,8 @@ class ModelRunner:
         ids = np.full((len(rows), width), self.config.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : row.length] = row.job.prompt_ids
-            row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size)
+            row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size,
+                                     self.constraint_of(row))
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return self._run(ids, mask, rows, start, lengths - 1)
 
