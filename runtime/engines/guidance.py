@@ -70,17 +70,30 @@ class RowConstraint:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self._next: np.ndarray | None = None  # `prepare`d mask for the next token
 
     def allowed(self) -> np.ndarray:
         """A bool [vocab] of the tokens the constraint allows next (EOS where it may end)."""
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        if self._next is not None:
+            return self._next
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)  # drops the GIL
+        self._next = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        return self._next
+
+    def prepare(self) -> None:
+        """Compute the next mask now (another thread, while the model runs); never raises: a failure
+        is raised again by `mask` on the engine thread, as this row's own error."""
+        try:
+            self.allowed()
+        except Exception:
+            self._next = None
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` [vocab] with every token the constraint forbids at -inf (a new array)."""
         return np.where(self.allowed(), logits, -np.inf).astype(logits.dtype, copy=False)
 
     def advance(self, token: int) -> None:
+        self._next = None
         if not self.matcher.consume_token(token):
             raise EngineFailure(f"the output constraint refused token {token}: {self.matcher.get_error()[:200]}")
 

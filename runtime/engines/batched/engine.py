@@ -87,6 +87,7 @@ class BatchedEngine(Engine):
             self._closing = True
             self._cv.notify()
         self._thread.join()
+        self.runner.close()
 
     def healthy(self) -> bool:
         return self._thread.is_alive()

@@ -6,12 +6,15 @@ the new rows' prompts (right-padded to the longest) straight into their rows of 
 buffer; a decode step feeds every running row its last token. Either way the graph computes the
 LM head for one position per row (`logits_index`) and each row's token is chosen by its own
 sampler (which masks the logits of a row with an output constraint, through llguidance, built on
-the package's tokenizer.json the first time a constrained row arrives). InferenceSession.run
+the package's tokenizer.json the first time a constrained row arrives; the constrained rows' masks
+are computed on a helper thread while the session runs, both without the GIL). InferenceSession.run
 releases the GIL, so the asyncio server keeps serving during a step.
 See `kv` for the cache layout and why padding cannot change any row's result.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +42,7 @@ class ModelRunner:
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
         self._tokenizer_json = package.root / TOKENIZER_FILE
         self._guidance: Guidance | None = None
+        self._masks: ThreadPoolExecutor | None = None  # made with the first constrained row
 
     def constraint_of(self, row: Row) -> RowConstraint | None:
         """A fresh constraint state for a row whose request has one."""
@@ -47,7 +51,24 @@ class ModelRunner:
             return None
         if self._guidance is None:
             self._guidance = Guidance(self._tokenizer_json, self.config.vocab_size, self.config.eos_token_ids)
+            self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
         return self._guidance.row(constraint)
+
+    def close(self) -> None:
+        if self._masks is not None:
+            self._masks.shutdown(wait=True)
+
+    def _prepare_masks(self, rows: list[Row]) -> Future | None:
+        """Start computing the next mask of every constrained row (off the critical path)."""
+        constraints = [row.sampler.constraint for row in rows if row.sampler and row.sampler.constraint]
+        if not constraints or self._masks is None:
+            return None
+
+        def prepare() -> None:
+            for constraint in constraints:
+                constraint.prepare()
+
+        return self._masks.submit(prepare)
 
     def run(self, batch: Batch, keep: int | None = None) -> list[int | Exception]:
         """One session run for `batch`: a token, or the row's own error, per row. `keep`: how many KV
@@ -57,9 +78,20 @@ class ModelRunner:
                 raise RuntimeError(f"adapter {adapter.name}@{adapter.version} was unloaded before it was filled")
             self.bank.fill(slot, adapter.weights)
         if batch.kind == "prefill":
-            logits = self._prefill(batch.rows, batch.start, batch.start if keep is None else keep)
-        else:
-            logits = self._decode(batch.rows, batch.start, batch.start + len(batch.rows) if keep is None else keep)
+            for row in batch.rows:
+                if row.sampler is None:  # a prefill re-run row by row keeps its sampler
+                    row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size,
+                                             self.constraint_of(row))
+        masks = self._prepare_masks(batch.rows)
+        try:
+            if batch.kind == "prefill":
+                logits = self._prefill(batch.rows, batch.start, batch.start if keep is None else keep)
+            else:
+                logits = self._decode(batch.rows, batch.start,
+                                      batch.start + len(batch.rows) if keep is None else keep)
+        finally:
+            if masks is not None:
+                masks.result()  # the matchers are the engine thread's again
         return choose_tokens(logits, [row.sampler for row in batch.rows])  # type: ignore[misc]
 
     def compact(self, moves: list[tuple[int, int, int]], idle: bool) -> None:
@@ -76,8 +108,6 @@ class ModelRunner:
         ids = np.full((len(rows), width), self.config.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : row.length] = row.job.prompt_ids
-            row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size,
-                                     self.constraint_of(row))
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return self._run(ids, mask, rows, start, lengths - 1)
 
