@@ -162,3 +162,37 @@ def test_manifests_without_output_contracts_still_load(tiny_package):
         entry.pop("output", None)
     manifest = Manifest.from_dict(data)
     assert all(entry.output_constraint() is None for entry in manifest.adapters.values())
+
+
+@pytest.mark.parametrize(("kwargs", "text", "reason"), [
+    (dict(regex="(?:)"), "", generation_pb2.STOP),  # only the empty completion
+    (dict(regex="a{0}"), "", generation_pb2.STOP),
+    (dict(grammar='start: ""'), "", generation_pb2.STOP),
+    (dict(regex="[^\\s\\S]"), "", generation_pb2.STOP),  # the empty language: nothing can be produced
+    (dict(regex="[a-c]{100000}"), None, generation_pb2.LENGTH),  # longer than any budget
+    (dict(regex="\\$"), "$", generation_pb2.STOP),
+    (dict(choice=["a", "a", "ab"]), None, generation_pb2.STOP),
+])
+def test_edge_constraints_end_cleanly(server, kwargs, text, reason):
+    with server.client() as client:
+        response = client.generate("beta", PROMPTS[0], max_new_tokens=6, **kwargs)
+    assert response.finish_reason == reason
+    if text is not None:
+        assert response.text == text
+    elif "choice" in kwargs:
+        assert response.text in ("a", "ab")
+    else:
+        assert re.fullmatch("[a-c]+", response.text) and len(response.token_ids) == 6
+
+
+def test_a_replacement_keeps_the_contract_and_a_new_name_has_none(server_factory, contract_package, adapter_root):
+    """Load of a file the manifest does not describe: as a replacement it keeps serving the task's
+    contract (as it keeps its template); under a new name it has none."""
+    server = server_factory(package=contract_package, adapter_root=adapter_root)
+    with server.client() as client:
+        replaced = client.load_adapter("alpha", "alpha_half.onnx_adapter")
+        assert list(replaced.output.choice.choices) == DEFAULT_CHOICES
+        assert client.generate("alpha", PROMPTS[0], max_new_tokens=8).text in DEFAULT_CHOICES
+        fresh = client.load_adapter("delta", "alpha_half.onnx_adapter")
+        assert not fresh.HasField("output")
+        assert "delta" not in client.model_info().outputs
