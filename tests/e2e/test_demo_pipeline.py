@@ -134,3 +134,16 @@ def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo
             assert (shown.metric, shown.examples, shown.precision) == ("exact_match", verified.examples, "fp32")
             assert shown.package == verified.package["exact_match"] == verified.pytorch["exact_match"]
             assert shown.base == verified.base["exact_match"] < shown.package
+
+
+def test_the_demo_reports_parseable_outputs_with_and_without_the_contract(demo_server, demo_adapters):
+    """Sampled hot, every output of the sentiment adapter is a label under its inferred contract."""
+    from loraplex.runtime.demo import eval_examples, parseable_rates
+    from loraplex.trainer.config import TaskConfig
+
+    examples = {task: eval_examples(TaskConfig.from_dict(training_record(d)["config"]))[:12]
+                for task, d in demo_adapters.items()}
+    rates = demo_server.call(parseable_rates(demo_server.target, examples))
+    assert set(rates) == {"sentiment"}
+    constrained, free, count = rates["sentiment"]
+    assert constrained == 1.0 and count == 12 and 0.0 <= free <= 1.0
