@@ -131,17 +131,18 @@ class AdapterRegistry:
         return await self.load_file(name, self.resolve(path), version)
 
     async def load_file(self, name: str, file: Path, version: str | None = None,
-                        template: PromptTemplate | None = None) -> AdapterVersion:
+                        template: PromptTemplate | None = None,
+                        output: OutputConstraint | None = None) -> AdapterVersion:
         """Load (or replace) `name` from a file already resolved and trusted (the package's own).
 
-        `template` serves when the manifest does not describe the file (default: the template of the
-        version it replaces, so a replacement keeps serving the same task).
+        `template` and `output` (the default output contract) serve when the manifest does not describe
+        the file (default: those of the version it replaces, so a replacement keeps serving the same task).
         """
         async with self._admin:
             current = self._current.get(name)
             fallback = template if template is not None else (current.template if current else None)
-            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback,
-                                                       current.output if current else None)
+            contract = output if output is not None else (current.output if current else None)
+            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)
