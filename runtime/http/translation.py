@@ -405,11 +405,14 @@ def usage_chunk(call: OpenAICall, started: Started, finished: Finished) -> dict[
 
 
 def model_card(model_id: str, created: int, *, version: str, parent: str | None = None,
-               fields: Sequence[str] = ()) -> dict[str, Any]:
+               fields: Sequence[str] = (), output: dict[str, Any] | None = None) -> dict[str, Any]:
     """One entry of GET /v1/models: OpenAI's fields, vLLM's `root`/`parent` for an adapter, loraplex's
-    `version` (the adapter version that serves new requests) and `inputs` (its template's fields)."""
+    `version` (the adapter version that serves new requests), `inputs` (its template's fields) and
+    `output` (its default output contract, {kind, spec})."""
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "loraplex",
                             "root": parent or model_id, "parent": parent, "version": version}
     if fields:
         card["inputs"] = list(fields)
+    if output:
+        card["output"] = output
     return card

@@ -196,3 +196,22 @@ def test_a_replacement_keeps_the_contract_and_a_new_name_has_none(server_factory
         fresh = client.load_adapter("delta", "alpha_half.onnx_adapter")
         assert not fresh.HasField("output")
         assert "delta" not in client.model_info().outputs
+
+
+def test_http_shows_the_contract_applies_it_and_text_opts_out(server_factory, contract_package):
+    import httpx2
+
+    from tests.fixtures.http import http_url
+
+    server = server_factory(package=contract_package, http_port=0)
+    url = http_url(server)
+    cards = {m["id"]: m for m in httpx2.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert cards["alpha"]["output"] == {"kind": "choice", "spec": DEFAULT_CHOICES}
+    assert "output" not in cards["beta"]
+    body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+    constrained = httpx2.post(f"{url}/v1/completions", json=body, timeout=30).json()
+    assert constrained["choices"][0]["text"] in DEFAULT_CHOICES
+    free = httpx2.post(f"{url}/v1/completions", json={**body, "response_format": {"type": "text"}}, timeout=30).json()
+    with server.client() as client:
+        grpc_free = client.generate("alpha", PROMPTS[0], max_new_tokens=8, no_default_output=True)
+    assert free["choices"][0]["text"] == grpc_free.text and grpc_free.text not in DEFAULT_CHOICES
