@@ -15,7 +15,9 @@ directory and unlinked once onnxruntime-genai has it open.
 
 An output constraint goes to onnxruntime-genai's own guidance (`GeneratorParams.set_guidance`, the
 same llguidance the batched engine masks with, on the same `OutputConstraint.guidance()` form);
-when it is complete the generator produces EOS, which ends the job with STOP.
+when it is complete the generator produces EOS, which ends the job with STOP. A build of
+onnxruntime-genai without guidance (probed at start) refuses constrained requests with
+FAILED_PRECONDITION rather than ignoring their constraint.
 
 A failure belongs to its job: an onnxruntime-genai error while starting or stepping a generator,
 or a token sink that raises, ends that job only (its generator dropped first, so its adapter can
@@ -46,7 +48,7 @@ from loraplex.runtime.engines.base import (
     SamplingParams,
     check_prompt,
 )
-from loraplex.runtime.errors import AdapterIncompatible, EngineFailure, ShuttingDown
+from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, EngineFailure, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class GenaiEngine(Engine):
         self._vocab_size = package.config.vocab_size
         self._max_len = package.config.context_length
         self._adapters = og.Adapters(self.model)
+        self.guidance = self._probe_guidance()
         self._inputs = package.lora_inputs
         self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
         self.max_batch = max(1, max_batch)
@@ -89,6 +92,17 @@ class GenaiEngine(Engine):
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="genai-engine", daemon=True)
         self._thread.start()
+
+    def _probe_guidance(self) -> str | None:
+        """None when this onnxruntime-genai build enforces output constraints, else why not."""
+        try:
+            params = self._og.GeneratorParams(self.model)
+            params.set_search_options(max_length=2, batch_size=1)
+            params.set_guidance("regex", "a")
+            self._og.Generator(self.model, params)
+        except Exception as exc:  # a build without guidance (onnxruntime-genai's USE_GUIDANCE off)
+            return str(exc).split("\n", 1)[0][:200]
+        return None
 
     # -- adapters -------------------------------------------------------------------------
     def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> GenaiAdapter:
@@ -116,6 +130,12 @@ class GenaiEngine(Engine):
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
         check_prompt(job.prompt_ids, self._max_len, self._vocab_size)
+        if job.params.constraint is not None and self.guidance is not None:
+            raise ConstraintUnsupported(
+                f"this onnxruntime-genai build cannot enforce output constraints ({self.guidance}); use --engine "
+                "batched on CPU, a build with guidance, or send the request without `output` (and with "
+                "`no_default_output` for an adapter with a default contract)"
+            )
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the engine is closing and takes no new requests")

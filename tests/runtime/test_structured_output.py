@@ -215,3 +215,22 @@ def test_http_shows_the_contract_applies_it_and_text_opts_out(server_factory, co
     with server.client() as client:
         grpc_free = client.generate("alpha", PROMPTS[0], max_new_tokens=8, no_default_output=True)
     assert free["choices"][0]["text"] == grpc_free.text and grpc_free.text not in DEFAULT_CHOICES
+
+
+def test_an_engine_without_guidance_refuses_constraints_instead_of_ignoring_them(server):
+    """The genai engine probes its onnxruntime-genai build at start (this one has guidance); a build
+    without it answers FAILED_PRECONDITION to constrained requests and still serves free ones."""
+    engine = server.running.service.engine
+    if engine.name != "genai":
+        pytest.skip("the batched engine always has llguidance")
+    assert engine.guidance is None  # the CPU wheel enforces constraints
+    engine.guidance = "guidance is not enabled in this build"  # as the probe reports such a build
+    try:
+        with server.client() as client:
+            with pytest.raises(grpc.RpcError) as raised:
+                client.generate("alpha", PROMPTS[0], max_new_tokens=4, regex="[0-9]+")
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "guidance" in raised.value.details()
+            assert client.generate("alpha", PROMPTS[0], max_new_tokens=4).finish_reason
+    finally:
+        engine.guidance = None
