@@ -401,3 +401,23 @@ def test_constrained_and_free_rows_share_a_batch_and_each_equals_its_reference(p
     for sink in sampled:
         assert re.fullmatch("[0-9]{1,6}", tokenizer.decode(sink.wait()))
     assert engine.scheduler.stats.max_rows == 1 + len(free) + len(bound) + len(sampled)  # one batch
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_constraints_and_serves_free_rows(package, tmp_path):
+    import shutil
+
+    from loraplex.adapters.package.output import OutputConstraint
+    from loraplex.runtime.errors import ConstraintUnsupported
+
+    copy = tmp_path / "package"
+    shutil.copytree(package.root, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    engine = BatchedEngine(Package.open(copy), intra_op_threads=2)
+    try:
+        engine.runner._guidance.exception(timeout=WAIT_S)  # the helper thread tried and failed
+        with pytest.raises(ConstraintUnsupported, match="tokenizer"):
+            submit(engine, PROMPTS[0], None, constraint=OutputConstraint("regex", "[0-9]+"))
+        _, free = submit(engine, PROMPTS[0], None)
+        assert free.wait() == reference(package, None, PROMPTS[0])
+    finally:
+        engine.close()

@@ -5,9 +5,10 @@ decision: the scheduler says which rows run in which KV rows with which slots. A
 the new rows' prompts (right-padded to the longest) straight into their rows of the shared KV
 buffer; a decode step feeds every running row its last token. Either way the graph computes the
 LM head for one position per row (`logits_index`) and each row's token is chosen by its own
-sampler (which masks the logits of a row with an output constraint, through llguidance, built on
-the package's tokenizer.json the first time a constrained row arrives; the constrained rows' masks
-are computed on a helper thread while the session runs, both without the GIL). InferenceSession.run
+sampler (which masks the logits of a row with an output constraint, through llguidance; its view of
+the package's tokenizer.json is built on a helper thread at start, 0.6 s for a 49k vocabulary, and
+the constrained rows' masks are computed on that thread while the session runs, both without the
+GIL). InferenceSession.run
 releases the GIL, so the asyncio server keeps serving during a step.
 See `kv` for the cache layout and why padding cannot change any row's result.
 """
@@ -40,28 +41,31 @@ class ModelRunner:
         self.session = ort.InferenceSession(str(banked), options, providers=["CPUExecutionProvider"])
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots, package.manifest.lora_rank)
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
-        self._tokenizer_json = package.root / TOKENIZER_FILE
-        self._guidance: Guidance | None = None
-        self._masks: ThreadPoolExecutor | None = None  # made with the first constrained row
+        self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
+        self._guidance: Future[Guidance] = self._masks.submit(
+            Guidance, package.root / TOKENIZER_FILE, config.vocab_size, config.eos_token_ids)
 
     def constraint_of(self, row: Row) -> RowConstraint | None:
         """A fresh constraint state for a row whose request has one."""
         constraint = row.job.params.constraint
         if constraint is None:
             return None
-        if self._guidance is None:
-            self._guidance = Guidance(self._tokenizer_json, self.config.vocab_size, self.config.eos_token_ids)
-            self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
-        return self._guidance.row(constraint)
+        return self._guidance.result().row(constraint)  # a tokenizer that failed to load fails this row
+
+    def guidance_error(self) -> str | None:
+        """Why output constraints cannot be enforced (llguidance could not read tokenizer.json), or None
+        (also while the tokenizer is still loading: a row waits for it)."""
+        if not self._guidance.done() or self._guidance.exception() is None:
+            return None
+        return str(self._guidance.exception()).split("\n", 1)[0][:200]
 
     def close(self) -> None:
-        if self._masks is not None:
-            self._masks.shutdown(wait=True)
+        self._masks.shutdown(wait=True)
 
     def _prepare_masks(self, rows: list[Row]) -> Future | None:
         """Start computing the next mask of every constrained row (off the critical path)."""
         constraints = [row.sampler.constraint for row in rows if row.sampler and row.sampler.constraint]
-        if not constraints or self._masks is None:
+        if not constraints:
             return None
 
         def prepare() -> None:
