@@ -164,6 +164,7 @@ def export_package(
     verification: Verification | None = None,
     progress: bool = True,
     timings: dict[str, float] | None = None,
+    outputs: Mapping[str, dict | None] | None = None,
 ) -> Manifest:
     """Export `base_dir` and the PEFT adapters `{name: dir}` as one package in `out_dir`.
 
@@ -171,7 +172,8 @@ def export_package(
     file holds its own modules at its own rank. With `verify`, every adapter (and the bare base) is
     checked against PyTorch (`verify.py`: exact tokens in fp32, task accuracy within the allowed drop
     at every precision) and the results are in the manifest. `timings`, if given, receives the
-    seconds each stage took.
+    seconds each stage took. `outputs` overrides the output contract training recorded for the
+    adapters it names ({kind, spec}, or None for free text): a task file's `output:` at export.
     """
     base_graph.offline_environment()
     base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
@@ -180,6 +182,8 @@ def export_package(
     with timer.stage("read adapters"):
         base = _base_info(base_dir)
         loaded = {name: load_peft_adapter(path) for name, path in adapters.items()}
+        for name, contract in (outputs or {}).items():
+            loaded[name].training = {**(loaded[name].training or {}), "output": contract}
         for name, adapter in loaded.items():
             _check_same_base(name, adapter, base)
             _check_output(name, adapter)  # before the long build
