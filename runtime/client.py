@@ -34,8 +34,17 @@ def generate_request(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    regex: str | None = None,
+    json_schema: str | None = None,
+    grammar: str | None = None,
+    choice: Sequence[str] | None = None,
+    no_default_output: bool = False,
 ) -> generation_pb2.GenerateRequest:
-    """A GenerateRequest from plain values (0 = the server's default, see generation.proto)."""
+    """A GenerateRequest from plain values (0 = the server's default, see generation.proto).
+
+    At most one of `regex`, `json_schema` (JSON text), `grammar` (Lark) and `choice` sets the
+    output constraint; `no_default_output` opts out of the adapter's default one.
+    """
     if (prompt is None) == (inputs is None):
         raise ValueError("pass exactly one of prompt= or inputs=")
     params = generation_pb2.SamplingParams(
@@ -46,9 +55,18 @@ def generate_request(
         repetition_penalty=repetition_penalty,
         stop=list(stop),
         ignore_eos=ignore_eos,
+        no_default_output=no_default_output,
     )
     if seed is not None:
         params.seed = seed
+    kinds = {"regex": regex, "json_schema": json_schema, "grammar": grammar}
+    given = [k for k, v in kinds.items() if v is not None] + (["choice"] if choice is not None else [])
+    if len(given) > 1:
+        raise ValueError(f"pass at most one output constraint, got {', '.join(given)}")
+    if choice is not None:
+        params.output.choice.choices.extend(choice)
+    elif given:
+        setattr(params.output, given[0], kinds[given[0]])
     request = generation_pb2.GenerateRequest(adapter=adapter, params=params, request_id=request_id)
     if prompt is not None:
         request.prompt = prompt

@@ -114,6 +114,13 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[])
+    output = generate.add_mutually_exclusive_group()
+    output.add_argument("--regex", help="output constraint: the completion matches this regex in full")
+    output.add_argument("--json-schema", metavar="SCHEMA", help="output constraint: a JSON schema (JSON text)")
+    output.add_argument("--grammar", help="output constraint: a Lark grammar (top rule `start`)")
+    output.add_argument("--choice", action="append", help="output constraint: one of these strings (repeat it)")
+    output.add_argument("--no-default-output", action="store_true",
+                        help="free text: do not apply the adapter's default output contract")
     generate.add_argument("--stream", action="store_true", help="print text as it decodes")
     generate.add_argument("--json", action="store_true", help="print the whole response as JSON")
     generate.set_defaults(func=_generate)
@@ -243,7 +250,8 @@ def _generate(args: argparse.Namespace) -> int:
                 return 2
             inputs[key] = value
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop)
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, regex=args.regex, json_schema=args.json_schema,
+                  grammar=args.grammar, choice=args.choice, no_default_output=args.no_default_output)
 
     def run() -> None:
         with _client(args) as client:

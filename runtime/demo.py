@@ -17,6 +17,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,45 @@ async def swap_under_load(target: str, examples: dict[str, list[Example]], swap,
     return rows
 
 
+async def parseable_rates(target: str, examples: dict[str, list[Example]], temperature: float = 1.5
+                          ) -> dict[str, tuple[float, float, int]]:
+    """Per task with an output contract: the share of sampled outputs (hot, seeded) the contract
+    accepts, with the contract (the adapter's default) and without it (`no_default_output`)."""
+    from loraplex.runtime.client import AsyncClient
+
+    rates: dict[str, tuple[float, float, int]] = {}
+    async with AsyncClient(target) as client:
+        contracts = {a.name: a.output for a in await client.list_adapters() if a.HasField("output")}
+        for task, contract in contracts.items():
+            accepts = _accepts(contract)
+            if accepts is None:
+                continue  # the demo checks choice and regex contracts
+            counts = []
+            for free in (False, True):
+                ok = 0
+                for i, example in enumerate(examples.get(task, [])):
+                    response = await client.generate(task, inputs=example.fields, max_new_tokens=MAX_NEW_TOKENS,
+                                                      temperature=temperature, seed=i, no_default_output=free)
+                    ok += bool(accepts(response.text))
+                counts.append(ok / max(1, len(examples.get(task, []))))
+            rates[task] = (counts[0], counts[1], len(examples.get(task, [])))
+    return rates
+
+
+def _accepts(contract: Any) -> Callable[[str], bool] | None:
+    """Whether a text satisfies a choice or regex contract (an `OutputConstraint` message)."""
+    import re
+
+    kind = contract.WhichOneof("kind")
+    if kind == "choice":
+        choices = set(contract.choice.choices)
+        return choices.__contains__
+    if kind == "regex":
+        pattern = re.compile(contract.regex)
+        return lambda text: pattern.fullmatch(text) is not None
+    return None
+
+
 def single_request_speed(rows: list[Any]) -> dict[str, float]:
     totals = [r.timings.total_ms for r in rows]
     ttft = [r.timings.time_to_first_token_ms for r in rows]
@@ -151,7 +191,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
-def print_report(rows: list[Row], speed: dict[str, float], swap: dict[str, Any], stages: dict[str, float]) -> None:
+def print_report(rows: list[Row], speed: dict[str, float], swap: dict[str, Any], stages: dict[str, float],
+                 parseable: dict[str, tuple[float, float, int]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -195,6 +236,11 @@ def print_report(rows: list[Row], speed: dict[str, float], swap: dict[str, Any],
         f"time to first token {speed['ttft_ms']:.1f} ms, {speed['tokens_per_s']:.0f} tokens/s end to end, "
         f"{speed['decode_tokens_per_s']:.0f} tokens/s decoding"
     )
+    for task, (constrained, free, count) in (parseable or {}).items():
+        console.print(
+            f"output contract of {task}: {constrained:.0%} of {count} sampled outputs (temperature 1.5) are valid "
+            f"with it, {free:.0%} without it (no_default_output)"
+        )
     console.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
 
 
@@ -261,6 +307,7 @@ async def run_async(out: Path) -> int:
         rows = await query_all(server.target, examples)
         stages.times["serve eval examples"] = time.perf_counter() - started
         speed = await measure_speed(server.target, "The weather today is")
+        parseable = await parseable_rates(server.target, examples)
 
         config = next(c for c in configs if c.task == SWAPPED_TASK)
         old = server.registry.get(SWAPPED_TASK).version
@@ -282,7 +329,7 @@ async def run_async(out: Path) -> int:
     finally:
         await server.stop(10)
     rows += swap_rows
-    print_report(rows, speed, swap_info, stages.times)
+    print_report(rows, speed, swap_info, stages.times, parseable)
     failed = sum(r.failed for r in rows)
     if failed:
         log.error("%d request(s) failed", failed)

@@ -102,6 +102,12 @@ class DeviceUnavailable(LoraplexError):
     code = "FAILED_PRECONDITION"
 
 
+class ConstraintUnsupported(LoraplexError):
+    """The engine (an onnxruntime-genai build without guidance) cannot enforce an output constraint."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class EngineFailure(LoraplexError):
     """The engine failed while decoding (an ONNX Runtime error): a server-side fault."""
 

@@ -20,6 +20,9 @@ A task file (`loraplex train --config tasks.yaml`, `loraplex export --config tas
         search:                 # optional: the space of `loraplex train --search N` (see search_space.py)
           learning_rate: [0.001, 0.01]
           rank: [4, 8]
+        output:                 # optional: the output contract the server enforces by default
+          kind: choice          # regex | json_schema | grammar | choice; `output: none` for free text;
+          spec: [" positive", " negative"]  # unset: the labels, when the completions form a small closed set
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
 from loraplex.adapters.package.template import PromptTemplate, TemplateError
 from loraplex.trainer.search_space import SearchSpace, SearchSpaceError
+
+NO_OUTPUT = "none"  # `output: none`: no output contract, not even an inferred one
 
 Method = Literal["lora", "qlora"]
 LrScheduler = Literal["linear", "cosine", "constant"]
@@ -155,6 +161,15 @@ class TaskConfig:
         default=None,
         metadata=_help("the space `--search N` samples (task file only; see loraplex.trainer.search_space)", cli=False),
     )
+    output: dict[str, Any] | str | None = field(
+        default=None,
+        metadata=_help(
+            "the task's output contract the server enforces by default (task file only): {kind, spec} with kind "
+            "regex, json_schema, grammar or choice; 'none' for free text; unset = a choice of the labels when "
+            "the completions form a small closed set, else none",
+            cli=False,
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -164,6 +179,11 @@ class TaskConfig:
                 self.search = SearchSpace.from_dict(self.search)
             except SearchSpaceError as exc:
                 raise ConfigError(f"task {self.task!r}: {exc} (under 'search:' in the task file)") from exc
+        if self.output is not None and self.output != NO_OUTPUT:
+            try:
+                OutputConstraint.from_dict(self.output)  # type: ignore[arg-type]
+            except OutputSpecError as exc:
+                raise ConfigError(f"task {self.task!r}: {exc} (under 'output:' in the task file; or 'none')") from exc
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]

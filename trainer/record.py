@@ -8,6 +8,8 @@ training.json (also copied into the package manifest by export):
   the checkpoint), `metrics` (every name recorded), `eval_metrics` and `base_eval_metrics` ({name:
   value} on the whole eval split with and without the adapter), `eval_metric_curve` ([step, value]
   per evaluation), `metric_sample` (records the curve was scored on, of the eval split).
+- output: the task's output contract ({kind, spec}: declared in the task file, or a choice of the
+  labels for a label task; null: free text), which export writes into the manifest.
 - schedule: steps, total_steps (the budget), eval_steps, best_step, stop_reason (budget |
   early_stopping | timeout), stopped_early, plateaued (true | false | null) and plateau_note.
 - curves: train_loss ([step, mean over the logging interval]), eval_loss ([step, loss]).
@@ -79,6 +81,7 @@ def finish_task(
         "data": {"path": str(config.data), "records": len(data.train_set) + len(data.eval_set),
                  "train_records": len(data.train_set), "eval_records": len(data.eval_set)},
         "task_kind": evaluator.kind,
+        "output": data.output,  # the output contract the server enforces by default (None: free text)
         "metric": evaluator.primary,
         "metrics": evaluator.metrics,
         "eval_metrics": metrics,

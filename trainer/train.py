@@ -29,6 +29,7 @@ from loraplex.trainer.config import CHECKPOINT_DIR, ConfigError, TaskConfig
 from loraplex.trainer.dataset import Example, check_records, collate, read_records, split_indices, tokenize_record
 from loraplex.trainer.evaluate import Scores, TaskEvaluator
 from loraplex.trainer.metrics import MetricError, check_metric_fits
+from loraplex.trainer.output_contract import output_contract
 from loraplex.trainer.stopping import TrainingState
 
 StepHook = Callable[[int, float], None]  # (optimizer step just finished, its train loss)
@@ -53,6 +54,7 @@ class TaskData:
     eval_set: list[Example]
     evaluator: TaskEvaluator
     base_scores: Scores | None = None  # the base model's figures, computed once when first needed
+    output: dict[str, Any] | None = None  # the task's output contract (declared or inferred), or None
 
 
 def check_method(method: str) -> None:
@@ -183,7 +185,9 @@ def prepare_task(config: TaskConfig, model: Any, tokenizer: Any) -> TaskData:
     evaluator = TaskEvaluator.for_task(examples, eval_set, kind=kind, metric=config.metric,
                                        limit=config.eval_metric_limit, seed=config.seed,
                                        pad_id=tokenizer.pad_token_id)  # fmt: skip
-    return TaskData([examples[i] for i in train_idx], eval_set, evaluator)
+    completions = [config.template.render_completion(r) for r in records]
+    return TaskData([examples[i] for i in train_idx], eval_set, evaluator,
+                    output=output_contract(config, completions, kind))
 
 
 def micro_batch_indices(n: int, batch_size: int, seed: int, micro_step: int) -> list[int]:

@@ -1,16 +1,16 @@
 """Task accuracy of each adapter: PyTorch PEFT in fp32 against the package through its serving engine.
 
-A logit tolerance is the wrong test for a quantized package: int4 moves every logit by design.
-What a user needs is the task accuracy at the precision they ship, next to fp32's. For each
-adapter, held-out examples (the eval split its training recorded, or `--eval-data`) are decoded
-greedily by PyTorch PEFT (fp32, the reference) and by the exported package through the engine
-the server will use for it (the batched engine for a CPU package; onnxruntime-genai on the CPU
-for GPU/NPU targets, which cannot run here). Both see the same prompt token ids (the package's
-tokenizer), and their text is decoded the same way. A prediction is right when decoding stops
-at EOS with exactly the completion's text, as a client of the server would see it. The adapter
-is judged by the metric its training selected it by (training.json `metric`: accuracy, macro_f1,
-rouge_l or bleu from `loraplex.trainer.metrics`), exact match where none is recorded; exact match
-is always recorded too.
+A logit tolerance is the wrong test for a quantized package: int4 moves every logit by design. What
+a user needs is the task accuracy at the precision they ship, next to fp32's. For each adapter,
+held-out examples (the eval split its training recorded, or `--eval-data`) are decoded greedily by
+PyTorch PEFT (fp32, the reference) and by the exported package through the engine the server will
+use for it (the batched engine for a CPU package; onnxruntime-genai on the CPU for GPU/NPU targets,
+which cannot run here), under the adapter's output contract as the server applies it by default.
+Both see the same prompt token ids (the package's tokenizer), and their text is decoded the same
+way. A prediction is right when decoding stops (EOS, or its contract complete) with exactly the
+completion's text, as a client of the server would see it. The adapter is judged by the metric its
+training selected it by (training.json `metric`: accuracy, macro_f1, rouge_l or bleu from
+`loraplex.trainer.metrics`), exact match where none is recorded; exact match is always recorded too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from loraplex.adapters.export.peft_adapter import PeftAdapter
 from loraplex.adapters.package.manifest import Accuracy, Manifest
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.template import PromptTemplate, TemplateError
 
 if TYPE_CHECKING:
@@ -108,11 +109,12 @@ class EngineDecoder:
         weights = read_adapter_file(file, self.package.lora_inputs)
         self._handles[name] = self.engine.load_adapter(name, "verify", weights)
 
-    def greedy(self, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Prediction]:
+    def greedy(self, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               constraint: OutputConstraint | None = None) -> list[Prediction]:
         from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams
 
         sinks = [_Collect() for _ in prompts]
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+        params = SamplingParams(max_new_tokens=max_new_tokens, constraint=constraint)
         handle = self._handles[adapter] if adapter else None
         jobs = [GenerationJob(f"verify-{i}", list(p), params, handle, sink) for i, (p, sink) in
                 enumerate(zip(prompts, sinks, strict=True))]
@@ -122,7 +124,8 @@ class EngineDecoder:
             sink.done.wait()
             if job.error is not None:
                 raise RuntimeError(f"the {self.engine_name} engine failed on a verification prompt: {job.error}")
-        return [Prediction(s.tokens, s.reason is FinishReason.EOS) for s in sinks]
+        # a complete output constraint ends a job with STOP where a free one ends with EOS
+        return [Prediction(s.tokens, s.reason in (FinishReason.EOS, FinishReason.STOP)) for s in sinks]
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -169,13 +172,14 @@ def _scores(predictions: Sequence[Prediction], examples: Sequence[TaskExample], 
 
 
 def measure(name: str, examples: list[TaskExample], source: str, package: EngineDecoder, reference: TorchDecoder,
-            max_drop: float, metric: str = PRIMARY_METRIC) -> Accuracy:
+            max_drop: float, metric: str = PRIMARY_METRIC, constraint: OutputConstraint | None = None) -> Accuracy:
     """Decode `examples` both ways and compare by `metric` (exact match is always recorded too); the
-    adapter must be loaded in both decoders as `name`."""
+    adapter must be loaded in both decoders as `name`. The package decodes under the adapter's output
+    `constraint`, as the server applies it by default; PyTorch, the reference, decodes free."""
     encode, decode = package.tokenizer.encode, package.tokenizer.decode
     prompts = [encode(e.prompt) for e in examples]
     budget = max(len(encode(e.completion)) for e in examples) + 2  # the completion, EOS, one token of slack
-    ours = package.greedy(name, prompts, budget)
+    ours = package.greedy(name, prompts, budget, constraint)
     base = package.greedy(None, prompts, budget)
     eos = reference.eos_ids
     theirs = [_prediction(tokens, eos) for tokens in reference.greedy_many(prompts, name, budget)]

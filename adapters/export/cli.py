@@ -78,12 +78,15 @@ def parse_named_dir(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def adapters_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
-    """(base dir, {name: adapter dir}) from --adapter and/or --config."""
+def export_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], dict[str, dict | None]]:
+    """(base dir, {name: adapter dir}, {name: output contract declared in the task file}) from --adapter
+    and/or --config."""
     adapters: dict[str, Path] = {}
+    outputs: dict[str, dict | None] = {}
     base = args.base
     if args.config:
-        from loraplex.trainer.config import load_tasks_yaml
+        from loraplex.adapters.package.output import OutputConstraint
+        from loraplex.trainer.config import NO_OUTPUT, load_tasks_yaml
 
         config_base, tasks = load_tasks_yaml(args.config, base=args.base)
         base = base or config_base
@@ -94,6 +97,9 @@ def adapters_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]
                     f"run `loraplex train --config {args.config}` first"
                 )
             adapters[task.task] = task.adapter_dir
+            if task.output is not None:  # declared: it wins over what training recorded
+                outputs[task.task] = None if task.output == NO_OUTPUT else OutputConstraint.from_dict(
+                    task.output).to_dict()  # type: ignore[arg-type]
     for item in args.adapter:
         name, path = parse_named_dir(item)
         if name in adapters:
@@ -103,7 +109,7 @@ def adapters_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]
         raise ValueError("no base model: pass --base DIR (or a task file with 'base:')")
     if not adapters:
         raise ValueError("no adapters: pass --adapter NAME=DIR (repeatable) or --config TASKS_YAML")
-    return base, adapters
+    return base, adapters, outputs
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -111,13 +117,14 @@ def _export(args: argparse.Namespace) -> int:
     from loraplex.adapters.export.base_graph import Int4Options
 
     try:
-        base, adapters = adapters_from_args(args)
+        base, adapters, outputs = export_inputs(args)
         timings: dict[str, float] = {}
         int4 = Int4Options(block_size=args.int4_block_size, accuracy_level=args.int4_accuracy_level,
                            algo=args.int4_algo, symmetric=args.int4_symmetric, lm_head_int8=args.int4_lm_head == "int8")
         manifest = export_package(base, adapters, args.out, precision=args.precision, device=args.device,
                                   provider=args.provider, int4=int4, verify=args.verify,
-                                  verification=verification_from_args(args), progress=True, timings=timings)
+                                  verification=verification_from_args(args), progress=True, timings=timings,
+                                  outputs=outputs)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"loraplex export: error: {exc}", file=sys.stderr)
         return 2

@@ -59,6 +59,24 @@ def _check_same_base(name: str, adapter: PeftAdapter, base: BaseModelInfo) -> No
         )
 
 
+def _check_output(name: str, adapter: PeftAdapter) -> dict | None:
+    """The adapter's recorded output contract, checked to compile as the server will (None: free text)."""
+    if adapter.output is None:
+        return None
+    from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
+    from loraplex.runtime.engines.guidance import check_constraint
+    from loraplex.runtime.errors import InvalidRequest
+
+    try:
+        constraint = check_constraint(OutputConstraint.from_dict(adapter.output), "output")
+    except (OutputSpecError, InvalidRequest) as exc:
+        raise AdapterError(
+            f"adapter {name!r}: the output contract in its training.json is invalid: {exc}; fix `output:` in the "
+            "task file and retrain, or edit training.json"
+        ) from None
+    return constraint.to_dict()
+
+
 def _check_modules(name: str, adapter: PeftAdapter, inputs: LoraInputs) -> None:
     have = set(inputs.projections)
     missing = sorted({k for m in adapter.target_modules for k in graph_kinds(m)} - have)
@@ -75,7 +93,7 @@ def _entry(name: str, adapter: PeftAdapter, package_dir: Path, file: Path, versi
         name=name, version=version or sha[:12], file=file.relative_to(package_dir).as_posix(),
         rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules, template=adapter.template,
         sha256=sha, size_bytes=file.stat().st_size, parity=None, training=adapter.training,
-        peft_size_bytes=adapter.weights_size,
+        peft_size_bytes=adapter.weights_size, output=_check_output(name, adapter),
     )
 
 
@@ -146,6 +164,7 @@ def export_package(
     verification: Verification | None = None,
     progress: bool = True,
     timings: dict[str, float] | None = None,
+    outputs: Mapping[str, dict | None] | None = None,
 ) -> Manifest:
     """Export `base_dir` and the PEFT adapters `{name: dir}` as one package in `out_dir`.
 
@@ -153,7 +172,8 @@ def export_package(
     file holds its own modules at its own rank. With `verify`, every adapter (and the bare base) is
     checked against PyTorch (`verify.py`: exact tokens in fp32, task accuracy within the allowed drop
     at every precision) and the results are in the manifest. `timings`, if given, receives the
-    seconds each stage took.
+    seconds each stage took. `outputs` overrides the output contract training recorded for the
+    adapters it names ({kind, spec}, or None for free text): a task file's `output:` at export.
     """
     base_graph.offline_environment()
     base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
@@ -162,8 +182,11 @@ def export_package(
     with timer.stage("read adapters"):
         base = _base_info(base_dir)
         loaded = {name: load_peft_adapter(path) for name, path in adapters.items()}
+        for name, contract in (outputs or {}).items():
+            loaded[name].training = {**(loaded[name].training or {}), "output": contract}
         for name, adapter in loaded.items():
             _check_same_base(name, adapter, base)
+            _check_output(name, adapter)  # before the long build
         union = base_graph.LoraUnion.of(list(loaded.values()))
 
     _prepare_out_dir(out_dir)
@@ -206,6 +229,7 @@ def add_adapter(package_dir: str | Path, name: str, adapter_dir: str | Path, *, 
     manifest = Manifest.load(package_dir)
     adapter = load_peft_adapter(adapter_dir)
     _check_same_base(name, adapter, manifest.base)
+    _check_output(name, adapter)
     inputs = read_lora_inputs(package_dir / manifest.model_file)
     _check_modules(name, adapter, inputs)
     final = package_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}"

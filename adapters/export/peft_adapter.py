@@ -78,6 +78,12 @@ class PeftAdapter:
         return None
 
     @property
+    def output(self) -> dict[str, Any] | None:
+        """The output contract training recorded ({kind, spec}), or None (free text, or an older training.json)."""
+        value = (self.training or {}).get("output")
+        return dict(value) if isinstance(value, dict) else None
+
+    @property
     def base_sha256(self) -> str | None:
         """The base model's weight hash the trainer recorded, if any (None for adapters made elsewhere)."""
         base = (self.training or {}).get("base")

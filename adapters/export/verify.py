@@ -20,6 +20,7 @@ from pathlib import Path
 from loraplex.adapters.export import accuracy, parity
 from loraplex.adapters.export.peft_adapter import PeftAdapter
 from loraplex.adapters.package.manifest import Manifest
+from loraplex.adapters.package.output import OutputConstraint
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def verify_package(package_dir: Path, base_dir: Path, manifest: Manifest, adapte
             onnx.unload(name)
             manifest.adapters[name].parity = parity.compare(
                 name, prompts, ids, got, want, reference="pytorch-peft", tokens_must_match=exact, tolerance=tolerance)
-            manifest.adapters[name].accuracy = _accuracy(name, adapter, file, engine, ref, options, manifest.precision)
+            manifest.adapters[name].accuracy = _accuracy(name, adapter, file, engine, ref, options, manifest.precision,
+                                                        manifest.adapters[name].output)
         if check_base:
             prompts = list(parity.GENERIC_PROMPTS)
             ids = [onnx.encode(p) for p in prompts]
@@ -73,7 +75,7 @@ def verify_package(package_dir: Path, base_dir: Path, manifest: Manifest, adapte
 
 
 def _accuracy(name: str, adapter: PeftAdapter, file: Path, engine: accuracy.EngineDecoder,
-              ref: parity.TorchDecoder, options: Verification, precision: str):
+              ref: parity.TorchDecoder, options: Verification, precision: str, output: dict | None):
     found = accuracy.task_examples(adapter, options.eval_data.get(name), options.eval_examples)
     if found is None:
         if precision != "fp32":
@@ -82,7 +84,8 @@ def _accuracy(name: str, adapter: PeftAdapter, file: Path, engine: accuracy.Engi
         return None
     examples, source = found
     engine.load(name, file)
+    constraint = OutputConstraint.from_dict(output) if output else None  # as the server applies it
     result = accuracy.measure(name, examples, source, engine, ref, options.max_accuracy_drop,
-                              accuracy.task_metric(adapter.task_metric))
+                              accuracy.task_metric(adapter.task_metric), constraint)
     accuracy.check(name, result, precision)
     return result

@@ -20,8 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # 2 adds per-adapter accuracy and PEFT sizes; files need no padding
+from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
+
+SCHEMA_VERSION = 3
+# 2 adds per-adapter accuracy and PEFT sizes (files need no padding); 3 adds each adapter's output contract
+READABLE_SCHEMAS = (1, 2, 3)
 Precision = Literal["fp32", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int4")
 MANIFEST_NAME = "manifest.json"
@@ -102,6 +105,12 @@ class AdapterEntry:
     training: dict[str, Any] | None = None  # metrics and hyper-parameters from training.json
     accuracy: Accuracy | None = None
     peft_size_bytes: int = 0  # of the PEFT adapter's weights file it was converted from
+    # The task's output contract ({kind, spec}, see loraplex.adapters.package.output): the server
+    # applies it to every request on this adapter that brings no constraint of its own.
+    output: dict[str, Any] | None = None
+
+    def output_constraint(self) -> OutputConstraint | None:
+        return OutputConstraint.from_dict(self.output) if self.output else None
 
 
 @dataclass
@@ -145,6 +154,7 @@ class Manifest:
                 parity, accuracy = entry.pop("parity", None), entry.pop("accuracy", None)
                 adapters[name] = AdapterEntry(**entry, parity=Parity(**parity) if parity else None,
                                               accuracy=Accuracy(**accuracy) if accuracy else None)
+                adapters[name].output_constraint()  # a malformed contract fails here, naming the adapter
             fields = {k: v for k, v in data.items() if k not in ("base", "adapters", "base_parity")}
             base_parity = data.get("base_parity")
             return cls(
@@ -153,6 +163,8 @@ class Manifest:
                 base_parity=Parity(**base_parity) if base_parity else None,
                 **fields,
             )
+        except OutputSpecError as exc:
+            raise ManifestError(f"manifest is malformed: adapter {name!r} has a bad output contract: {exc}") from exc
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is malformed: {exc}") from exc
 

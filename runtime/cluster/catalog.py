@@ -160,7 +160,8 @@ class AdapterCatalog:
         async with self._admin:
             current = self.state.entries.get(name)
             template = current.adapter.template if current else None
-            checked, _ = await asyncio.to_thread(self.files.read, name, file, version or None, template)
+            output = current.adapter.output if current else None
+            checked, _ = await asyncio.to_thread(self.files.read, name, file, version or None, template, output)
             await self._publish({**self.state.entries, name: CatalogEntry(self._next_serial(), checked)})
             failed = {r.replica: r.failed[name] for r in self.replicas() if name in r.failed}
             if failed:
@@ -271,6 +272,6 @@ def _package_adapters(package: Package, serial) -> dict[str, CatalogEntry]:
         template = PromptTemplate.from_dict(entry.template) if entry.template else None
         checked = CheckedAdapter(name=name, version=entry.version, file=file, rank=entry.rank,
                                  target_modules=list(entry.target_modules), template=template, sha256=entry.sha256,
-                                 size_bytes=entry.size_bytes)
+                                 size_bytes=entry.size_bytes, output=entry.output_constraint())
         entries[name] = CatalogEntry(serial(), checked)
     return entries

@@ -104,7 +104,8 @@ class ReplicaAdapters:
     async def _load(self, entry: CatalogEntry) -> None:
         adapter = entry.adapter
         try:
-            await self.registry.load_file(adapter.name, adapter.file, adapter.version, adapter.template)
+            await self.registry.load_file(adapter.name, adapter.file, adapter.version, adapter.template,
+                                          adapter.output)
         except LoraplexError as exc:
             self._failed[adapter.name] = str(exc)
             self._retire(adapter.name)  # never serve the version the catalog replaced

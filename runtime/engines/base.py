@@ -15,6 +15,9 @@ and hands tokens back through the job's `TokenSink`. Every engine honours:
   job on it finishes;
 - `job.mark_started()` when the job leaves the queue (queue time and depth are reported from it);
   `job.fail(error)` before finishing when decoding the job raised (the server reports INTERNAL);
+- `params.constraint` (already checked by the server) holds for every completion, greedy or sampled:
+  the job ends with `FinishReason.STOP` once the constraint is complete (it allows nothing more, or
+  the model ended it with EOS where it may end), with LENGTH when `max_new_tokens` comes first;
 - `params.max_new_tokens` is already clamped by the server to what the context leaves;
 - a failure belongs to its job: whatever one job's decoding or its sink raises ends that job (with
   `job.fail`) and never another; `submit` refuses a prompt the model cannot take (`check_prompt`).
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.runtime.errors import InvalidRequest
 
 
@@ -51,6 +55,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: every request does the same work
+    # Every completion must match it (checked by the server before submit); None = free text.
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(eq=False)

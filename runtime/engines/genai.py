@@ -13,6 +13,12 @@ LoRA input at one rank is loaded from a padded copy (see loraplex.adapters.packa
 ONNX Runtime's memory planner needs one rank across a run's LoRA inputs), written to a scratch
 directory and unlinked once onnxruntime-genai has it open.
 
+An output constraint goes to onnxruntime-genai's own guidance (`GeneratorParams.set_guidance`, the
+same llguidance the batched engine masks with, on the same `OutputConstraint.guidance()` form);
+when it is complete the generator produces EOS, which ends the job with STOP. A build of
+onnxruntime-genai without guidance (probed at start) refuses constrained requests with
+FAILED_PRECONDITION rather than ignoring their constraint.
+
 A failure belongs to its job: an onnxruntime-genai error while starting or stepping a generator,
 or a token sink that raises, ends that job only (its generator dropped first, so its adapter can
 unload); the others keep decoding.
@@ -42,7 +48,7 @@ from loraplex.runtime.engines.base import (
     SamplingParams,
     check_prompt,
 )
-from loraplex.runtime.errors import AdapterIncompatible, EngineFailure, ShuttingDown
+from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, EngineFailure, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class GenaiEngine(Engine):
         self._vocab_size = package.config.vocab_size
         self._max_len = package.config.context_length
         self._adapters = og.Adapters(self.model)
+        self.guidance = self._probe_guidance()
         self._inputs = package.lora_inputs
         self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
         self.max_batch = max(1, max_batch)
@@ -85,6 +92,17 @@ class GenaiEngine(Engine):
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="genai-engine", daemon=True)
         self._thread.start()
+
+    def _probe_guidance(self) -> str | None:
+        """None when this onnxruntime-genai build enforces output constraints, else why not."""
+        try:
+            params = self._og.GeneratorParams(self.model)
+            params.set_search_options(max_length=2, batch_size=1)
+            params.set_guidance("regex", "a")
+            self._og.Generator(self.model, params)
+        except Exception as exc:  # a build without guidance (onnxruntime-genai's USE_GUIDANCE off)
+            return str(exc).split("\n", 1)[0][:200]
+        return None
 
     # -- adapters -------------------------------------------------------------------------
     def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> GenaiAdapter:
@@ -112,6 +130,12 @@ class GenaiEngine(Engine):
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
         check_prompt(job.prompt_ids, self._max_len, self._vocab_size)
+        if job.params.constraint is not None and self.guidance is not None:
+            raise ConstraintUnsupported(
+                f"this onnxruntime-genai build cannot enforce output constraints ({self.guidance}); use --engine "
+                "batched on CPU, a build with guidance, or send the request without `output` (and with "
+                "`no_default_output` for an adapter with a default contract)"
+            )
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the engine is closing and takes no new requests")
@@ -172,6 +196,8 @@ class GenaiEngine(Engine):
             with self._og_lock:
                 params = self._og.GeneratorParams(self.model)
                 params.set_search_options(**self._search_options(job))
+                if job.params.constraint is not None:
+                    params.set_guidance(*job.params.constraint.guidance())
                 generator = self._og.Generator(self.model, params)
                 if isinstance(job.adapter, GenaiAdapter):
                     generator.set_active_adapter(self._adapters, job.adapter.key)
@@ -202,7 +228,7 @@ class GenaiEngine(Engine):
                 top_k=min(p.top_k, self._vocab_size) if p.top_k else self._vocab_size,
                 random_seed=int(seed % (2**31 - 1)),
             )
-        if p.ignore_eos:
+        if p.ignore_eos and p.constraint is None:  # a complete constraint ends the job whatever ignore_eos says
             options["min_length"] = max_length
         return options
 
@@ -220,6 +246,9 @@ class GenaiEngine(Engine):
             log.exception("request %s failed while decoding", job.request_id)
             job.fail(exc)
             self._finish(run, FinishReason.CANCELLED)
+            return
+        if token in self._eos and job.params.constraint is not None:
+            self._finish(run, FinishReason.STOP)  # the constraint is complete (guidance allows only EOS then)
             return
         if token in self._eos and not job.params.ignore_eos:
             self._finish(run, FinishReason.EOS)

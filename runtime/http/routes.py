@@ -144,7 +144,7 @@ def _cards(state: HttpState) -> list[dict[str, Any]]:
     for v in registry.versions():
         fields = v.template.prompt_fields if v.template is not None else ()
         cards.append(translation.model_card(v.name, state.created, version=v.version, parent=state.base_id,
-                                            fields=fields))
+                                            fields=fields, output=v.output.to_dict() if v.output else None))
     return cards
 
 

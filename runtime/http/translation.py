@@ -3,7 +3,7 @@
 Translation only: what a field means is decided by the request layer (`GenerationService`) and
 checked by `loraplex.runtime.server.validation`, as on the gRPC port; this module maps names and
 shapes. Every field of a body is accounted for: a field loraplex serves is used; an OpenAI field it
-does not serve (`n` > 1, `logprobs`, `tools`, `response_format` json, penalties, ...) is accepted
+does not serve (`n` > 1, `logprobs`, `tools`, penalties, ...) is accepted
 only with the value that changes nothing (`n: 1`, `logprobs: null`, ...) and otherwise refused with
 400 naming it; a field no endpoint knows is refused. `null` means "not given", as in OpenAI's API.
 
@@ -11,6 +11,12 @@ OpenAI's defaults, not gRPC's: `temperature` 1.0 (sampling; send 0 for greedy), 
 /v1/completions and "until EOS or the context is full" on /v1/chat/completions. Extensions (the
 names vLLM uses, so the same client code works): `top_k`, `repetition_penalty`, `ignore_eos`, and
 loraplex's `inputs` on /v1/completions: task fields rendered through the adapter's template.
+
+Structured output: `response_format` {"type": "json_schema", "json_schema": {"schema": ...}} or
+{"type": "json_object"} constrains the completion as the gRPC `params.output.json_schema` does;
+{"type": "text"} asks for free text (no constraint, not even the adapter's default); without it the
+adapter's default output contract applies. vLLM's extensions `guided_regex`, `guided_choice`,
+`guided_grammar` and `guided_json` set the other kinds (at most one constraint per request).
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from loraplex.runtime.engines.base import FinishReason
 from loraplex.runtime.errors import InvalidRequest, quoted
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult
 from loraplex.runtime.server.request_state import Finished, Started
-from loraplex.runtime.server.validation import prompt_input, sampling_params, text
+from loraplex.runtime.server.validation import output_constraint, prompt_input, sampling_params, text
 
 Kind = Literal["completion", "chat"]
 
@@ -70,8 +76,6 @@ UNSUPPORTED: dict[Kind, dict[str, tuple[NO_OP, str]]] = {
         "parallel_tool_calls": (lambda v: isinstance(v, bool), "loraplex does not call tools"),
         "functions": (lambda v: _same(v, []), "loraplex does not call functions"),
         "function_call": (lambda v: _same(v, "none"), "loraplex does not call functions"),
-        "response_format": (lambda v: _same(v, {"type": "text"}),
-                            "structured output is not served yet: omit it or send {\"type\": \"text\"}"),
         "store": (lambda v: _same(v, False), "loraplex stores nothing"),
         "metadata": (lambda v: _same(v, {}), "loraplex stores nothing"),
         "modalities": (lambda v: _same(v, ["text"]), "loraplex serves text only"),
@@ -82,7 +86,9 @@ UNSUPPORTED: dict[Kind, dict[str, tuple[NO_OP, str]]] = {
         "web_search_options": (lambda v: False, "loraplex does not search the web"),
     },
 }
-SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "ignore_eos")
+SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty", "ignore_eos",
+            "response_format", "guided_regex", "guided_choice", "guided_grammar", "guided_json")
+GUIDED = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar", "guided_json": "json_schema"}
 SERVED: dict[Kind, tuple[str, ...]] = {
     "completion": ("model", "prompt", "inputs", "stream", "stream_options", "user", *SAMPLING),
     "chat": ("model", "messages", "max_completion_tokens", "stream", "stream_options", "user", *SAMPLING),
@@ -127,6 +133,7 @@ def parse_call(kind: Kind, body: Any, *, context_length: int, max_prompt_bytes: 
         include_usage = _boolean(options, "include_usage", False, where="stream_options.")
     _string(given, "user")  # an end-user id for the caller's own records: no effect on the output
     request = GenerationRequest(params=_sampling(kind, given, context_length), request_id=request_id)
+    request.params, request.default_output = _output(given, request.params)
     call = OpenAICall(kind, model, request, stream=stream, include_usage=include_usage)
     if kind == "chat":
         call.messages = _messages(given, max_prompt_bytes)
@@ -182,6 +189,46 @@ def _sampling(kind: Kind, given: Mapping[str, Any], context_length: int):
         context_length=context_length,
         fields=names,
     )
+
+
+def _output(given: Mapping[str, Any], params: Any) -> tuple[Any, bool]:
+    """(params with the request's output constraint, whether the adapter's default applies)."""
+    named = [name for name in ("response_format", *GUIDED) if name in given]
+    if len(named) > 1:
+        raise InvalidRequest(f"{' and '.join(named)} both constrain the output; send one of them", field=named[1])
+    if not named:
+        return params, True
+    name = named[0]
+    value = given[name]
+    if name == "response_format":
+        if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+            raise InvalidRequest("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                 "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}", field=name)
+        if value["type"] == "text":
+            return params, False
+        schema: Any = {"type": "object"}
+        if value["type"] == "json_schema":
+            inner = value.get("json_schema")
+            schema = inner.get("schema") if isinstance(inner, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object",
+                                     field="response_format")
+        spec: Any = json.dumps(schema)
+        kind, where = "json_schema", "response_format"
+    else:
+        kind, where, spec = GUIDED[name], name, value
+        if kind == "json_schema" and isinstance(value, dict):
+            spec = json.dumps(value)
+        elif kind == "choice":
+            if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+                raise InvalidRequest(f"{name} must be a list of strings", field=name)
+        elif not isinstance(value, str):
+            raise InvalidRequest(f"{name} must be a string", field=name)
+    try:
+        constraint = output_constraint(kind, spec, where)
+    except InvalidRequest as exc:
+        raise InvalidRequest(str(exc), field=name) from None
+    return replace(params, constraint=constraint), True
 
 
 def _prompt_or_inputs(given: Mapping[str, Any], max_bytes: int) -> tuple[str | None, dict[str, str] | None]:
@@ -358,11 +405,14 @@ def usage_chunk(call: OpenAICall, started: Started, finished: Finished) -> dict[
 
 
 def model_card(model_id: str, created: int, *, version: str, parent: str | None = None,
-               fields: Sequence[str] = ()) -> dict[str, Any]:
+               fields: Sequence[str] = (), output: dict[str, Any] | None = None) -> dict[str, Any]:
     """One entry of GET /v1/models: OpenAI's fields, vLLM's `root`/`parent` for an adapter, loraplex's
-    `version` (the adapter version that serves new requests) and `inputs` (its template's fields)."""
+    `version` (the adapter version that serves new requests), `inputs` (its template's fields) and
+    `output` (its default output contract, {kind, spec})."""
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "loraplex",
                             "root": parent or model_id, "parent": parent, "version": version}
     if fields:
         card["inputs"] = list(fields)
+    if output:
+        card["output"] = output
     return card

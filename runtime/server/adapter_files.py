@@ -32,6 +32,7 @@ from loraplex.adapters.package.manifest import (
     check_adapter_name,
     file_sha256,
 )
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.errors import (
@@ -63,6 +64,7 @@ class CheckedAdapter:
     sha256: str = ""
     size_bytes: int = 0
     accuracy: Accuracy | None = None  # as export verified it (the manifest entry of this exact file)
+    output: OutputConstraint | None = None  # the task's default output contract
 
 
 class AdapterFiles:
@@ -115,12 +117,13 @@ class AdapterFiles:
         return real
 
     def read(self, name: str, file: Path, version: str | None = None,
-             template: PromptTemplate | None = None) -> tuple[CheckedAdapter, AdapterWeights]:
+             template: PromptTemplate | None = None,
+             output: OutputConstraint | None = None) -> tuple[CheckedAdapter, AdapterWeights]:
         """Verify the file's bytes, check it against the graph, describe it (blocking: reads and hashes).
 
         The version is `version`, else the manifest's for this file, else the file's sha256 prefix;
         the template is the manifest's for this file, else `template` (a replacement keeps serving
-        the task of the version it replaces).
+        the task of the version it replaces); the output contract likewise.
         """
         manifest = self._manifest()
         try:
@@ -139,6 +142,8 @@ class AdapterFiles:
         entry = entry if entry is not None and entry.sha256 == sha else None
         if entry is not None and entry.template:
             template = PromptTemplate.from_dict(entry.template)
+        if entry is not None and entry.output:
+            output = entry.output_constraint()
         found = CheckedAdapter(
             name=name,
             version=version or (entry.version if entry else sha[:12]),
@@ -149,6 +154,7 @@ class AdapterFiles:
             sha256=sha,
             size_bytes=size,
             accuracy=entry.accuracy if entry else None,
+            output=output,
         )
         return found, weights
 

@@ -40,6 +40,8 @@ class GenerationRequest:
     inputs: Mapping[str, str] | None = None  # rendered through the adapter's prompt template
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # False: no output constraint unless `params.constraint` has one (opt out of the adapter's default).
+    default_output: bool = True
 
 
 @dataclass
@@ -147,6 +149,8 @@ class GenerationService:
                 )
             room = self.context_length - len(prompt_ids)
             params = replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
+            if params.constraint is None and request.default_output and lease.version.output is not None:
+                params = replace(params, constraint=lease.version.output)
             state = RequestState(
                 request_id=request.request_id or uuid.uuid4().hex[:16], prompt_ids=prompt_ids, params=params,
                 lease=lease, tokenizer=self.tokenizer, metrics=self.metrics, received=received,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters.package.manifest import Accuracy
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.engines.base import AdapterHandle, Engine
@@ -44,6 +45,7 @@ class AdapterVersion:
     sha256: str = ""
     size_bytes: int = 0
     accuracy: Accuracy | None = None  # as export verified it
+    output: OutputConstraint | None = None  # the default output contract of its requests
     leases: int = 0
     served: int = 0
     retired: bool = False
@@ -52,7 +54,7 @@ class AdapterVersion:
     @classmethod
     def of(cls, checked: CheckedAdapter, handle: AdapterHandle | None) -> AdapterVersion:
         return cls(checked.name, checked.version, handle, checked.rank, list(checked.target_modules),
-                   checked.template, checked.sha256, checked.size_bytes, checked.accuracy)
+                   checked.template, checked.sha256, checked.size_bytes, checked.accuracy, checked.output)
 
 
 class Lease:
@@ -129,16 +131,18 @@ class AdapterRegistry:
         return await self.load_file(name, self.resolve(path), version)
 
     async def load_file(self, name: str, file: Path, version: str | None = None,
-                        template: PromptTemplate | None = None) -> AdapterVersion:
+                        template: PromptTemplate | None = None,
+                        output: OutputConstraint | None = None) -> AdapterVersion:
         """Load (or replace) `name` from a file already resolved and trusted (the package's own).
 
-        `template` serves when the manifest does not describe the file (default: the template of the
-        version it replaces, so a replacement keeps serving the same task).
+        `template` and `output` (the default output contract) serve when the manifest does not describe
+        the file (default: those of the version it replaces, so a replacement keeps serving the same task).
         """
         async with self._admin:
             current = self._current.get(name)
             fallback = template if template is not None else (current.template if current else None)
-            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback)
+            contract = output if output is not None else (current.output if current else None)
+            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from loraplex.adapters.package.manifest import Accuracy, Manifest
+from loraplex.adapters.package.output import OutputConstraint
 from loraplex.runtime.engines.base import FinishReason
-from loraplex.runtime.errors import ShuttingDown, status_name
+from loraplex.runtime.errors import InvalidRequest, ShuttingDown, status_name
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterVersion
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
-from loraplex.runtime.server.validation import adapter_version, prompt_input, request_id, sampling_params, text
+from loraplex.runtime.server.validation import (
+    adapter_version,
+    output_constraint,
+    prompt_input,
+    request_id,
+    sampling_params,
+    text,
+)
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 FINISH_REASONS = {
@@ -73,9 +82,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             ignore_eos=p.ignore_eos,
             context_length=self.context_length,
         )
+        if p.HasField("output"):
+            params = replace(params, constraint=constraint_of(p.output, "params.output"))
         adapter, prompt, inputs = self._input(request)
         return GenerationRequest(adapter=adapter, prompt=prompt, inputs=inputs, params=params,
-                                 request_id=request_id(request.request_id))
+                                 request_id=request_id(request.request_id), default_output=not p.no_default_output)
 
     async def Generate(self, request, context):
         result = await self.ready().generate(self._request(request))
@@ -127,6 +138,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             version=_loraplex_version(),
             accuracy={v.name: _accuracy(v.accuracy, m.precision) for v in self.ready().registry.versions()
                       if v.accuracy is not None},
+            outputs={v.name: output_message(v.output) for v in self.ready().registry.versions()
+                     if v.output is not None},
         )
 
 
@@ -188,7 +201,25 @@ def adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
         info.template.completion = v.template.completion
     if v.accuracy is not None:
         info.accuracy.CopyFrom(_accuracy(v.accuracy, precision))
+    if v.output is not None:
+        info.output.CopyFrom(output_message(v.output))
     return info
+
+
+def constraint_of(message: adapters_pb2.OutputConstraint, field: str) -> OutputConstraint:
+    """A request's `OutputConstraint` message, checked (InvalidRequest naming the field at fault)."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest(f"{field} is set but empty: set one of regex, json_schema, grammar, choice", field=field)
+    if kind == "choice":
+        return output_constraint(kind, list(message.choice.choices), f"{field}.choice.choices")
+    return output_constraint(kind, getattr(message, kind), f"{field}.{kind}")
+
+
+def output_message(constraint: OutputConstraint) -> adapters_pb2.OutputConstraint:
+    if constraint.kind == "choice":
+        return adapters_pb2.OutputConstraint(choice=adapters_pb2.Choice(choices=list(constraint.spec)))
+    return adapters_pb2.OutputConstraint(**{constraint.kind: str(constraint.spec)})
 
 
 def _usage(f: Finished) -> generation_pb2.Usage:

@@ -6,7 +6,8 @@ accepted value can make the scores non-finite: dividing float32 logits by a temp
 repetition penalty near zero overflows to inf, then NaN, and such a request could only fail.
 Text fields must not hold NUL (a C tokenizer would silently cut the prompt there), and their size
 is bounded before any tokenizing (`max_bytes`): tokenizing holds the GIL, so a huge prompt would
-stall every other request and the health checks.
+stall every other request and the health checks. An output constraint must compile (llguidance)
+before anything is decoded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 
+from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
 from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.guidance import check_constraint
 from loraplex.runtime.errors import InvalidRequest, quoted
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -81,6 +84,21 @@ def sampling_params(
         stop=tuple(stop),
         ignore_eos=bool(ignore_eos),
     )
+
+
+def output_constraint(kind: str, spec: str | Sequence[str], field: str) -> OutputConstraint:
+    """A request's output constraint (`kind` one of regex, json_schema, grammar, choice), checked to
+    compile; InvalidRequest names `field` (e.g. `params.output.regex`) and the fault."""
+    if isinstance(spec, str):
+        text(field, spec)
+    else:
+        for i, choice in enumerate(spec):
+            text(f"{field}[{i}]", choice)
+    try:
+        constraint = OutputConstraint(kind, spec if isinstance(spec, str) else tuple(spec))
+    except OutputSpecError as exc:
+        raise InvalidRequest(f"{field}: {exc}", field=field) from None
+    return check_constraint(constraint, field)
 
 
 def request_id(value: str) -> str:

@@ -104,3 +104,36 @@ def test_cli_adapters_add(package, tiny_base, random_adapter_factory, capsys, mo
     assert "must be NAME=PATH" in capsys.readouterr().err
     assert main(["adapters", "add", str(package), f"../evil={adapter_dir}"]) == 2
     assert "adapter name '../evil' is invalid" in capsys.readouterr().err
+
+
+def _with_output(adapter_dir, tmp_path, output):
+    """A copy of a PEFT adapter dir whose training.json records `output`."""
+    import json
+
+    copy = shutil.copytree(adapter_dir, tmp_path / "with_output")
+    training = json.loads((copy / "training.json").read_text())
+    training["output"] = output
+    (copy / "training.json").write_text(json.dumps(training))
+    return copy
+
+
+def test_the_output_contract_training_recorded_reaches_the_manifest(package, tiny_base, random_adapter_factory,
+                                                                     tmp_path):
+    adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1,
+                                         template=TINY_TEMPLATES["alpha"])
+    output = {"kind": "choice", "spec": [" positive", " negative"]}
+    entry = add_adapter(package, "labels", _with_output(adapter_dir, tmp_path, output), verify=False)
+    assert entry.output == output
+    assert Manifest.load(package).adapters["labels"].output_constraint().spec == (" positive", " negative")
+
+
+def test_an_invalid_output_contract_fails_the_export_naming_the_adapter(package, tiny_base, random_adapter_factory,
+                                                                         tmp_path):
+    from loraplex.adapters.export.peft_adapter import AdapterError
+
+    adapter_dir = random_adapter_factory(tiny_base, "alpha", 4, ("q_proj", "v_proj"), 1,
+                                         template=TINY_TEMPLATES["alpha"])
+    bad = _with_output(adapter_dir, tmp_path, {"kind": "regex", "spec": "[0-"})
+    with pytest.raises(AdapterError, match=r"adapter 'digits'.*output contract.*regex"):
+        add_adapter(package, "digits", bad, verify=False)
+    assert "digits" not in Manifest.load(package).adapters

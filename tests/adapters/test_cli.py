@@ -75,3 +75,23 @@ def test_export_errors_name_the_fault(tiny_base, random_adapter_factory, tmp_pat
     assert main(["export", "--base", str(tmp_path), "--adapter", f"alpha={ads['alpha']}",
                  "--out", str(tmp_path / "x")]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_a_task_files_output_contract_reaches_the_manifest_and_a_bad_one_fails_the_export(
+        tiny_base, random_adapter_factory, tmp_path, capsys):
+    """`output:` declared in the task file wins at export over what training recorded (none here)."""
+    ads = _adapters(tiny_base, random_adapter_factory)
+    for name in ("alpha", "gamma"):
+        shutil.copytree(ads[name], tmp_path / "adapters" / name)
+    contract = '\n    output: {{kind: choice, spec: [" yes", " no"]}}'
+    declared = TASKS_YAML.replace('completion_template: " {{label}}"', 'completion_template: " {{label}}"' + contract)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(declared.format(base=tiny_base))
+    assert main(["export", "--config", str(tasks), "--out", str(tmp_path / "pkg"), "--no-verify"]) == 0
+    m = Manifest.load(tmp_path / "pkg")
+    assert m.adapters["alpha"].output == {"kind": "choice", "spec": [" yes", " no"]}
+    assert m.adapters["gamma"].output is None
+    tasks.write_text(declared.replace("kind: choice, spec: [\" yes\", \" no\"]", 'kind: regex, spec: "[0-"')
+                     .format(base=tiny_base))
+    assert main(["export", "--config", str(tasks), "--out", str(tmp_path / "bad"), "--no-verify"]) == 2
+    assert "adapter 'alpha'" in capsys.readouterr().err

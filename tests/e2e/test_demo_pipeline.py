@@ -36,12 +36,16 @@ def training_record(adapter_dir: Path) -> dict:
 def test_served_completions_equal_the_trainers_pytorch_completions(demo_server, demo_adapters):
     compared = 0
     with demo_server.client() as client:
+        # A label task's inferred output contract ends its requests with STOP (the choice complete).
+        constrained = {a.name for a in client.list_adapters() if a.HasField("output")}
+        assert constrained == {"sentiment"}
         for task, adapter_dir in demo_adapters.items():
             for sample in training_record(adapter_dir)["eval_samples"]:
                 response = client.generate(task, sample["prompt"], max_new_tokens=32)
                 if sample["correct"]:  # PyTorch stopped at EOS right after the expected completion
                     assert response.text == sample["generated"], (task, sample)
-                    assert response.finish_reason == generation_pb2.EOS
+                    ended = generation_pb2.STOP if task in constrained else generation_pb2.EOS
+                    assert response.finish_reason == ended
                 else:  # PyTorch's budget may have cut its text short
                     assert response.text.startswith(sample["generated"]), (task, sample)
                 compared += 1
@@ -105,9 +109,11 @@ def test_ignore_eos_decodes_past_eos_on_every_engine(demo_package, demo_adapters
         with handle.client() as client:
             for task, adapter_dir in demo_adapters.items():
                 sample = next(s for s in training_record(adapter_dir)["eval_samples"] if s["correct"])
-                stopped = client.generate(task, sample["prompt"], max_new_tokens=16)
+                # Free text (no output contract: a complete contract ends the request whatever ignore_eos says).
+                stopped = client.generate(task, sample["prompt"], max_new_tokens=16, no_default_output=True)
                 assert stopped.finish_reason == generation_pb2.EOS and len(stopped.token_ids) < 16
-                full = client.generate(task, sample["prompt"], max_new_tokens=16, ignore_eos=True)
+                full = client.generate(task, sample["prompt"], max_new_tokens=16, ignore_eos=True,
+                                       no_default_output=True)
                 assert full.finish_reason == generation_pb2.LENGTH, task
                 assert len(full.token_ids) == full.usage.completion_tokens == 16
                 assert list(full.token_ids[: len(stopped.token_ids)]) == list(stopped.token_ids)
@@ -132,3 +138,16 @@ def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo
             assert (shown.metric, shown.examples, shown.precision) == (metric, verified.examples, "fp32")
             assert shown.package == verified.package[metric] == verified.pytorch[metric]
             assert shown.base == verified.base[metric] < shown.package
+
+
+def test_the_demo_reports_parseable_outputs_with_and_without_the_contract(demo_server, demo_adapters):
+    """Sampled hot, every output of the sentiment adapter is a label under its inferred contract."""
+    from loraplex.runtime.demo import eval_examples, parseable_rates
+    from loraplex.trainer.config import TaskConfig
+
+    examples = {task: eval_examples(TaskConfig.from_dict(training_record(d)["config"]))[:12]
+                for task, d in demo_adapters.items()}
+    rates = demo_server.call(parseable_rates(demo_server.target, examples))
+    assert set(rates) == {"sentiment"}
+    constrained, free, count = rates["sentiment"]
+    assert constrained == 1.0 and count == 12 and 0.0 <= free <= 1.0

@@ -336,3 +336,88 @@ def test_a_decode_step_that_fails_is_rerun_row_by_row_and_ends_only_the_failing_
             assert "injected" in str(job.error)
         else:
             assert sink.wait() == reference(package, name, prompt, 12), name
+
+
+def guided_reference(package: PackageFiles, name: str | None, prompt, constraint, max_new_tokens=12) -> list[int]:
+    """onnxruntime-genai's own greedy tokens under its guidance (set_guidance), EOS excluded."""
+    import onnxruntime_genai as og
+
+    from tests.fixtures.reference import _genai_adapters, _genai_model, _loadable
+
+    model = _genai_model(package.root)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1)
+    params.set_guidance(*constraint.guidance())
+    generator = og.Generator(model, params)
+    if name is not None:
+        key = f"guided-{name}"
+        adapters = _genai_adapters(package.root)
+        if key not in guided_reference.loaded:
+            adapters.load(str(_loadable(package.root, package.adapters[name])), key)
+            guided_reference.loaded.add(key)
+        generator.set_active_adapter(adapters, key)
+    generator.append_tokens(list(prompt))
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < max_new_tokens:
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if token == 0:
+            break
+        tokens.append(token)
+    return tokens
+
+
+guided_reference.loaded = set()
+
+
+def test_constrained_and_free_rows_share_a_batch_and_each_equals_its_reference(package, make_engine):
+    """Constrained greedy rows equal onnxruntime-genai's guided greedy tokens; free rows in the same
+    batch equal their reference without any constrained neighbour; sampled constrained rows match."""
+    import re
+
+    from loraplex.adapters.package.output import OutputConstraint
+
+    constraints = [OutputConstraint("choice", ("yes", "no", "maybe so")), OutputConstraint("regex", "[0-9]{1,6}")]
+    engine, handles = make_engine(max_batch=32, max_slots=3)
+    names = [None, *sorted(handles)]
+    _, first = submit(engine, PROMPTS[0], None, pause_at=1)
+    first.reached.wait(WAIT_S)
+    free = [(name, prompt, submit(engine, prompt, handles.get(name), max_new_tokens=12)[1])
+            for prompt in PROMPTS[:2] for name in names]
+    bound = [(name, prompt, c, submit(engine, prompt, handles.get(name), max_new_tokens=12, constraint=c)[1])
+             for prompt in PROMPTS[:2] for name in names for c in constraints]
+    sampled = [submit(engine, PROMPTS[2], handles.get(name), max_new_tokens=12, constraint=constraints[1],
+                      temperature=1.0, seed=7)[1] for name in names]
+    first.resume()
+    first.wait()
+    for name, prompt, sink in free:
+        assert sink.wait() == reference(package, name, prompt, 12), (name, prompt)
+    for name, prompt, constraint, sink in bound:
+        assert sink.wait() == guided_reference(package, name, prompt, constraint), (name, prompt, constraint)
+        assert sink.finish == FinishReason.STOP
+    from loraplex.runtime.server.tokenizer import PackageTokenizer
+
+    tokenizer = PackageTokenizer(package.root)
+    for sink in sampled:
+        assert re.fullmatch("[0-9]{1,6}", tokenizer.decode(sink.wait()))
+    assert engine.scheduler.stats.max_rows == 1 + len(free) + len(bound) + len(sampled)  # one batch
+
+
+def test_a_tokenizer_llguidance_cannot_read_refuses_constraints_and_serves_free_rows(package, tmp_path):
+    import shutil
+
+    from loraplex.adapters.package.output import OutputConstraint
+    from loraplex.runtime.errors import ConstraintUnsupported
+
+    copy = tmp_path / "package"
+    shutil.copytree(package.root, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    engine = BatchedEngine(Package.open(copy), intra_op_threads=2)
+    try:
+        engine.runner._guidance.exception(timeout=WAIT_S)  # the helper thread tried and failed
+        with pytest.raises(ConstraintUnsupported, match="tokenizer"):
+            submit(engine, PROMPTS[0], None, constraint=OutputConstraint("regex", "[0-9]+"))
+        _, free = submit(engine, PROMPTS[0], None)
+        assert free.wait() == reference(package, None, PROMPTS[0])
+    finally:
+        engine.close()

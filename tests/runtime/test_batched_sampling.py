@@ -41,3 +41,33 @@ def test_same_seed_same_draws():
     assert [a.choose(LOGITS) for _ in range(20)] == [b.choose(LOGITS) for _ in range(20)]
     c = RowSampler(SamplingParams(temperature=1.0, seed=4), [0], LOGITS.size)
     assert [a.choose(LOGITS) for _ in range(20)] != [c.choose(LOGITS) for _ in range(20)]
+
+
+def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(tiny_package):
+    """A constrained row's choice is masked (greedy and sampled), the matcher advances with it, and a
+    free row in the same step keeps its plain greedy token."""
+    from loraplex.adapters.package.genai_config import GenaiConfig
+    from loraplex.adapters.package.output import OutputConstraint
+    from loraplex.runtime.engines.batched.sampling import NonFiniteLogits
+    from loraplex.runtime.engines.guidance import Guidance
+    from loraplex.runtime.server.tokenizer import PackageTokenizer
+
+    config = GenaiConfig.load(tiny_package)
+    vocab = config.vocab_size
+    guidance = Guidance(tiny_package / "tokenizer.json", vocab, config.eos_token_ids)
+    tokenizer = PackageTokenizer(tiny_package)
+    rng = np.random.default_rng(0)
+    digits = OutputConstraint("regex", "[0-9]{3}")
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5), SamplingParams(repetition_penalty=1.5)):
+        constrained = RowSampler(params, [0], vocab, guidance.row(digits))
+        free = RowSampler(SamplingParams(), [0], vocab)
+        out: list[int] = []
+        while not constrained.constraint.complete:
+            logits = rng.normal(size=(2, vocab)).astype(np.float32)
+            token, plain = choose_tokens(logits, [constrained, free])
+            assert plain == int(np.argmax(logits[1]))
+            out.append(token)
+        assert len(tokenizer.decode(out)) == 3 and tokenizer.decode(out).isdigit(), out
+    broken = RowSampler(SamplingParams(), [0], vocab, guidance.row(digits))
+    nan = np.full((1, vocab), np.nan, dtype=np.float32)
+    assert isinstance(choose_tokens(nan, [broken])[0], NonFiniteLogits)

@@ -22,6 +22,16 @@ def test_generate_prints_the_servers_completion(server, capsys):
     assert response["adapter"] == "beta" and response["usage"]["completionTokens"] == 3
 
 
+def test_generate_with_an_output_constraint(server, capsys):
+    base = ["generate", "--target", server.target, "--adapter", "alpha", "--prompt", "hi", "--max-new-tokens", "8"]
+    assert main([*base, "--choice", "yes", "--choice", "no"]) == 0
+    assert capsys.readouterr().out in ("yes\n", "no\n")
+    assert main([*base, "--regex", "[0-9]{1,4}", "--temperature", "1", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip().isdigit()
+    assert main([*base, "--regex", "[0-"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
 def test_generate_reports_the_status_code_and_exits_non_zero(server, capsys):
     assert main(["generate", "--target", server.target, "--adapter", "nope", "--prompt", "hi"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err

@@ -45,6 +45,29 @@ fields = mostly(st.fixed_dictionaries({"text": texts}),
                 st.dictionaries(st.one_of(st.sampled_from(["text", "word"]), texts), texts, max_size=3))
 
 
+VALID_OUTPUTS = [("regex", "[0-9]{1,4}"), ("regex", "(?:)"), ("choice", ["yes", "no"]),
+                 ("grammar", 'start: "(" /[a-z]{1,3}/ ")"'),
+                 ("json_schema", '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')]
+WILD_OUTPUTS = [("regex", "[0-"), ("json_schema", "{"), ("json_schema", "[]"), ("grammar", "start: nope"),
+                ("choice", []), ("choice", [""]), ("regex", "a\0b"), ("empty", None)]
+outputs = st.one_of(
+    st.just(None), st.just(None),
+    mostly(st.sampled_from(VALID_OUTPUTS), st.one_of(st.sampled_from(WILD_OUTPUTS), st.tuples(
+        st.sampled_from(["regex", "grammar", "json_schema"]), texts)), odds=3),
+)
+
+
+def set_output(params: generation_pb2.SamplingParams, output) -> None:
+    """Issue 15: the request's output constraint (valid kinds, malformed specs, an empty message)."""
+    kind, spec = output
+    if kind == "empty":
+        params.output.SetInParent()
+    elif kind == "choice":
+        params.output.choice.choices.extend(spec)
+    else:
+        setattr(params.output, kind, spec)
+
+
 @st.composite
 def generate_requests(draw) -> generation_pb2.GenerateRequest:
     request_id = draw(mostly(st.sampled_from(["", "r-1"]), texts))
@@ -64,6 +87,10 @@ def generate_requests(draw) -> generation_pb2.GenerateRequest:
     too_many = st.lists(st.just("x"), min_size=17, max_size=17)
     p.stop.extend(draw(mostly(st.lists(texts.filter(bool), max_size=2), st.one_of(st.lists(texts), too_many))))
     p.ignore_eos = draw(st.booleans())
+    output = draw(outputs)
+    if output is not None:
+        set_output(p, output)
+    p.no_default_output = draw(st.booleans())
     return request
 
 

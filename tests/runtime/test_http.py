@@ -150,7 +150,11 @@ def test_completion_refusals_name_the_field(http_server, body, param, says):
 
 @pytest.mark.parametrize(("body", "param", "says"), [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "structured output"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format must be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format", "schema"),
+    ({"guided_regex": "[0-"}, "guided_regex", "not a valid regex"),
+    ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "send one of them"),
     ({"logprobs": True}, "logprobs", "log probabilities"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "role"),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages", "'name'"),
@@ -184,3 +188,38 @@ def test_errors_reach_the_openai_client_as_its_exceptions(http_server):
         assert answer.status_code == 400 and says in answer.json()["error"]["message"], answer.text
     assert post(http_server, "/v1/nothing", {}).status_code == 404
     assert httpx2.get(f"{http_url(http_server)}/v1/completions").status_code == 405
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+
+
+def test_structured_output_through_response_format_and_guided_extensions(http_server):
+    """response_format (json_schema, json_object) and vLLM's guided_* constrain the completion as the
+    gRPC port's params.output does; the same greedy text on both ports."""
+    import re
+
+    messages = [{"role": "user", "content": "Is it raining?"}]
+    with openai_client(http_server) as client, http_server.client() as grpc_client:
+        for adapter in ("alpha", "beta"):
+            chat = client.chat.completions.create(
+                model=adapter, messages=messages, max_tokens=32, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
+            assert set(json.loads(chat.choices[0].message.content)) == {"ok"}
+            assert chat.choices[0].finish_reason == "stop"
+            loose = client.chat.completions.create(model=adapter, messages=messages, max_tokens=32, temperature=0,
+                                                   response_format={"type": "json_object"})
+            text = loose.choices[0].message.content  # any object: a random model may not close it in time
+            if loose.choices[0].finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+            else:
+                assert loose.choices[0].finish_reason == "length" and text.startswith("{")
+            done = client.completions.create(model=adapter, prompt=PROMPT, max_tokens=8, temperature=0,
+                                             extra_body={"guided_choice": ["yes", "no"]})
+            assert done.choices[0].text in ("yes", "no")
+            grpc = grpc_client.generate(adapter, PROMPT, max_new_tokens=8, choice=["yes", "no"])
+            assert done.choices[0].text == grpc.text
+            for seed in (1, 2):
+                digits = client.completions.create(model=adapter, prompt=PROMPT, max_tokens=8, seed=seed,
+                                                   extra_body={"guided_regex": "[0-9]{1,4}"})
+                assert re.fullmatch("[0-9]{1,4}", digits.choices[0].text)

@@ -30,7 +30,10 @@ def test_contract_names_match_the_issue():
     assert set(params) == {
         "max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop",
         "ignore_eos",  # an extension for benchmarks: every request does the same work
+        "output", "no_default_output",  # issue 15: structured output
     }
+    constraint = adapters_pb2.OutputConstraint.DESCRIPTOR
+    assert [f.name for f in constraint.oneofs_by_name["kind"].fields] == ["regex", "json_schema", "grammar", "choice"]
     assert set(generation_pb2.FinishReason.keys()) >= {"LENGTH", "STOP", "EOS", "CANCELLED"}
     info = adapters_pb2.AdapterInfo.DESCRIPTOR.fields_by_name
     assert {"name", "version", "rank", "target_modules", "size_bytes", "template", "requests_served"} <= set(info)

@@ -47,6 +47,8 @@ def test_training_json_records_template_base_options_and_curves(demo_training, t
     assert training["final_eval_loss"] == pytest.approx(kept, rel=1e-4)  # the kept evaluation's weights
     # A label task, inferred: scored by accuracy, with and without the adapter; the curve per evaluation.
     assert (training["task_kind"], training["metric"]) == ("classification", "accuracy")
+    # ... so its output contract is a choice of its labels, as the template renders them.
+    assert training["output"] == {"kind": "choice", "spec": [" negative", " positive"]}
     assert list(training["eval_metrics"]) == ["accuracy", "macro_f1", "exact_match", "perplexity"]
     assert training["eval_metrics"]["accuracy"] == 1.0 and training["base_eval_metrics"]["accuracy"] == 0.0
     assert [s for s, _ in training["eval_metric_curve"]] == [s for s, _ in training["eval_loss"]]
@@ -55,6 +57,7 @@ def test_training_json_records_template_base_options_and_curves(demo_training, t
     assert (result.adapter_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generation = demo_training["reverse"].training
     assert (generation["task_kind"], generation["metric"]) == ("generation", "rouge_l")
+    assert generation["output"] is None  # free text: no contract
     assert list(generation["eval_metrics"]) == ["rouge_l", "bleu", "exact_match", "perplexity"]
 
 

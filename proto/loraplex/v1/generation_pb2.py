@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loraplex.v1 import adapters_pb2 as loraplex_dot_v1_dot_adapters__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\x1a\x1aloraplex/v1/adapters.proto\"p\n\nTaskInputs\x12\x33\n\x06\x66ields\x18\x01 \x03(\x0b\x32#.loraplex.v1.TaskInputs.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xa9\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.TaskInputsH\x00\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xea\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"h\n\x0fTokenizeRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.TaskInputsH\x00\x42\x07\n\x05input\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xac\x03\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x11\n\tlora_rank\x18\t \x01(\x05\x12\x14\n\x0clora_modules\x18\n \x03(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0b \x03(\t\x12\x11\n\tmax_batch\x18\x0c \x01(\x05\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x0f\n\x07version\x18\x0e \x01(\t\x12>\n\x08\x61\x63\x63uracy\x18\x0f \x03(\x0b\x32,.loraplex.v1.ModelInfoResponse.AccuracyEntry\x1aJ\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.TaskAccuracy:\x02\x38\x01*[\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\xb8\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1a.loraplex.v1.GenerateChunk0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.loraplex.v1.ModelInfoRequest\x1a\x1e.loraplex.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\x1a\x1aloraplex/v1/adapters.proto\"p\n\nTaskInputs\x12\x33\n\x06\x66ields\x18\x01 \x03(\x0b\x32#.loraplex.v1.TaskInputs.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xff\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12-\n\x06output\x18\t \x01(\x0b\x32\x1d.loraplex.v1.OutputConstraint\x12\x19\n\x11no_default_output\x18\n \x01(\x08\x42\x07\n\x05_seed\"\xa9\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.TaskInputsH\x00\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xea\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"h\n\x0fTokenizeRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.loraplex.v1.TaskInputsH\x00\x42\x07\n\x05input\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xb9\x04\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x11\n\tlora_rank\x18\t \x01(\x05\x12\x14\n\x0clora_modules\x18\n \x03(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x0b \x03(\t\x12\x11\n\tmax_batch\x18\x0c \x01(\x05\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x0f\n\x07version\x18\x0e \x01(\t\x12>\n\x08\x61\x63\x63uracy\x18\x0f \x03(\x0b\x32,.loraplex.v1.ModelInfoResponse.AccuracyEntry\x12<\n\x07outputs\x18\x10 \x03(\x0b\x32+.loraplex.v1.ModelInfoResponse.OutputsEntry\x1aJ\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.loraplex.v1.TaskAccuracy:\x02\x38\x01\x1aM\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.loraplex.v1.OutputConstraint:\x02\x38\x01*[\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\xb8\x02\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1a.loraplex.v1.GenerateChunk0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.loraplex.v1.ModelInfoRequest\x1a\x1e.loraplex.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKINPUTS_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFORESPONSE_ACCURACYENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_ACCURACYENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1768
-  _globals['_FINISHREASON']._serialized_end=1859
+  _globals['_MODELINFORESPONSE_OUTPUTSENTRY']._loaded_options = None
+  _globals['_MODELINFORESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1983
+  _globals['_FINISHREASON']._serialized_end=2074
   _globals['_TASKINPUTS']._serialized_start=73
   _globals['_TASKINPUTS']._serialized_end=185
   _globals['_TASKINPUTS_FIELDSENTRY']._serialized_start=140
   _globals['_TASKINPUTS_FIELDSENTRY']._serialized_end=185
   _globals['_SAMPLINGPARAMS']._serialized_start=188
-  _globals['_SAMPLINGPARAMS']._serialized_end=369
-  _globals['_GENERATEREQUEST']._serialized_start=372
-  _globals['_GENERATEREQUEST']._serialized_end=541
-  _globals['_USAGE']._serialized_start=543
-  _globals['_USAGE']._serialized_end=600
-  _globals['_TIMINGS']._serialized_start=602
-  _globals['_TIMINGS']._serialized_end=679
-  _globals['_GENERATERESPONSE']._serialized_start=682
-  _globals['_GENERATERESPONSE']._serialized_end=919
-  _globals['_GENERATECHUNK']._serialized_start=922
-  _globals['_GENERATECHUNK']._serialized_end=1156
-  _globals['_TOKENIZEREQUEST']._serialized_start=1158
-  _globals['_TOKENIZEREQUEST']._serialized_end=1262
-  _globals['_TOKENIZERESPONSE']._serialized_start=1264
-  _globals['_TOKENIZERESPONSE']._serialized_end=1315
-  _globals['_MODELINFOREQUEST']._serialized_start=1317
-  _globals['_MODELINFOREQUEST']._serialized_end=1335
-  _globals['_MODELINFORESPONSE']._serialized_start=1338
-  _globals['_MODELINFORESPONSE']._serialized_end=1766
-  _globals['_MODELINFORESPONSE_ACCURACYENTRY']._serialized_start=1692
-  _globals['_MODELINFORESPONSE_ACCURACYENTRY']._serialized_end=1766
-  _globals['_GENERATION']._serialized_start=1862
-  _globals['_GENERATION']._serialized_end=2174
+  _globals['_SAMPLINGPARAMS']._serialized_end=443
+  _globals['_GENERATEREQUEST']._serialized_start=446
+  _globals['_GENERATEREQUEST']._serialized_end=615
+  _globals['_USAGE']._serialized_start=617
+  _globals['_USAGE']._serialized_end=674
+  _globals['_TIMINGS']._serialized_start=676
+  _globals['_TIMINGS']._serialized_end=753
+  _globals['_GENERATERESPONSE']._serialized_start=756
+  _globals['_GENERATERESPONSE']._serialized_end=993
+  _globals['_GENERATECHUNK']._serialized_start=996
+  _globals['_GENERATECHUNK']._serialized_end=1230
+  _globals['_TOKENIZEREQUEST']._serialized_start=1232
+  _globals['_TOKENIZEREQUEST']._serialized_end=1336
+  _globals['_TOKENIZERESPONSE']._serialized_start=1338
+  _globals['_TOKENIZERESPONSE']._serialized_end=1389
+  _globals['_MODELINFOREQUEST']._serialized_start=1391
+  _globals['_MODELINFOREQUEST']._serialized_end=1409
+  _globals['_MODELINFORESPONSE']._serialized_start=1412
+  _globals['_MODELINFORESPONSE']._serialized_end=1981
+  _globals['_MODELINFORESPONSE_ACCURACYENTRY']._serialized_start=1828
+  _globals['_MODELINFORESPONSE_ACCURACYENTRY']._serialized_end=1902
+  _globals['_MODELINFORESPONSE_OUTPUTSENTRY']._serialized_start=1904
+  _globals['_MODELINFORESPONSE_OUTPUTSENTRY']._serialized_end=1981
+  _globals['_GENERATION']._serialized_start=2077
+  _globals['_GENERATION']._serialized_end=2389
 # @@protoc_insertion_point(module_scope)

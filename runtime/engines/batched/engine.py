@@ -20,7 +20,13 @@ from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, check_prompt
 from loraplex.runtime.engines.batched.runner import ModelRunner
 from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler
-from loraplex.runtime.errors import DeviceUnavailable, EngineFailure, InvalidRequest, ShuttingDown
+from loraplex.runtime.errors import (
+    ConstraintUnsupported,
+    DeviceUnavailable,
+    EngineFailure,
+    InvalidRequest,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,9 @@ class BatchedEngine(Engine):
         check_prompt(job.prompt_ids, self.max_len, self.vocab_size)
         if isinstance(job.adapter, BatchedAdapter) and job.adapter.weights is None:
             raise InvalidRequest(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded")
+        if job.params.constraint is not None and (why := self.runner.guidance_error()):
+            raise ConstraintUnsupported(f"output constraints cannot be enforced with this package's tokenizer "
+                                        f"({why}); send the request without `output` (and with `no_default_output`)")
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the engine is closing and takes no new requests")
@@ -87,6 +96,7 @@ class BatchedEngine(Engine):
             self._closing = True
             self._cv.notify()
         self._thread.join()
+        self.runner.close()
 
     def healthy(self) -> bool:
         return self._thread.is_alive()

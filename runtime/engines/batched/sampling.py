@@ -3,8 +3,10 @@
 Greedy rows (temperature 0 or top_k 1) take the first maximum, as onnxruntime-genai's greedy
 search does, so greedy output equals the `genai` engine's token for token. Sampled rows draw
 from their own seeded generator: the same seed, prompt and adapter give the same output
-whatever else shares the batch. A row whose logits are not finite (a corrupt adapter, an extreme
-penalty) gets an error instead of a token; the other rows of the step are unaffected.
+whatever else shares the batch. A row with an output constraint (`RowConstraint`) has every token
+the constraint forbids set to -inf before its choice, greedy or sampled, and the constraint then
+advances with the chosen token; rows without one are untouched. A row whose logits are not finite
+(a corrupt adapter, an extreme penalty) gets an error instead of a token; the other rows of the step are unaffected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import numpy as np
 from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.guidance import RowConstraint
 from loraplex.runtime.errors import EngineFailure
 
 
@@ -58,8 +61,10 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 class RowSampler:
     """The sampling state of one running request: its params, RNG and the tokens seen so far."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
+                 constraint: RowConstraint | None = None):
         self.params = params
+        self.constraint = constraint
         self.greedy = is_greedy(params)
         self.rng = np.random.default_rng(params.seed)
         self.penalize = params.repetition_penalty != 1.0
@@ -70,6 +75,8 @@ class RowSampler:
     def choose(self, logits: np.ndarray) -> int:
         if self.penalize:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
+        if self.constraint is not None:
+            return self._choose_constrained(logits)
         if self.greedy:
             token = int(np.argmax(logits))
             if not math.isfinite(float(logits[token])):
@@ -82,12 +89,25 @@ class RowSampler:
             self.seen[token] = True
         return token
 
+    def _choose_constrained(self, logits: np.ndarray) -> int:
+        assert self.constraint is not None
+        if not np.isfinite(logits).all():  # before masking: the mask's -inf are not the model's fault
+            raise NonFiniteLogits()
+        masked = self.constraint.mask(logits)
+        token = int(np.argmax(masked)) if self.greedy else sample_token(masked, self.params, self.rng)
+        if not math.isfinite(float(masked[token])):
+            raise EngineFailure("the output constraint allows no token here")
+        self.constraint.advance(token)
+        if self.penalize:
+            self.seen[token] = True
+        return token
+
 
 def choose_tokens(logits: np.ndarray, samplers: list[RowSampler]) -> list[int | Exception]:
     """One token (or the row's error) per row of `logits` [rows, vocab]; plain greedy rows share one
     vectorized argmax (argmax returns a NaN's or an inf's position, so checking the chosen score
     finds a broken row without scanning the vocabulary)."""
-    plain = [i for i, s in enumerate(samplers) if s.greedy and not s.penalize]
+    plain = [i for i, s in enumerate(samplers) if s.greedy and not s.penalize and s.constraint is None]
     tokens: list[int | Exception] = [0] * len(samplers)
     if plain:
         best = np.argmax(logits[plain], axis=-1)

@@ -137,6 +137,8 @@ class Scheduler:
                 row.finish = FinishReason.CANCELLED
             elif job.stopped:
                 row.finish = job.stop_reason or FinishReason.CANCELLED
+            elif outcome in self.eos_ids and _constrained(row):
+                row.finish = FinishReason.STOP  # the model ended where the constraint may end
             elif outcome in self.eos_ids and not job.params.ignore_eos:
                 row.finish = FinishReason.EOS
             else:
@@ -169,6 +171,8 @@ class Scheduler:
             return
         if row.job.stopped:  # the sink found a stop string
             row.finish = row.job.stop_reason or FinishReason.STOP
+        elif _constrained(row) and row.sampler.constraint.complete:  # type: ignore[union-attr]
+            row.finish = FinishReason.STOP
         elif row.generated >= row.job.params.max_new_tokens or row.length + 1 >= self.max_len:
             row.finish = FinishReason.LENGTH
 
@@ -236,3 +240,7 @@ class Scheduler:
             new.append(Row(job=job, slot=grant.slot, length=len(job.prompt_ids)))
         self.waiting = kept
         return new, fills, ended
+
+
+def _constrained(row: Row) -> bool:
+    return row.sampler is not None and row.sampler.constraint is not None
