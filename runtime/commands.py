@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 from loraplex.adapters.package.devices import DEVICES, PROVIDERS
+from loraplex.runtime.profiles import PROFILES
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
@@ -35,10 +36,23 @@ def _register_serve(commands: argparse._SubParsersAction) -> None:
                        help="execution provider (default: cuda for gpu, qnn for npu)")
     serve.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
                        help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
+    serve.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                       help="presets for the options below: default (a server) or edge (a small device: memory and "
+                            "start-up first; see README, Edge)")
     serve.add_argument("--max-slots", type=int, default=0,
                        help="batched engine: adapters resident in the weight bank at once (0 = one per batch row)")
-    serve.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
+    serve.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default 8; edge 4)")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="requests waiting beyond --max-batch (default 64; edge 16)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="batched engine: onnxruntime threads (default 0 = one per physical core)")
+    serve.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                       help="batched engine: idle threads busy-wait (default yes; edge no: they share cores)")
+    serve.add_argument("--arena", action=argparse.BooleanOptionalAction, default=None,
+                       help="batched engine: onnxruntime's CPU memory arena (default on; edge off)")
+    serve.add_argument("--session-cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="batched engine: cache the optimized session and prepacked weights beside the package "
+                            "(made at the first start on a machine; later starts map them instead of rebuilding)")
     serve.add_argument("--adapter-root", type=Path, default=None,
                        help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
     serve.add_argument("--auth-token-file", type=Path, default=None,
@@ -120,17 +134,26 @@ def _server_tls(args: argparse.Namespace):
     return ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
 
 
+def server_config(args: argparse.Namespace):
+    """The ServerConfig of `loraplex serve` arguments: options left out take the --profile's values."""
+    from loraplex.runtime.server import ServerConfig
+
+    return ServerConfig(
+        package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
+        engine=args.engine, profile=args.profile, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_slots=args.max_slots or None, intra_op_threads=args.threads, allow_spinning=args.spin,
+        memory_arena=args.arena, session_cache=args.session_cache,
+        adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+        metrics_port=args.metrics_port, max_prompt_bytes=args.max_prompt_bytes, tls=_server_tls(args),
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
-    from loraplex.runtime.server import ServerConfig, serve
+    from loraplex.runtime.server import serve
 
     try:
-        config = ServerConfig(
-            package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
-            engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
-            adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
-            metrics_port=args.metrics_port, max_prompt_bytes=args.max_prompt_bytes, tls=_server_tls(args),
-        )
+        config = server_config(args)
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
     except (LoraplexError, OSError, ValueError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
