@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -150,8 +151,10 @@ def agreement(reference: Any, other: Any, prompts: list[Prompt], adapters: list[
 
 
 def probe_llama_cpp_python(env: dict, model: Path, threads: int, prompt: Prompt, adapters: list[Path]) -> dict:
-    """`bench.edge_probe` in a fresh process: start to first token, RSS after a request per adapter."""
-    proc = subprocess.run([sys.executable, "-m", "bench.edge_probe", str(model), str(threads), json.dumps(prompt.ids),
+    """`bench.edge_probe` in a fresh process: start to first token, RSS after a request per adapter.
+    Run by the interpreter named by LORAPLEX_BENCH_LLAMACPP_PYTHON (one with llama_cpp), else this one."""
+    python = os.environ.get("LORAPLEX_BENCH_LLAMACPP_PYTHON") or sys.executable
+    proc = subprocess.run([python, "-m", "bench.edge_probe", str(model), str(threads), json.dumps(prompt.ids),
                            *map(str, adapters)], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}

@@ -42,6 +42,9 @@ class EdgeGrid:
 
 QUICK_EDGE = EdgeGrid(single_reps=2, concurrency_requests=8, serial_measured=2, memory_counts=(1, 2, 8), cold_reps=1,
                       agreement_prompts=1)
+# RSS is read this long after the last request: a server at rest (loraplex's batched engine hands
+# its free heap back after 0.5 s idle; llama.cpp's RSS does not change), the same wait for every system.
+IDLE_S = 2.0
 SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "accuracy", "agreement")
 
 
@@ -197,6 +200,7 @@ class EdgeBench:
                     continue
                 try:
                     failed = [a for a in ["", *names] if not server.generate_unary(prompt, a or None, 1).ok]
+                    time.sleep(IDLE_S)
                     rows.setdefault(name, {})[str(n)] = {"rss": server.rss_bytes(), "failed": failed}
                 finally:
                     server.close()
@@ -205,6 +209,7 @@ class EdgeBench:
                 try:
                     for a in [None, *names]:
                         server.generate(prompt, a, 1)
+                    time.sleep(IDLE_S)
                     rows.setdefault("llama-server Q4_1", {})[str(n)] = {"rss": server.rss_bytes()}
                 finally:
                     server.close()

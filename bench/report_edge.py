@@ -118,8 +118,9 @@ def _memory(edge: dict) -> list[str]:
         per = (hi["rss"] - lo["rss"]) / (counts[-1] - counts[-2]) if lo.get("rss") and hi.get("rss") else None
         cells.append(_f(per / MIB, 2) if per else "—")
         rows.append(cells)
-    return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, after one request on the base "
-            "and on each adapter. Per extra adapter: the slope between the two largest counts.", ""] + _table(
+    return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, 2 s after one request on the "
+            "base and on each adapter (at rest). Per extra adapter: the slope between the two largest counts.",
+            ""] + _table(
         ["system", *(f"{c} adapter{'s' if c > 1 else ''}" for c in counts), "MiB per extra adapter"], rows)
 
 

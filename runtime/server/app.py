@@ -194,8 +194,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
     engine = None
     try:
-        engine = await asyncio.to_thread(build_engine, package, config.engine, **config.engine_options())
-        tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
+        # Side by side (both load native libraries and release the GIL): start-up is the longer of the two.
+        built, tokenizer = await asyncio.gather(
+            asyncio.to_thread(build_engine, package, config.engine, **config.engine_options()),
+            asyncio.to_thread(PackageTokenizer, package.root), return_exceptions=True)
+        if isinstance(built, Engine):
+            engine = built
+        for outcome in (built, tokenizer):
+            if isinstance(outcome, BaseException):
+                raise outcome
         registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
         service = GenerationService(engine, registry, tokenizer, context_length, metrics, max_batch=config.max_batch,
                                     max_queue=config.max_queue, max_prompt_bytes=max_prompt_bytes)
