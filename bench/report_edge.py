@@ -36,10 +36,14 @@ def _header(edge: dict) -> list[str]:
     return [
         "## Edge: loraplex against llama.cpp on the real model (issue 12)",
         "",
-        f"- Model: {wl.get('model')}. Adapters: {len(wl.get('tasks', []))} trained with `loraplex train` "
-        f"({', '.join(wl.get('tasks', []))}; rank {wl.get('training', {}).get('rank')}, "
-        f"{', '.join(wl.get('training', {}).get('target_modules', []))}), plus random ones of the same shape up to "
-        f"{wl.get('total_adapters')}; loraplex serves `loraplex export` packages (int4 = the builder's int4 of the "
+        f"- Model: {wl.get('model')}. Adapters: "
+        + (f"{wl.get('total_adapters')} from existing packages (`bench.edge_existing`: "
+           f"{', '.join(wl['existing_packages'].values())}); the scenarios that name two use "
+           f"{', '.join(wl.get('tasks', []))}" if wl.get("existing_packages") else
+           f"{len(wl.get('tasks', []))} trained with `loraplex train` ({', '.join(wl.get('tasks', []))}; rank "
+           f"{wl.get('training', {}).get('rank')}, {', '.join(wl.get('training', {}).get('target_modules', []))}), "
+           f"plus random ones of the same shape up to {wl.get('total_adapters')}")
+        + "; loraplex serves `loraplex export` packages (int4 = the builder's int4 of the "
         "fp32 import, LoRA kept fp32), llama.cpp the Q4_1 GGUF as shipped (and an f32 GGUF of the same weights) "
         "with the same adapters converted by `loraplex adapters export-gguf` (f32).",
         f"- One adapter file: {_f(files.get('onnx_adapter', 0) / 1024, 0)} KiB `.onnx_adapter`, "
