@@ -200,9 +200,12 @@ def export_package(
 def _write_banked_graph(out_dir: Path) -> None:
     """The batched engine's rewrite of the graph, cached beside it now rather than at the server's first
     start: a server then opens the package without importing `onnx` or rewriting anything."""
-    from loraplex.runtime.engines.batched.graph import ensure_batched_model
+    from loraplex.runtime.engines.batched.graph import LoraBankError, ensure_batched_model
 
-    ensure_batched_model(out_dir / MODEL_FILE)
+    try:
+        ensure_batched_model(out_dir / MODEL_FILE)
+    except LoraBankError as exc:  # the package still serves with the genai engine
+        log.warning("no banked graph for the batched engine (%s): serve this package with --engine genai", exc)
 
 
 def add_adapter(package_dir: str | Path, name: str, adapter_dir: str | Path, *, version: str | None = None,
