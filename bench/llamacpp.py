@@ -32,7 +32,7 @@ from pathlib import Path
 
 log = logging.getLogger("bench.llamacpp")
 
-VERSION = "0.3.36"  # llama-cpp-python; pinned in constraints.txt
+VERSION = "0.3.36"  # llama-cpp-python: the sdist whose vendored llama.cpp is built (pinned here)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -125,7 +125,7 @@ def _install_bindings(sdist: Path, root: Path) -> None:
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
     constraints = REPO_ROOT / "constraints.txt"
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-c", str(constraints)]
-    _run([*pip, "diskcache"], root / "install.log", env=env)  # llama_cpp imports it; pinned
+    _run([*pip, "diskcache"], root / "install.log", env=env)  # llama_cpp imports it
     _run([*pip, "--no-deps", str(sdist)], root / "install.log", env=env)
 
 
