@@ -177,3 +177,14 @@ def first_token_after_start(server: Any, prompt: Prompt, adapter: str | None) ->
     if not result.ok or result.ttft_s is None:
         return None
     return time.perf_counter() - server.started_at - (result.latency_s - result.ttft_s)
+
+
+def process_cpu_s(server: Any) -> float | None:
+    """User + system CPU seconds the server process has used so far (all its threads)."""
+    import psutil
+
+    try:
+        times = psutil.Process(server.process.pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system

@@ -49,12 +49,14 @@ def main(argv: list[str]) -> int:
     use(0 if handles else None)
     next(iter(llm.generate(prompt, temp=0.0, top_k=1)))
     first_token_s = _process_age_s()
+    first_token_cpu_s = time.process_time()
     for index in [None, *range(len(handles))]:
         use(index)
         next(iter(llm.generate(prompt, temp=0.0, top_k=1)))
     import psutil
 
-    print(json.dumps({"first_token_s": first_token_s, "rss": psutil.Process().memory_info().rss,
+    print(json.dumps({"first_token_s": first_token_s, "first_token_cpu_s": first_token_cpu_s,
+                      "rss": psutil.Process().memory_info().rss,
                       "adapters": len(handles), "measured_at": time.time()}))
     return 0
 

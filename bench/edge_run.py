@@ -45,7 +45,14 @@ QUICK_EDGE = EdgeGrid(single_reps=2, concurrency_requests=8, serial_measured=2, 
 # RSS is read this long after the last request: a server at rest (loraplex's batched engine hands
 # its free heap back after 0.5 s idle; llama.cpp's RSS does not change), the same wait for every system.
 IDLE_S = 2.0
+# Health polled this often at a cold start (both peers): each poll costs the server CPU time, which the
+# cold-start CPU figure would count.
+COLD_POLL_S = 0.02
 SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "accuracy", "agreement")
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 class EdgeBench:
@@ -145,12 +152,13 @@ class EdgeBench:
 
     def run_cold_start(self) -> None:
         rows: dict[str, list[float]] = {}
+        cpu: dict[str, list[float | None]] = {}  # the process's CPU seconds by then: robust to a busy machine
         errors: dict[str, str] = {}
         adapter = self.workload.tasks[0]
         prompt = self.prompts[0]
         # The first start on this machine writes the banked graph's session cache (`session`): timed
         # apart; the repetitions below are later starts, as a device starts its server every time.
-        server = self.loraplex("int4", 2, profile="edge", poll_s=0.005)
+        server = self.loraplex("int4", 2, profile="edge", poll_s=COLD_POLL_S)
         if server is not None:
             try:
                 self.results["cold_start_first_ever_s"] = edge.first_token_after_start(server, prompt, adapter)
@@ -159,12 +167,13 @@ class EdgeBench:
         for _ in range(self.grid.cold_reps):
             for profile in ("edge", "default"):
                 name = f"loraplex[batched] int4 {profile}"
-                server = self.loraplex("int4", 2, profile=profile, poll_s=0.005)
+                server = self.loraplex("int4", 2, profile=profile, poll_s=COLD_POLL_S)
                 if server is None:
                     errors[name] = self.results["unavailable"].get(name, "did not start")
                     continue
                 try:
                     seconds = edge.first_token_after_start(server, prompt, adapter)
+                    cpu.setdefault(name, []).append(edge.process_cpu_s(server))
                 finally:
                     server.close()
                 if seconds is not None:
@@ -173,6 +182,7 @@ class EdgeBench:
             if server is not None:
                 try:
                     seconds = edge.first_token_after_start(server, prompt, adapter)
+                    cpu.setdefault("llama-server Q4_1", []).append(edge.process_cpu_s(server))
                 finally:
                     server.close()
                 if seconds is not None:
@@ -181,9 +191,13 @@ class EdgeBench:
                                                 prompt, list(self.adapters_gguf(2).values()))
             if "first_token_s" in probe:
                 rows.setdefault("llama-cpp-python Q4_1", []).append(probe["first_token_s"])
+                cpu.setdefault("llama-cpp-python Q4_1", []).append(probe.get("first_token_cpu_s"))
             else:
                 errors["llama-cpp-python Q4_1"] = probe.get("error", "?")
-        self.results["cold_start"] = {name: {"median_s": statistics.median(v), "runs": v} for name, v in rows.items()}
+        self.results["cold_start"] = {
+            name: {"median_s": statistics.median(v), "runs": v,
+                   "median_cpu_s": _median([c for c in cpu.get(name, []) if c is not None])}
+            for name, v in rows.items()}
         self.results["cold_start_errors"] = errors
 
     def run_memory(self) -> None:

@@ -99,14 +99,17 @@ def _cold(edge: dict) -> list[str]:
     data = edge.get("cold_start") or {}
     if not data:
         return []
-    rows = [[name, _f(r["median_s"], 2), ", ".join(_f(x, 2) for x in r["runs"])] for name, r in data.items()]
+    rows = [[name, _f(r["median_s"], 2), ", ".join(_f(x, 2) for x in r["runs"]), _f(r.get("median_cpu_s"), 2)]
+            for name, r in data.items()]
     errors = edge.get("cold_start_errors") or {}
     first = edge.get("cold_start_first_ever_s")
     lines = ["### Cold start", "", "Process start to the first streamed token of a request on an adapter (the "
-             "server started with 2 adapters; health polled every 5 ms). llama-cpp-python: the interpreter's start "
+             "server started with 2 adapters; health polled every 20 ms). llama-cpp-python: the interpreter's start "
              "to the first token of `generate`. loraplex: later starts (the per-machine session cache exists"
              + (f"; the first start on this machine, which writes it, took {first:.2f} s" if first else "")
-             + ").", ""] + _table(["system", "median (s)", "runs (s)"], rows)
+             + "). CPU: the process's CPU seconds (all threads) by the first token, which a busy machine "
+             "does not inflate as it does wall time.", ""] + _table(["system", "median (s)", "runs (s)", "CPU (s)"],
+                                                                      rows)
     return lines + ([f"Errors: {errors}", ""] if errors else [])
 
 

@@ -79,7 +79,7 @@ class LlamaServer:
                     return
             except OSError:
                 pass
-            time.sleep(0.005)
+            time.sleep(0.02)  # often enough for cold-start timing, rarely enough not to load the server
         raise TimeoutError(f"llama-server not ready after {timeout_s}s; see {self.log_path}")
 
     def _request(self, method: str, path: str, body: dict | None, timeout: float = 600):
