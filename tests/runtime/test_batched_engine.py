@@ -378,3 +378,15 @@ def test_a_swapped_out_adapter_gets_back_a_compact_host_copy(package, make_engin
     for name, tensor in files.tensors.items():
         assert (alpha.weights.tensors[name] == tensor).all(), name
     assert submit(engine, PROMPTS[1], alpha)[1].wait() == reference(package, "alpha", PROMPTS[1])
+
+
+def test_edge_session_settings_keep_tokens_exact(package, make_engine):
+    """`--profile edge`'s session: no arena, threads that sleep instead of spinning; the same tokens."""
+    engine, handles = make_engine(max_batch=4, max_slots=2, allow_spinning=False, memory_arena=False)
+    options = engine.runner.session.get_session_options()
+    assert not options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    jobs = [(name, prompt, submit(engine, prompt, handles.get(name))[1])
+            for name in (None, "alpha", "gamma") for prompt in PROMPTS[:2]]
+    for name, prompt, sink in jobs:
+        assert sink.wait() == reference(package, name, prompt), (name, prompt)
