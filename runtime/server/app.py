@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import build_engine, resolve_engine
 from loraplex.runtime.engines.base import Engine, SamplingParams
+from loraplex.runtime.heap import limit_heap_arenas
 from loraplex.runtime.profiles import get_profile
 from loraplex.runtime.server.auth import AuthScope, BearerAuth
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
@@ -82,6 +83,7 @@ class ServerConfig:
     allow_spinning: bool | None = None  # batched engine: onnxruntime threads busy-wait (default yes; edge no)
     memory_arena: bool | None = None  # batched engine: onnxruntime's CPU arena (default on; edge off)
     warm_adapters: bool | None = None  # warm every adapter at start, else the base only (default yes; edge no)
+    malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
     session_cache: bool = True  # batched engine: optimized session + prepacked weights cached per machine
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
@@ -99,7 +101,7 @@ class ServerConfig:
         self.engine = resolve_engine(self.engine, self.device)
         preset = get_profile(self.profile)
         for option in ("max_batch", "max_queue", "intra_op_threads", "allow_spinning", "memory_arena",
-                       "warm_adapters"):
+                       "warm_adapters", "malloc_arenas"):
             if getattr(self, option) is None:
                 setattr(self, option, getattr(preset, option))
         if self.max_batch < 1 or self.max_queue < 0:
@@ -164,6 +166,8 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start serving `config.package`; returns once health says SERVING."""
+    if config.malloc_arenas:  # before the engine's threads start
+        limit_heap_arenas(config.malloc_arenas)
     auth = BearerAuth(_read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
     package = await asyncio.to_thread(Package.open, config.package)
     metrics = ServerMetrics()

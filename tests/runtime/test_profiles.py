@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ def test_edge_profile_sets_the_options_left_out():
     edge = PROFILES["edge"]
     assert (config.max_batch, config.max_queue) == (edge.max_batch, edge.max_queue) == (4, 16)
     assert not config.allow_spinning and not config.memory_arena and not config.warm_adapters
+    assert (config.malloc_arenas, _config().malloc_arenas) == (1, 0)
     options = config.engine_options()
     assert (options["max_batch"], options["allow_spinning"], options["memory_arena"]) == (4, False, False)
 
@@ -47,3 +51,25 @@ def test_bad_profile_and_thread_counts_are_refused():
         ServerConfig(package=Path("pkg"), intra_op_threads=-1)
     with pytest.raises(ValueError, match="max_batch"):
         ServerConfig(package=Path("pkg"), profile="edge", max_batch=0)
+
+
+def test_heap_arenas_can_be_limited_and_free_heap_released():
+    """Real glibc calls, in a fresh interpreter (they change the process's allocator)."""
+    code = ("from loraplex.runtime.heap import limit_heap_arenas, release_free_heap\n"
+            "release_free_heap()\n"
+            "print(limit_heap_arenas(1))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")
+
+
+def test_an_edge_server_answers_as_a_default_one(server_factory):
+    """Both engines: `--profile edge` (base-only warm-up, no arena, no spinning) serves every adapter
+    with the same greedy tokens as the default profile. (Its malloc arena limit is left out here: it
+    would hold for the rest of the test process; the call itself is tested above in a subprocess.)"""
+    edge = server_factory(profile="edge", max_batch=None, max_queue=None, metrics_port=None, malloc_arenas=0)
+    default = server_factory(metrics_port=None)
+    assert edge.running.config.max_batch == 4 and not edge.running.config.warm_adapters
+    with edge.client() as ours, default.client() as theirs:
+        for adapter in ("", "alpha", "beta", "gamma"):
+            got = ours.generate(adapter, "The weather today", max_new_tokens=8).token_ids
+            assert got == theirs.generate(adapter, "The weather today", max_new_tokens=8).token_ids, adapter

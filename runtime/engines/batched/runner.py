@@ -16,11 +16,11 @@ import onnxruntime as ort
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.batched.bank import WeightBank
 from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
-from loraplex.runtime.engines.batched.heap import release_free_heap
 from loraplex.runtime.engines.batched.kv import KVCache
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
 from loraplex.runtime.engines.batched.session import SessionSettings, create_session
+from loraplex.runtime.heap import release_free_heap
 
 
 class ModelRunner:
@@ -58,7 +58,7 @@ class ModelRunner:
             self.kv.reset()
 
     def release_memory(self) -> None:
-        """Nothing runs: hand the heap's free memory back to the system (see `heap`)."""
+        """Nothing runs: hand the heap's free memory back to the system (see `runtime.heap`)."""
         release_free_heap()
 
     def _prefill(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
