@@ -144,9 +144,9 @@ def _single(edge: dict) -> list[str]:
         rows.append([name, _f(sw.get("tokens_per_s")), _f(sw.get("decode_tokens_per_s")), _f(sw.get("ttft_ms")),
                      _f(base.get("tokens_per_s")), share])
     lines = ["### Single stream, adapters switching", "",
-             "One request at a time, the two trained adapters alternating (a switch on every request), and the base "
-             "model alone; medians. Roofline share: decode tokens/s over copy bandwidth / int4 weight bytes per "
-             f"token ({_f(roof)} tok/s).", ""]
+             "One request at a time, two adapters alternating (the trained ones in `make bench`; a switch on "
+             "every request), and the base model alone; medians. Roofline share: decode tokens/s over copy "
+             f"bandwidth / int4 weight bytes per token ({_f(roof)} tok/s).", ""]
     return lines + _table(["system", "tokens/s", "decode tokens/s", "TTFT (ms)", "base model tokens/s",
                            "of roofline"], rows)
 
