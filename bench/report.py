@@ -70,7 +70,14 @@ def _header(results: dict) -> list[str]:
         "(a shared machine shows here)",
         f"- {m.get('platform')}, Python {m.get('python')}",
         "",
-        "## Workload",
+    ]
+    from bench import report_edge  # it uses this module's helpers
+
+    lines += report_edge.render(results.get("edge") or {})
+    if not wl:
+        return lines
+    lines += [
+        "## Random-init Llama: larger shapes, more adapters (issue 5)",
         "",
         f"- Random-init Llama: hidden {shape.get('hidden_size')}, {shape.get('num_hidden_layers')} layers, "
         f"{shape.get('num_attention_heads')} heads, {shape.get('num_key_value_heads')} KV heads, "

@@ -1,9 +1,12 @@
-"""`python -m bench.run [--quick]`: loraplex against its peers, side by side in one run (issue 5).
+"""`python -m bench.run [--quick]`: loraplex against its peers, side by side in one run (issues 5 and 12).
 
-Builds (or reuses) the workload, starts a `loraplex serve` per engine, loads the in-process peers,
-runs every scenario with the systems interleaved, and writes `bench/RESULTS.md`,
-`bench/results.json` and PNG plots (`--quick` writes to `bench/out/quick/` instead, on a tiny
-model with small request counts: for developing the bench, not for quoting).
+Two parts, each with its systems interleaved:
+- `edge` (the main workload, `edge_run`): the real SmolLM2-135M with trained adapters against
+  llama.cpp (built from source here, cached), memory, cold start, speed, accuracy;
+- `random`: a ~78M random-init Llama with 32 random adapters against onnxruntime-genai and
+  PyTorch PEFT (larger shapes, more adapters, hot load).
+Writes `bench/RESULTS.md`, `bench/results.json` and PNG plots (`--quick` writes to
+`bench/out/quick/` instead, with small counts: for developing the bench, not for quoting).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import machine, memory, roofline, scenarios, workload
+from bench.edge_run import SCENARIOS as EDGE_SCENARIOS
 from bench.results import Prompt
 from bench.sys_loraplex import LoraplexServer, Unavailable
 
@@ -28,6 +32,7 @@ log = logging.getLogger("bench")
 BENCH_DIR = Path(__file__).parent
 ENGINES = ("batched", "genai")
 SCENARIOS = ("single", "switch", "concurrency", "hotload", "memory")
+PARTS = ("edge", "random")
 
 QUICK_GRID = scenarios.Grid(
     single_reps=2,
@@ -53,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="leave PyTorch PEFT out")
     parser.add_argument("--out", type=Path, help="where RESULTS.md, results.json and plots go")
     parser.add_argument("--build-only", action="store_true", help="build or reuse the artefacts, then stop")
+    parser.add_argument("--parts", default=",".join(PARTS), help="edge (real model vs llama.cpp), random (comma list)")
+    parser.add_argument("--edge-scenarios", default=",".join(EDGE_SCENARIOS), help="which edge scenarios")
+    parser.add_argument("--spin", action="store_true",
+                        help="edge part: let both onnxruntime's and llama.cpp's threads spin (a quiet machine only)")
     return parser.parse_args(argv)
 
 
@@ -90,8 +99,11 @@ class Bench:
     def measure_machine(self) -> None:
         self.results["machine"] = machine.machine_info()
         self.results["versions"] = machine.package_versions()
-        bw = roofline.measure_copy_bandwidth(buffer_mb=128 if self.quick else 512)
-        self.results["bandwidth"] = bw.__dict__
+        self.bandwidth = roofline.measure_copy_bandwidth(buffer_mb=128 if self.quick else 512)
+        self.results["bandwidth"] = self.bandwidth.__dict__
+
+    def measure_roofline(self) -> None:
+        bw = self.bandwidth
         roof = {}
         for precision, package in self.art.packages.items():
             sizes = workload.weight_bytes_per_token(package)
@@ -264,10 +276,30 @@ class Bench:
                     bar.update(1)
         self.results["memory"] = rows
 
+    def run_edge(self) -> None:
+        from bench.edge_run import EdgeBench
+
+        load = os.getloadavg()
+        edge = EdgeBench(BENCH_DIR / "out", quick=self.quick, spin=self.args.spin,
+                         scenarios=tuple(self.args.edge_scenarios.split(",")))
+        try:
+            edge.run(self.bandwidth)
+        finally:
+            edge.results["load_average"] = {"start": load, "end": os.getloadavg()}
+            self.results["edge"] = edge.results
+
     def run(self) -> None:
         start = time.perf_counter()
-        self.build()
+        parts = set(self.args.parts.split(","))
         self.measure_machine()
+        if "edge" in parts:
+            self.run_edge()
+        if "random" not in parts:
+            self.results["machine"]["load_average_at_end"] = os.getloadavg()
+            self.results["timings_s"]["total"] = time.perf_counter() - start
+            return
+        self.build()
+        self.measure_roofline()
         self.servers = self.start_servers("fp32")
         self.start_peers()
         try:
@@ -314,13 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bench = Bench(args)
     if args.build_only:
-        bench.build()
-        log.info("built %s in %.0f s", bench.art.root, bench.results["timings_s"]["build"])
+        parts = args.parts.split(",")
+        if "edge" in parts:
+            from bench.edge_run import EdgeBench
+
+            EdgeBench(BENCH_DIR / "out", quick=args.quick).build()
+        if "random" in parts:
+            bench.build()
+            log.info("built %s in %.0f s", bench.art.root, bench.results["timings_s"]["build"])
         return 0
     try:
         bench.run()
     finally:
-        if "workload" in bench.results:
+        if "workload" in bench.results or "edge" in bench.results:
             bench.write()
     return 0
 

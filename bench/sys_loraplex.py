@@ -59,6 +59,7 @@ class LoraplexServer:
         max_batch: int = 16,
         extra_args: tuple[str, ...] = (),
         label: str = "",
+        poll_s: float = 0.25,
     ):
         (self.grpc, self._health_pb2, self._health_grpc, self.gen_pb2, self._gen_grpc, self.adm_pb2,
          self._adm_grpc) = _import_grpc()
@@ -78,8 +79,10 @@ class LoraplexServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         log.info("starting %s: %s", self.name, " ".join(cmd))
+        self.started_at = time.perf_counter()  # process start (cold-start measurements count from here)
         self.process = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self.start_s = 0.0
+        self._poll_s = poll_s
         try:
             self._wait_serving(start_timeout_s)
         except Exception:
@@ -115,7 +118,7 @@ class LoraplexServer:
                         return
                 except self.grpc.RpcError:
                     pass
-                time.sleep(0.25)
+                time.sleep(self._poll_s)
             raise Unavailable(f"{self.name} was not SERVING after {timeout_s:.0f} s:\n{self._log_tail()}")
         finally:
             channel.close()
@@ -165,6 +168,16 @@ class LoraplexServer:
             return RequestResult(time.perf_counter() - start, ttft, len(ids), ok=False, error=str(exc.code()))
         return RequestResult(latency_s=time.perf_counter() - start, ttft_s=ttft, tokens=len(ids), token_ids=ids,
                              server_total_s=server_total)
+
+    def complete_task(self, adapter: str, inputs: dict[str, str], max_new_tokens: int) -> tuple[str, bool]:
+        """A task request (the adapter's template renders `inputs`), greedy, stopping at EOS:
+        (text, finished at EOS)."""
+        generation, _ = self._stubs()
+        request = self.gen_pb2.GenerateRequest(
+            adapter=adapter, inputs=self.gen_pb2.TaskInputs(fields=inputs), request_id=uuid.uuid4().hex,
+            params=self.gen_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        reply = generation.Generate(request, timeout=600)
+        return reply.text, reply.finish_reason == self.gen_pb2.EOS
 
     def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int, client: int = 0) -> RequestResult:
         generation, _ = self._stubs(client)

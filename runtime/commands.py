@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 from loraplex.adapters.package.devices import DEVICES, PROVIDERS
+from loraplex.runtime.profiles import PROFILES
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
@@ -79,10 +80,23 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                         help="execution provider (default: cuda for gpu, qnn for npu)")
     parser.add_argument("--engine", default="auto", choices=["auto", "genai", "batched"],
                         help="auto: batched (mixed-adapter continuous batching) on cpu, genai elsewhere")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                        help="presets for the options below: default (a server) or edge (a small device: memory and "
+                             "start-up first; see README, Edge)")
     parser.add_argument("--max-slots", type=int, default=0,
                         help="batched engine: adapters resident in the weight bank at once (0 = one per batch row)")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch")
+    parser.add_argument("--max-batch", type=int, default=None, help="requests decoding at once (default 8; edge 4)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="requests waiting beyond --max-batch (default 64; edge 16)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="batched engine: onnxruntime threads (default 0 = one per physical core)")
+    parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                        help="batched engine: idle threads busy-wait (default yes; edge no: they share cores)")
+    parser.add_argument("--arena", action=argparse.BooleanOptionalAction, default=None,
+                        help="batched engine: onnxruntime's CPU memory arena (default on; edge off)")
+    parser.add_argument("--session-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="batched engine: cache the optimized session and prepacked weights beside the package "
+                             "(made at the first start on a machine; later starts map them instead of rebuilding)")
     parser.add_argument("--adapter-root", type=Path, default=None,
                         help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
@@ -168,18 +182,29 @@ def _server_tls(args: argparse.Namespace):
     return ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
 
 
+def server_config(args: argparse.Namespace, *, listening: bool = True):
+    """The ServerConfig of `loraplex serve` (or, without `listening`, each serve-ray replica's)
+    arguments: options left out take the --profile's values."""
+    from loraplex.runtime.server import ServerConfig
+
+    ports = dict(host=args.host, port=args.port, metrics_port=args.metrics_port, tls=_server_tls(args),
+                 http_port=args.http_port) if listening else {}
+    return ServerConfig(
+        package=args.package, device=args.device, provider=args.provider,
+        engine=args.engine, profile=args.profile, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_slots=args.max_slots or None, intra_op_threads=args.threads, allow_spinning=args.spin,
+        memory_arena=args.arena, session_cache=args.session_cache,
+        adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+        max_prompt_bytes=args.max_prompt_bytes, **ports,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
-    from loraplex.runtime.server import ServerConfig, serve
+    from loraplex.runtime.server import serve
 
     try:
-        config = ServerConfig(
-            package=args.package, host=args.host, port=args.port, device=args.device, provider=args.provider,
-            engine=args.engine, max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
-            adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
-            metrics_port=args.metrics_port, max_prompt_bytes=args.max_prompt_bytes, tls=_server_tls(args),
-            http_port=args.http_port,
-        )
+        config = server_config(args)
         return asyncio.run(serve(config, drain_grace=args.drain_grace))
     except (LoraplexError, OSError, ValueError, ImportError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
@@ -188,7 +213,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_ray(args: argparse.Namespace) -> int:
     from loraplex.runtime.errors import LoraplexError
-    from loraplex.runtime.server import ServerConfig
 
     try:
         from loraplex.runtime.cluster.app import serve_cluster
@@ -197,12 +221,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         print(f"loraplex serve-ray: {exc}; install the ray extra: pip install 'loraplex[ray]'", file=sys.stderr)
         return 2
     try:
-        server = ServerConfig(
-            package=args.package, device=args.device, provider=args.provider, engine=args.engine,
-            max_batch=args.max_batch, max_queue=args.max_queue, max_slots=args.max_slots or None,
-            adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
-            max_prompt_bytes=args.max_prompt_bytes,
-        )
+        server = server_config(args, listening=False)
         config = ClusterConfig(
             server=server, app_name=args.app_name, grpc_port=args.grpc_port, http_host=args.http_host,
             http_port=args.http_port, replicas=args.replicas, max_replicas=args.max_replicas,

@@ -51,6 +51,21 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     _verification_options(add)
     add.set_defaults(func=_add)
 
+    gguf = adapter_commands.add_parser(
+        "export-gguf", help="write a trained adapter as a llama.cpp LoRA GGUF (llama.cpp, Ollama)",
+        description="Convert a PEFT adapter into the LoRA GGUF llama.cpp loads (--lora, llama_adapter_lora_init), "
+        "with the q/k row permutation llama.cpp's own conversion of the base applies. The base model's "
+        "architecture and head counts come from --base (the HF directory it was trained on) or --package.",
+    )
+    gguf.add_argument("adapter", metavar="NAME=DIR", help="adapter name (recorded as general.name) and PEFT directory")
+    gguf.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    source = gguf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", type=Path, help="Hugging Face base model directory the adapter was trained on")
+    source.add_argument("--package", type=Path, help="a loraplex package exported from that base")
+    gguf.add_argument("--outtype", choices=("f32", "f16"), default="f32",
+                      help="tensor type: f32 (exact, llama.cpp's default) or f16 (half the size)")
+    gguf.set_defaults(func=_export_gguf)
+
 
 def _verification_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -144,6 +159,20 @@ def _add(args: argparse.Namespace) -> int:
         print(f"loraplex adapters add: error: {exc}", file=sys.stderr)
         return 2
     print_summary(Manifest.load(args.package), args.package, {}, only=name)
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from loraplex.adapters.export.gguf_lora import GgufBase, export_gguf_lora
+
+    try:
+        name, path = parse_named_dir(args.adapter)
+        base = GgufBase.from_base_dir(args.base) if args.base else GgufBase.from_package(args.package)
+        out = export_gguf_lora(path, args.out, base, name=name, dtype=args.outtype)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"loraplex adapters export-gguf: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB, {base.architecture}, {args.outtype})")
     return 0
 
 

@@ -178,7 +178,7 @@ def export_package(
     base_graph.offline_environment()
     base_dir, out_dir = Path(base_dir).resolve(), Path(out_dir).resolve()
     provider = _check_options(adapters, precision, device, provider)
-    timer = StageTimer(total=5 + (1 if verify else 0), enabled=progress)
+    timer = StageTimer(total=5 + (1 if verify else 0) + (1 if device == "cpu" else 0), enabled=progress)
     with timer.stage("read adapters"):
         base = _base_info(base_dir)
         loaded = {name: load_peft_adapter(path) for name, path in adapters.items()}
@@ -202,7 +202,11 @@ def export_package(
         manifest = Manifest(
             base=base, precision=precision, device=device, provider=provider, model_file=MODEL_FILE,
             lora_rank=union.rank, lora_modules=inputs.projections, lora_inputs=sorted(inputs.names), adapters=entries,
+            lora_graph_inputs=inputs.to_records(),
         )
+    if device == "cpu":
+        with timer.stage("banked graph (batched engine)"):
+            _write_banked_graph(out_dir)
     if verify:
         with timer.stage("verify parity and accuracy"):
             verify_package(out_dir, base_dir, manifest, loaded, verification or Verification())
@@ -214,6 +218,17 @@ def export_package(
     if timings is not None:
         timings.update(timer.timings)
     return manifest
+
+
+def _write_banked_graph(out_dir: Path) -> None:
+    """The batched engine's rewrite of the graph, cached beside it now rather than at the server's first
+    start: a server then opens the package without importing `onnx` or rewriting anything."""
+    from loraplex.runtime.engines.batched.graph import LoraBankError, ensure_batched_model
+
+    try:
+        ensure_batched_model(out_dir / MODEL_FILE)
+    except LoraBankError as exc:  # the package still serves with the genai engine
+        log.warning("no banked graph for the batched engine (%s): serve this package with --engine genai", exc)
 
 
 def add_adapter(package_dir: str | Path, name: str, adapter_dir: str | Path, *, version: str | None = None,

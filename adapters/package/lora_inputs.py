@@ -144,6 +144,27 @@ class LoraInputs:
         return cls(tuple(inputs.values()))
 
 
+    def to_records(self) -> list[list]:
+        """[name, fixed dim, dtype name] per input in graph order: what the manifest records (schema 3)."""
+        return [[i.name, i.fixed, i.dtype.name] for i in self.inputs]
+
+    @classmethod
+    def from_records(cls, records: list[list]) -> LoraInputs:
+        """The inputs a manifest recorded with `to_records`; ValueError naming a malformed record."""
+        inputs = []
+        for record in records:
+            try:
+                name, fixed, dtype = record
+                parsed = parse_lora_input_name(name)
+                if parsed is None:
+                    raise ValueError(f"{name!r} is not a LoRA input name")
+                inputs.append(LoraInput(name, parsed[0], parsed[1], int(fixed), np.dtype(dtype)))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"manifest lora_graph_inputs record {record!r} is malformed ({exc}): "
+                                 "re-export the package") from exc
+        return cls(tuple(inputs))
+
+
 def read_lora_inputs(model_path: str | Path) -> LoraInputs:
     """The LoRA inputs of an ONNX file (its weights are not loaded, only the graph's input list)."""
     import onnx

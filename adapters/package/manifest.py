@@ -23,7 +23,9 @@ from typing import Any, Literal
 from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
 
 SCHEMA_VERSION = 3
-# 2 adds per-adapter accuracy and PEFT sizes (files need no padding); 3 adds each adapter's output contract
+# 2 adds per-adapter accuracy and PEFT sizes (files need no padding); 3 adds each adapter's output
+# contract and records each LoRA graph input's fixed dim and dtype (`lora_graph_inputs`), so a
+# server opens a package without parsing its graph.
 READABLE_SCHEMAS = (1, 2, 3)
 Precision = Literal["fp32", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int4")
@@ -126,6 +128,9 @@ class Manifest:
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     # The package with no adapter bound vs the base model in PyTorch (same prompts, same rules).
     base_parity: Parity | None = None
+    # Schema 3: every LoRA graph input in graph order, [name, fixed dim (in for A, out for B), numpy dtype
+    # name]; None in older manifests (the graph is parsed instead).
+    lora_graph_inputs: list[list] | None = None
     schema_version: int = SCHEMA_VERSION
     created_by: str = "loraplex"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loraplex.adapters.package.genai_config import GenaiConfig
 from loraplex.adapters.package.lora_inputs import LoraInputs, read_lora_inputs
-from loraplex.adapters.package.manifest import ADAPTER_DIR, Manifest
+from loraplex.adapters.package.manifest import ADAPTER_DIR, Manifest, ManifestError
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,14 @@ class Package:
         """Read the package; `manifest` stands in for manifest.json (export verifies before writing it)."""
         root = Path(package_dir).resolve()
         manifest = manifest or Manifest.load(root)
-        return cls(root, manifest, GenaiConfig.load(root), read_lora_inputs(root / manifest.model_file))
+        if manifest.lora_graph_inputs is not None:  # schema 3: no graph parse (and no `import onnx`) at start
+            try:
+                inputs = LoraInputs.from_records(manifest.lora_graph_inputs)
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from exc
+        else:
+            inputs = read_lora_inputs(root / manifest.model_file)
+        return cls(root, manifest, GenaiConfig.load(root), inputs)
 
     @property
     def model_path(self) -> Path:

@@ -28,6 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import build_engine, resolve_engine
 from loraplex.runtime.engines.base import Engine, SamplingParams
+from loraplex.runtime.heap import limit_heap_arenas
+from loraplex.runtime.profiles import get_profile
 from loraplex.runtime.server.auth import AuthScope, BearerAuth
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
@@ -83,10 +85,17 @@ class ServerConfig:
     device: str = "cpu"  # cpu | gpu | npu
     provider: str | None = None  # cuda | dml | qnn | openvino | webgpu (default: per device)
     engine: str = "auto"  # auto | batched | genai; __post_init__ resolves auto (batched on cpu)
-    max_batch: int = 8  # requests decoding at once
-    max_queue: int = 64  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED
+    # Presets for the options left None below (see `profiles`): "default" or "edge".
+    profile: str = "default"
+    max_batch: int | None = None  # requests decoding at once (default 8; edge 4)
+    max_queue: int | None = None  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED (64; edge 16)
     max_slots: int | None = None  # batched engine: adapters resident in the weight bank (None = max_batch)
-    intra_op_threads: int = 0  # batched engine: onnxruntime threads (0 = one per physical core)
+    intra_op_threads: int | None = None  # batched engine: onnxruntime threads (0 = one per physical core)
+    allow_spinning: bool | None = None  # batched engine: onnxruntime threads busy-wait (default yes; edge no)
+    memory_arena: bool | None = None  # batched engine: onnxruntime's CPU arena (default on; edge off)
+    warm_adapters: bool | None = None  # warm every adapter at start, else the base only (default yes; edge no)
+    malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
+    session_cache: bool = True  # batched engine: optimized session + prepacked weights cached per machine
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
     auth_scope: AuthScope = "admin"
@@ -104,12 +113,25 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.package = Path(self.package)
         self.engine = resolve_engine(self.engine, self.device)
+        preset = get_profile(self.profile)
+        for option in ("max_batch", "max_queue", "intra_op_threads", "allow_spinning", "memory_arena",
+                       "warm_adapters", "malloc_arenas"):
+            if getattr(self, option) is None:
+                setattr(self, option, getattr(preset, option))
         if self.max_batch < 1 or self.max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if self.max_slots is not None and self.max_slots < 1:
             raise ValueError("max_slots must be >= 1 (or None: one per batch row)")
         if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
             raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
+        if self.intra_op_threads < 0:
+            raise ValueError("intra_op_threads must be >= 0 (0: one per physical core)")
+
+    def engine_options(self) -> dict:
+        """The keyword arguments `build_engine` takes from this configuration."""
+        return dict(device=self.device, provider=self.provider, max_batch=self.max_batch, max_slots=self.max_slots,
+                    intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning,
+                    memory_arena=self.memory_arena, session_cache=self.session_cache)
 
 
 @dataclass
@@ -167,6 +189,8 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start serving `config.package`; returns once health says SERVING."""
+    if config.malloc_arenas:  # before the engine's threads start
+        limit_heap_arenas(config.malloc_arenas)
     auth = BearerAuth(read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
     package = await asyncio.to_thread(Package.open, config.package)
     metrics = ServerMetrics()
@@ -245,12 +269,15 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
     `start_server` serves the result on its own port; a cluster replica (`loraplex.runtime.cluster`)
     serves it behind Ray Serve's proxy.
     """
-    engine = await asyncio.to_thread(
-        build_engine, package, config.engine, device=config.device, provider=config.provider,
-        max_batch=config.max_batch, max_slots=config.max_slots, intra_op_threads=config.intra_op_threads,
-    )
+    # Side by side (both load native libraries and release the GIL): start-up is the longer of the two.
+    built, tokenizer = await asyncio.gather(
+        asyncio.to_thread(build_engine, package, config.engine, **config.engine_options()),
+        asyncio.to_thread(PackageTokenizer, package.root), return_exceptions=True)
+    engine = built if isinstance(built, Engine) else None
     try:
-        tokenizer = await asyncio.to_thread(PackageTokenizer, package.root)
+        for outcome in (built, tokenizer):
+            if isinstance(outcome, BaseException):
+                raise outcome
         registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
         service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
                                     max_batch=config.max_batch, max_queue=config.max_queue,
@@ -260,9 +287,10 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
                 await registry.load_file(name, package.adapter_path(name), entry.version)
         metrics.loaded_adapters.set(len(registry.names()))
         if config.warmup:
-            await _warm_up(service, registry)
+            await _warm_up(service, registry.names() if config.warm_adapters else [])
     except BaseException:
-        await asyncio.to_thread(engine.close)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
         raise
     return ServingCore(package, engine, registry, service)
 
@@ -297,10 +325,10 @@ async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> Non
         await servicer.set(name, status)
 
 
-async def _warm_up(service: GenerationService, registry: AdapterRegistry) -> None:
-    """One token on the base model and on every adapter: sessions built, adapter files proven to run."""
+async def _warm_up(service: GenerationService, adapters: list[str]) -> None:
+    """One token on the base model and on `adapters`: sessions built, adapter files proven to run."""
     params = SamplingParams(max_new_tokens=1)
-    for name in ["", *registry.names()]:
+    for name in ["", *adapters]:
         await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params, request_id="warmup"))
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
-from loraplex.adapters.package.manifest import Manifest, file_sha256
+import pytest
+from loraplex.adapters.package.lora_inputs import read_lora_inputs
+from loraplex.adapters.package.manifest import MANIFEST_NAME, Manifest, ManifestError, file_sha256
+from loraplex.adapters.package.reader import Package
 
 ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -89,7 +93,6 @@ def test_genai_reproduces_recorded_tokens_from_padded_copies_of_the_files(tiny_p
 
 
 def test_parity_failure_names_adapter_prompt_and_position():
-    import pytest
     from loraplex.adapters.export.parity import Decoded, ParityError, compare
 
     logits = np.zeros((3, 5), np.float32)
@@ -150,3 +153,20 @@ def test_export_that_diverges_fails_and_leaves_no_package(tiny_base, random_adap
     monkeypatch.setattr(convert, "adapter_tensors", original)
     export_package(tiny_base, {"solo": adapter_dir}, out, verify=False, progress=False)  # the directory is reusable
     assert (out / MANIFEST_NAME).exists() and not (out / INCOMPLETE_MARKER).exists()
+
+
+def test_manifest_records_the_graph_inputs_so_opening_needs_no_graph_parse(tiny_package, tmp_path):
+    m = Manifest.load(tiny_package)
+    assert m.schema_version == 3 and m.lora_graph_inputs is not None
+    assert Package.open(tiny_package).lora_inputs == read_lora_inputs(tiny_package / m.model_file)
+    copy = tmp_path / "package"
+    shutil.copytree(tiny_package, copy)
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    data["lora_graph_inputs"][0] = ["not_a_lora_input", 64, "float32"]
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="not_a_lora_input.*re-export"):
+        Package.open(copy)
+    del data["lora_graph_inputs"]  # an older manifest: the graph is parsed instead
+    data["schema_version"] = 2
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    assert Package.open(copy).lora_inputs == read_lora_inputs(tiny_package / m.model_file)

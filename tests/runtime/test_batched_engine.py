@@ -421,3 +421,57 @@ def test_a_tokenizer_llguidance_cannot_read_refuses_constraints_and_serves_free_
         assert free.wait() == reference(package, None, PROMPTS[0])
     finally:
         engine.close()
+
+
+def _adapted(bank) -> dict[str, int]:
+    """Projection kind -> bank rank over the modules the bank has a rank for (e.g. {"q_proj": 4})."""
+    by_kind: dict[str, set[int]] = {}
+    for module, rank in bank.ranks.items():
+        if rank:
+            by_kind.setdefault(module.rsplit(".", 1)[-1], set()).add(rank)
+    assert all(len(ranks) == 1 for ranks in by_kind.values()), by_kind  # every layer alike
+    return {kind: ranks.pop() for kind, ranks in by_kind.items()}
+
+
+def test_bank_slots_are_allocated_as_adapters_arrive_and_sized_to_their_ranks(package, make_engine):
+    engine, handles = make_engine(max_batch=8, max_slots=8)
+    bank = engine.runner.bank
+    assert bank.capacity == 1 and not any(bank.ranks.values())  # only the base's slot 0, every rank 0
+    assert submit(engine, PROMPTS[0], None)[1].wait() == reference(package, None, PROMPTS[0])
+    assert bank.capacity == 1  # the base model needs no slot
+    assert submit(engine, PROMPTS[0], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[0])
+    assert bank.capacity == 2 and _adapted(bank) == {"q_proj": 4, "v_proj": 4}  # alpha: r=4 on q/v only
+    assert handles["alpha"].weights.tensors == {}  # the slot is its only copy
+    assert submit(engine, PROMPTS[1], handles["gamma"])[1].wait() == reference(package, "gamma", PROMPTS[1])
+    assert bank.capacity == 3 and _adapted(bank) == {"q_proj": 4, "v_proj": 4, "gate_proj": 16, "up_proj": 16,
+                                                      "down_proj": 16}
+    # Exactly the slots and ranks in use: 3 slots; no bank padded to 16 where only 4 is needed.
+    expected = sum(3 * spec.fixed * bank.ranks[pair.module] * 4 for pair in bank.pairs for spec in (pair.a, pair.b))
+    assert bank.nbytes == expected
+    # alpha still exact after the banks grew (its slot's contents were kept)
+    assert submit(engine, PROMPTS[2], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[2])
+
+
+def test_a_swapped_out_adapter_gets_back_a_compact_host_copy(package, make_engine):
+    engine, handles = make_engine(max_batch=4, max_slots=1)
+    alpha = handles["alpha"]
+    files = read_adapter_file(package.adapters["alpha"], Package.open(package.root).lora_inputs)
+    for name in ("alpha", "gamma"):
+        assert submit(engine, PROMPTS[0], handles[name])[1].wait() == reference(package, name, PROMPTS[0])
+    assert engine.runner.bank.owner[1] is handles["gamma"] and alpha.weights.ranks == files.ranks
+    assert {n: t.shape for n, t in alpha.weights.tensors.items()} == {n: t.shape for n, t in files.tensors.items()}
+    for name, tensor in files.tensors.items():
+        assert (alpha.weights.tensors[name] == tensor).all(), name
+    assert submit(engine, PROMPTS[1], alpha)[1].wait() == reference(package, "alpha", PROMPTS[1])
+
+
+def test_edge_session_settings_keep_tokens_exact(package, make_engine):
+    """`--profile edge`'s session: no arena, threads that sleep instead of spinning; the same tokens."""
+    engine, handles = make_engine(max_batch=4, max_slots=2, allow_spinning=False, memory_arena=False)
+    options = engine.runner.session.get_session_options()
+    assert not options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    jobs = [(name, prompt, submit(engine, prompt, handles.get(name))[1])
+            for name in (None, "alpha", "gamma") for prompt in PROMPTS[:2]]
+    for name, prompt, sink in jobs:
+        assert sink.wait() == reference(package, name, prompt), (name, prompt)

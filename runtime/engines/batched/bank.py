@@ -1,62 +1,125 @@
 """The adapter weight banks the banked graph reads: one array per LoRA input, one adapter per slot.
 
 Every LoRA pair of the banked graph (see `graph`) is one bank `[slots, in, r]` / `[slots, r, out]`;
-row i of a batch uses slot `adapter_slot[i]`. Slot 0 stays all zeros: the base model. An adapter
-is copied into a slot when the slot table grants it one; modules it does not adapt and ranks below
-the bank's stay zero, which is exact (zero columns of A meet zero rows of B). A higher-rank adapter
-grows every bank once, keeping what the slots hold.
+row i of a batch uses slot `adapter_slot[i]`. Slot 0 stays all zeros: the base model. Modules an
+adapter does not adapt and ranks below the bank's stay zero in its slot, which is exact (zero
+columns of A meet zero rows of B).
 
-The banks are numpy arrays wrapped once in OrtValues that share their memory, so filling a slot is
-a copy into the array and the session sees it at its next run, with nothing rebound. Only the
-engine thread touches this class.
+Memory follows the adapters actually loaded, not the limits (issue 12):
+- slots are allocated as adapters arrive: the banks hold as many slots as the highest slot
+  filled so far (plus slot 0), never `max_slots` up front;
+- each pair's bank has its own rank, the largest rank of the adapters filled so far that adapt
+  that module (0 while none does): a rank-4 adapter on q/v beside a rank-16 one on the MLP does
+  not pad q/v to 16. The banked graph gives each pair its own symbolic rank dim, so ONNX
+  Runtime's memory planner never takes two banks' ranks for equal;
+- an adapter's weights live in one place only: its slot while it has one (the host copy read
+  from its file is dropped once copied in), else a compact host copy at its own ranks (made again
+  from the slot when an LRU swap gives the slot to another adapter). So a loaded adapter costs
+  about its file size, resident or not.
+A growth (more slots, a higher rank) reallocates the banks once, keeping what the slots hold.
+
+The banks are numpy arrays wrapped in OrtValues that share their memory, so filling a slot is a
+copy into the array and the session sees it at its next run. Only the engine thread touches
+this class.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnxruntime as ort
-from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.lora_inputs import LoraPair
+
+if TYPE_CHECKING:
+    from loraplex.runtime.engines.batched.scheduler import BatchedAdapter
 
 
 class WeightBank:
-    def __init__(self, pairs: list[LoraPair], max_slots: int, rank: int = 1):
+    def __init__(self, pairs: list[LoraPair], max_slots: int):
         self.pairs = pairs
-        self.slots = max_slots + 1  # + the base model's slot 0
-        self.rank = 0
+        self.max_slots = max_slots  # adapter slots; slot 0 (the base) comes on top
+        self.capacity = 0  # slots allocated, slot 0 included
+        self.generation = 0  # counts reallocations: OrtValues bound before one are stale
+        self.ranks: dict[str, int] = {pair.module: 0 for pair in pairs}
+        self.owner: dict[int, BatchedAdapter] = {}  # slot -> the adapter version whose weights it holds
         self.arrays: dict[str, np.ndarray] = {}
         self.ortvalues: dict[str, ort.OrtValue] = {}
-        self._allocate(max(rank, 1))
+        self._by_module = {pair.module: pair for pair in pairs}
+        self._allocate(1, self.ranks)
 
-    def fill(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter into `slot` (zeros where it has no tensor or a lower rank)."""
-        if weights.rank > self.rank:
-            self._allocate(weights.rank)
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def fill(self, slot: int, adapter: BatchedAdapter) -> None:
+        """Make `slot` hold `adapter` (a no-op if it already does); the slot's previous adapter, if
+        still loaded, gets its host copy back first. Then the slot is the adapter's only copy."""
+        if not 0 < slot <= self.max_slots:
+            raise ValueError(f"slot {slot} is outside 1..{self.max_slots}")
+        if self.owner.get(slot) is adapter:
+            return
+        weights = adapter.weights
+        if weights is None:
+            raise RuntimeError(f"adapter {adapter.name}@{adapter.version} was unloaded before it was filled")
+        if weights.ranks and not weights.tensors:  # still in a slot the slot table has given away
+            elsewhere = next(s for s, a in self.owner.items() if a is adapter)
+            self._park(elsewhere, adapter)
+            del self.owner[elsewhere]
+            weights = adapter.weights
+        previous = self.owner.pop(slot, None)
+        if previous is not None and previous.weights is not None:
+            self._park(slot, previous)
+        ranks = {m: max(r, weights.ranks.get(m, 0)) for m, r in self.ranks.items()}
+        if slot >= self.capacity or ranks != self.ranks:
+            self._allocate(max(self.capacity, slot + 1), ranks)
         for pair in self.pairs:
-            for spec in (pair.a, pair.b):
-                bank = self.arrays[spec.name]
-                bank[slot] = 0.0
-                tensor = weights.tensors.get(spec.name)
-                if tensor is None:
-                    continue
-                if spec.kind == "A":
-                    bank[slot, :, : tensor.shape[1]] = tensor
-                else:
-                    bank[slot, : tensor.shape[0], :] = tensor
+            a, b = self.arrays[pair.a.name], self.arrays[pair.b.name]
+            a[slot] = 0.0
+            b[slot] = 0.0
+            tensor_a, tensor_b = weights.tensors.get(pair.a.name), weights.tensors.get(pair.b.name)
+            if tensor_a is not None and tensor_b is not None:
+                a[slot, :, : tensor_a.shape[1]] = tensor_a
+                b[slot, : tensor_b.shape[0], :] = tensor_b
+        self.owner[slot] = adapter
+        adapter.weights = replace(weights, tensors={})  # the slot is the copy now
 
-    def _allocate(self, rank: int) -> None:
-        """(Re)allocate every bank at `rank`, keeping what the slots hold."""
+    def _park(self, slot: int, adapter: BatchedAdapter) -> None:
+        """Copy `adapter` out of `slot` into a compact host copy (its own modules at its own ranks)."""
+        assert adapter.weights is not None
+        tensors = {}
+        for module, rank in adapter.weights.ranks.items():
+            pair = self._by_module[module]
+            tensors[pair.a.name] = self.arrays[pair.a.name][slot, :, :rank].copy()
+            tensors[pair.b.name] = self.arrays[pair.b.name][slot, :rank, :].copy()
+        adapter.weights = replace(adapter.weights, tensors=tensors)
+
+    def _allocate(self, capacity: int, ranks: dict[str, int]) -> None:
+        """(Re)allocate the banks at `capacity` slots and per-module `ranks`, keeping what the slots hold."""
         arrays = {}
+        keep = min(capacity, self.capacity)
+        # One allocation for every bank (views into it): large enough to be its own memory mapping,
+        # so the previous generation goes back to the system whole when it is freed, rather than
+        # leaving hundreds of holes in the heap.
+        shapes = {spec.name: (capacity, *spec.shape(ranks[pair.module])) for pair in self.pairs
+                  for spec in (pair.a, pair.b)}
+        block = np.zeros(sum(int(np.prod(shape)) for shape in shapes.values()), dtype=np.float32)
+        offset = 0
         for pair in self.pairs:
+            old_rank = self.ranks[pair.module]
             for spec in (pair.a, pair.b):
-                new = np.zeros((self.slots, *spec.shape(rank)), dtype=np.float32)
+                size = int(np.prod(shapes[spec.name]))
+                new = block[offset: offset + size].reshape(shapes[spec.name])
+                offset += size
                 old = self.arrays.get(spec.name)
-                if old is not None:
+                if old is not None and keep and old_rank:
                     if spec.kind == "A":
-                        new[:, :, : self.rank] = old
+                        new[:keep, :, :old_rank] = old[:keep]
                     else:
-                        new[:, : self.rank, :] = old
+                        new[:keep, :old_rank, :] = old[:keep]
                 arrays[spec.name] = new
         self.arrays = arrays
         self.ortvalues = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-        self.rank = rank
+        self.capacity, self.ranks = capacity, dict(ranks)
+        self.generation += 1

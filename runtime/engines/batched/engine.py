@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import AdapterHandle, Engine, FinishReason, GenerationJob, check_prompt
 from loraplex.runtime.engines.batched.runner import ModelRunner
 from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler
+from loraplex.runtime.engines.batched.session import SessionSettings
 from loraplex.runtime.errors import (
     ConstraintUnsupported,
     DeviceUnavailable,
@@ -31,6 +33,7 @@ from loraplex.runtime.errors import (
 log = logging.getLogger(__name__)
 
 CPU_PROVIDERS = (None, "", "cpu", "CPUExecutionProvider")
+RELEASE_AFTER_IDLE_S = 0.5  # idle this long, the engine hands its free heap back to the system
 
 
 class BatchedEngine(Engine):
@@ -38,15 +41,18 @@ class BatchedEngine(Engine):
 
     max_batch: rows decoding at once (the KV cache holds this many sequences).
     max_slots: adapters resident in the weight banks at once (default: max_batch, so no request
-        waits for a slot; slots cost host memory only, a step gathers one slot per row whatever
-        the bank size); fewer saves memory, and requests then wait for an LRU swap.
-    intra_op_threads: onnxruntime's intra-op threads (0 = one per physical core).
+        waits for a slot). Slots are allocated as adapters arrive, and an adapter's weights live in
+        its slot or, once swapped out, in a compact host copy: more slots cost no memory until used;
+        a step gathers one slot per row whatever the bank size.
+    intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
+        `session.SessionSettings`; the cache is made at the first start on a machine).
     """
 
     name = "batched"
 
     def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 16,
-                 max_slots: int | None = None, intra_op_threads: int = 0):
+                 max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
+                 memory_arena: bool = True, session_cache: bool = True):
         if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
             raise DeviceUnavailable(
                 f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
@@ -57,13 +63,14 @@ class BatchedEngine(Engine):
         self.vocab_size = config.vocab_size
         self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots or max_batch, max_len=self.max_len,
                                    eos_ids=frozenset(config.eos_token_ids))
-        self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots or max_batch,
-                                  intra_op_threads=intra_op_threads)
+        settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
+        self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots or max_batch, session=settings)
         self._cv = threading.Condition()
         self._incoming: list[GenerationJob] = []
         self._forget: list[BatchedAdapter] = []
         self._deferred: set[BatchedAdapter] = set()  # unloads waiting for their rows to finish
         self._closing = False
+        self._release_at: float | None = None  # when to give free memory back, if still idle then
         self._thread = threading.Thread(target=self._loop, name="loraplex-batched", daemon=True)
         self._thread.start()
 
@@ -108,6 +115,8 @@ class BatchedEngine(Engine):
         plan = self.scheduler.schedule()
         self.runner.compact(plan.moves, idle=plan.idle)
         _finish(plan.ended)  # after the runner let go of their rows
+        if plan.idle and plan.batch is None:
+            self._release_at = time.monotonic() + RELEASE_AFTER_IDLE_S
         if plan.batch is None:
             return
         self.scheduler.postprocess(plan.batch, self._run(plan.batch))
@@ -137,11 +146,29 @@ class BatchedEngine(Engine):
                 outcomes.append(EngineFailure(f"decoding failed: {exc}"))
         return outcomes
 
+    def _wait_for_work(self) -> bool:
+        """Under `_cv`: wait until there is work; True instead when the engine has been idle long enough
+        to hand its free heap back (see `runtime.heap`): not after every request, so a client sending one
+        request after another never waits for it."""
+        while not (self._incoming or self._forget or self.scheduler.has_work or self._closing):
+            if self._release_at is None:
+                self._cv.wait()
+                continue
+            left = self._release_at - time.monotonic()
+            if left <= 0:
+                self._release_at = None
+                return True
+            self._cv.wait(timeout=left)
+        return False
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._incoming or self._forget or self.scheduler.has_work or self._closing):
-                    self._cv.wait()
+                release = self._wait_for_work()
+            if release:
+                self.runner.release_memory()
+                continue
+            with self._cv:
                 self.scheduler.add(self._incoming)
                 self._incoming = []
                 forget, self._forget = self._forget, []

@@ -15,7 +15,11 @@ one new input `adapter_slot [batch]` (int64) says which slot each row uses:
 This is the BGMV idea of Punica and S-LoRA in plain ONNX ops, so it runs on every execution
 provider. The bank inputs keep the LoRA input names of the original graph, so an adapter file's
 tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
-(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's `lora_r` are zero-padded: exact.
+(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's are zero-padded: exact. Each pair has
+its own symbolic rank (`lora_r_0`, `lora_r_1`, ...): the engine sizes each bank to the ranks of the
+adapters that adapt that module, and ONNX Runtime's memory planner takes tensors whose shapes
+share a symbolic dim for equal in size (one shared `lora_r` with banks of different ranks fails
+with "Shape mismatch attempting to re-use buffer").
 
 A second, independent change: the LM head computes one position per row, picked by a new input
 `logits_index [batch]` (GatherND before the head), so `logits` is `[batch, 1, vocab]`. A
@@ -47,11 +51,11 @@ LOGITS_OUTPUT = "logits"
 _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
-RANK_DIM = "lora_r"
+RANK_DIM = "lora_r"  # + "_<pair index>": each bank's own rank
 BATCHED_SUFFIX = ".batched.onnx"
 _STAMP_SUFFIX = ".batched.json"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 2
+REWRITE_VERSION = 3
 
 
 class LoraBankError(ValueError):
@@ -136,18 +140,20 @@ def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> None:
             seen.add(inp.name)
             kept.append(inp)
     inits = [i for i in graph.initializer if i.name not in lora]
-    vinfo = [v for v in graph.value_info if v.name not in lora]
+    # Also the shapes recorded for the lora_A MatMuls' outputs: the builder wrote them with the rank
+    # of the adapter it baked in (a fixed number), so the memory planner would size those buffers by
+    # it; without them ONNX Runtime infers `[batch, seq, lora_r_<i>]` from each bank.
+    rank_outputs = {out for node in graph.node if any(n in lora and ".lora_A." in n for n in node.input)
+                    for out in node.output}
+    vinfo = [v for v in graph.value_info if v.name not in lora and v.name not in rank_outputs]
     for field, values in ((graph.input, kept), (graph.initializer, inits), (graph.value_info, vinfo)):
         del field[:]
         field.extend(values)
     graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
-    for p in pairs:
-        graph.input.append(
-            helper.make_tensor_value_info(p.a.name, TensorProto.FLOAT, [SLOTS_DIM, p.in_features, RANK_DIM])
-        )
-        graph.input.append(
-            helper.make_tensor_value_info(p.b.name, TensorProto.FLOAT, [SLOTS_DIM, RANK_DIM, p.out_features])
-        )
+    for index, p in enumerate(pairs):
+        rank = f"{RANK_DIM}_{index}"
+        for spec, dims in ((p.a, [SLOTS_DIM, p.in_features, rank]), (p.b, [SLOTS_DIM, rank, p.out_features])):
+            graph.input.append(helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, dims))
 
 
 def _gather_before_lora_matmuls(graph, pairs: list[LoraPair]) -> None:

@@ -38,6 +38,7 @@ class KVCache:
         self._head_size = head_size
         self.capacity = 0
         self.growths = 0  # reallocations while rows ran (a metric)
+        self.generation = 0  # counts reallocations: views bound before one are stale
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self._views: dict[tuple[int, int], list[tuple[ort.OrtValue, ort.OrtValue]]] = {}
@@ -68,6 +69,7 @@ class KVCache:
                 new[:keep_rows, :, :old] = current[:keep_rows]
         self.keys, self.values, self.capacity = keys, values, capacity
         self._views.clear()
+        self.generation += 1
 
     def views(self, start: int, stop: int) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
         """(key, value) OrtValues over rows [start, stop) of every layer, sharing the buffers."""

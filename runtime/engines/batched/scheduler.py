@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class BatchedAdapter(AdapterHandle):
-    """An adapter version held by the batched engine; `weights` is None once it is unloaded."""
+    """An adapter version held by the batched engine; `weights` is None once it is unloaded.
+
+    While a bank slot holds the adapter, `weights.tensors` is empty (the slot is its only copy; see
+    `bank.WeightBank`); `weights.ranks` always says which modules it adapts at which rank."""
 
     weights: AdapterWeights | None = None
 

@@ -1,0 +1,284 @@
+"""Render the edge part of `results.json` (issue 12: loraplex against llama.cpp) as RESULTS.md sections."""
+
+from __future__ import annotations
+
+from bench.report import _f, _table
+
+MIB = 2**20
+STEPS = ("python", "imports", "package", "engine", "tokenizer", "adapters", "requests", "idle")
+STEP_TEXT = {
+    "python": "Python interpreter",
+    "imports": "imports (grpc, protobuf, numpy, onnxruntime, loraplex)",
+    "package": "package opened (manifest, genai_config, LoRA inputs)",
+    "engine": "engine: onnxruntime session (weights, prepacked weights), banks, KV cache",
+    "tokenizer": "tokenizer",
+    "adapters": "adapter files read, checked, handed to the engine",
+    "requests": "one request on the base and on each adapter (banks filled, activations)",
+    "idle": "idle 1.5 s later (free heap handed back)",
+}
+
+
+def _mib(value) -> str:
+    return _f(value / MIB, 0) if isinstance(value, (int, float)) else "—"
+
+
+def _best(values: dict[str, float | None], lowest: bool = True) -> tuple[str, float] | None:
+    present = {k: v for k, v in values.items() if v}
+    if not present:
+        return None
+    name = (min if lowest else max)(present, key=present.get)
+    return name, present[name]
+
+
+def _header(edge: dict) -> list[str]:
+    wl = edge.get("workload", {})
+    files = wl.get("adapter_file_bytes", {})
+    return [
+        "## Edge: loraplex against llama.cpp on the real model (issue 12)",
+        "",
+        f"- Model: {wl.get('model')}. Adapters: "
+        + (f"{wl.get('total_adapters')} from existing packages (`bench.edge_existing`: "
+           f"{', '.join(wl['existing_packages'].values())}); the scenarios that name two use "
+           f"{', '.join(wl.get('tasks', []))}" if wl.get("existing_packages") else
+           f"{len(wl.get('tasks', []))} trained with `loraplex train` ({', '.join(wl.get('tasks', []))}; rank "
+           f"{wl.get('training', {}).get('rank')}, {', '.join(wl.get('training', {}).get('target_modules', []))}), "
+           f"plus random ones of the same shape up to {wl.get('total_adapters')}")
+        + "; loraplex serves `loraplex export` packages (int4 = the builder's int4 of the "
+        "fp32 import, LoRA kept fp32), llama.cpp the Q4_1 GGUF as shipped (and an f32 GGUF of the same weights) "
+        "with the same adapters converted by `loraplex adapters export-gguf` (f32).",
+        f"- One adapter file: {_f(files.get('onnx_adapter', 0) / 1024, 0)} KiB `.onnx_adapter`, "
+        f"{_f(files.get('gguf', 0) / 1024, 0)} KiB LoRA GGUF.",
+        f"- Threads: {edge.get('threads')} on both sides; "
+        + ("threads spin on both sides (`--spin`)." if edge.get("spin") else
+           "llama.cpp with `OMP_WAIT_POLICY=PASSIVE`, loraplex with `--profile edge` (onnxruntime threads do not "
+           "spin): the same policy on both sides."),
+        f"- Requests: {wl.get('prompt_tokens')}-token prompts, {wl.get('new_tokens')} new tokens, greedy, EOS ignored "
+        "(throughput); accuracy stops at EOS.",
+        "",
+    ]
+
+
+def _breakdown(edge: dict) -> list[str]:
+    data = edge.get("breakdown") or {}
+    profiles = [p for p in ("default", "edge") if "steps" in data.get(p, {})]
+    if not profiles:
+        return []
+    rows = []
+    by_profile = {p: {s["step"]: s for s in data[p]["steps"]} for p in profiles}
+    for step in STEPS:
+        cells = [STEP_TEXT[step]]
+        for p in profiles:
+            steps = by_profile[p]
+            row, order = steps.get(step), [s["step"] for s in data[p]["steps"]]
+            before = steps.get(order[order.index(step) - 1]) if step in order and order.index(step) else None
+            if row is None:
+                cells += ["—", "—", "—"]
+                continue
+            delta = row["VmRSS"] - (before["VmRSS"] if before else 0)
+            cells += [f"+{_mib(delta)}", f"{_mib(row['RssAnon'])} / {_mib(row['RssFile'])}", _f(row["seconds"], 2)]
+        rows.append(cells)
+    header = ["step"]
+    for p in profiles:
+        header += [f"{p}: RSS added (MiB)", f"{p}: anon / file (MiB)", f"{p}: s"]
+    last = {p: by_profile[p].get("idle", {}) for p in profiles}
+    extra = "; ".join(_idle_split(p, last[p]) for p in profiles if last[p])
+    return ["### Where the memory goes (loraplex serve, int4 package, 2 adapters)", "",
+            "Each step of `loraplex serve`'s start in a fresh process (`python -m bench.memory_breakdown`), RSS after "
+            "it (anonymous / file-backed), and the seconds it took.", ""] + _table(header, rows) + [extra, ""]
+
+
+def _idle_split(profile: str, row: dict) -> str:
+    mapped = row.get("mapped", {})
+    return (f"{profile}, idle: model files mapped {_mib(mapped.get('model_files'))} MiB, shared libraries "
+            f"{_mib(mapped.get('libraries'))} MiB, anonymous {_mib(mapped.get('anonymous'))} MiB (of which banks "
+            f"{_mib(row.get('bank_bytes'))} MiB for {row.get('bank_slots')} adapter slots + the base's, KV cache "
+            f"{_mib(row.get('kv_bytes'))} MiB allocated, touched as used)")
+
+
+def _cold(edge: dict) -> list[str]:
+    data = edge.get("cold_start") or {}
+    if not data:
+        return []
+    rows = [[name, _f(r["median_s"], 2), ", ".join(_f(x, 2) for x in r["runs"]), _f(r.get("median_cpu_s"), 2)]
+            for name, r in data.items()]
+    errors = edge.get("cold_start_errors") or {}
+    first = edge.get("cold_start_first_ever_s")
+    lines = ["### Cold start", "", "Process start to the first streamed token of a request on an adapter (the "
+             "server started with 2 adapters; health polled every 20 ms). llama-cpp-python: the interpreter's start "
+             "to the first token of `generate`. loraplex: later starts (the per-machine session cache exists"
+             + (f"; the first start on this machine, which writes it, took {first:.2f} s" if first else "")
+             + "). CPU: the process's CPU seconds (all threads) by the first token, which a busy machine "
+             "does not inflate as it does wall time.", ""] + _table(["system", "median (s)", "runs (s)", "CPU (s)"],
+                                                                      rows)
+    return lines + ([f"Errors: {errors}", ""] if errors else [])
+
+
+def _memory(edge: dict) -> list[str]:
+    data = edge.get("memory") or {}
+    if not data:
+        return []
+    counts = sorted({int(c) for r in data.values() for c in r})
+    rows = []
+    for name, by_count in data.items():
+        cells = [name] + [_mib(by_count.get(str(c), {}).get("rss")) for c in counts]
+        lo, hi = by_count.get(str(counts[-2]) if len(counts) > 1 else "", {}), by_count.get(str(counts[-1]), {})
+        per = (hi["rss"] - lo["rss"]) / (counts[-1] - counts[-2]) if lo.get("rss") and hi.get("rss") else None
+        cells.append(_f(per / MIB, 2) if per else "—")
+        rows.append(cells)
+    return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, 2 s after one request on the "
+            "base and on each adapter (at rest). Per extra adapter: the slope between the two largest counts.",
+            ""] + _table(
+        ["system", *(f"{c} adapter{'s' if c > 1 else ''}" for c in counts), "MiB per extra adapter"], rows)
+
+
+def _single(edge: dict) -> list[str]:
+    data = edge.get("single") or {}
+    if not data:
+        return []
+    roof = (edge.get("roofline") or {}).get("tokens_per_s")
+    rows = []
+    for name, r in data.items():
+        sw, base = r.get("switching", {}), r.get("base", {})
+        share = f"{sw['decode_tokens_per_s'] / roof:.0%}" if roof and sw.get("decode_tokens_per_s") and "int4" in name \
+            else ""
+        rows.append([name, _f(sw.get("tokens_per_s")), _f(sw.get("decode_tokens_per_s")), _f(sw.get("ttft_ms")),
+                     _f(base.get("tokens_per_s")), share])
+    lines = ["### Single stream, adapters switching", "",
+             "One request at a time, two adapters alternating (the trained ones in `make bench`; a switch on "
+             "every request), and the base model alone; medians. Roofline share: decode tokens/s over copy "
+             f"bandwidth / int4 weight bytes per token ({_f(roof)} tok/s).", ""]
+    return lines + _table(["system", "tokens/s", "decode tokens/s", "TTFT (ms)", "base model tokens/s",
+                           "of roofline"], rows)
+
+
+def _concurrency(edge: dict) -> list[str]:
+    data = (edge.get("concurrency") or {}).get("by_adapters") or {}
+    if not data:
+        return []
+    rows = []
+    for spread, systems in data.items():
+        for name, r in systems.items():
+            if "error" in r:
+                rows.append([spread, name, "error", r["error"][:80], "", ""])
+                continue
+            rows.append([spread, name, _f(r["tokens_per_s"]), _f(r.get("p50_s"), 2), _f(r.get("p99_s"), 2),
+                         r.get("note", "")])
+    clients = edge["concurrency"].get("clients")
+    return ["### Concurrency", "", f"{clients} closed-loop clients, requests round robin over the adapters. "
+            "llama-cpp-python serves one request at a time (measured, replayed as a FIFO queue); llama-server runs "
+            f"`-np {clients}` slots but batches only requests with the same adapter set.", ""] + _table(
+        ["adapters", "system", "tokens/s", "p50 (s)", "p99 (s)", "how"], rows)
+
+
+def _accuracy(edge: dict) -> list[str]:
+    data = edge.get("accuracy") or {}
+    if not data:
+        return []
+    tasks = sorted({t for r in data.values() for t in r})
+    rows = []
+    for name, by_task in data.items():
+        cells = [name]
+        correct = total = 0
+        for t in tasks:
+            r = by_task.get(t, {})
+            cells.append(f"{r.get('correct', 0)} / {r.get('total', 0)}" + (f" ({r['failed']} failed)"
+                                                                           if r.get("failed") else ""))
+            correct, total = correct + r.get("correct", 0), total + r.get("total", 0)
+        cells.append(f"{correct / total:.1%}" if total else "—")
+        rows.append(cells)
+    return ["### Task accuracy", "", "Exact match (the completion's text, then EOS) on the evaluation records "
+            "(wording unseen in training), every system on the same prompts.", ""] + _table(
+        ["system", *tasks, "all"], rows)
+
+
+def _agreement(edge: dict) -> list[str]:
+    data = edge.get("agreement") or {}
+    if not data:
+        return []
+    rows = [[adapter, verdict] for adapter, verdict in data.items()]
+    return ["### The exported GGUF adapters in llama.cpp", "", "Greedy tokens of loraplex fp32 and llama.cpp on the "
+            "f32 GGUF with the same adapter (its GGUF from `loraplex adapters export-gguf`): equal tokens show the "
+            "conversion (names, layout, q/k permutation, scale) is exact.", ""] + _table(
+        ["adapter", "llama.cpp f32 vs loraplex fp32"], rows)
+
+
+def targets(edge: dict) -> list[list[str]]:
+    """[target, needs, measured, status] for issue 12's targets."""
+    out = []
+    mem = edge.get("memory") or {}
+    ours = mem.get("loraplex[batched] int4 edge", {})
+    peers = {k: v for k, v in mem.items() if k.startswith("llama")}
+    two = _best({k: v.get("2", {}).get("rss") for k, v in peers.items()})
+    if ours.get("2", {}).get("rss") and two:
+        ratio = ours["2"]["rss"] / two[1]
+        out.append(["RSS, int4, 2 adapters, vs llama.cpp (its lower)", "≤ 1.50x", f"{ratio:.2f}x ({two[0]})",
+                    "met" if ratio <= 1.5 else "not met"])
+    counts = sorted(int(c) for c in ours)
+    file_bytes = (edge.get("workload") or {}).get("adapter_file_bytes", {}).get("onnx_adapter")
+    if len(counts) >= 2 and file_bytes:
+        lo, hi = counts[-2], counts[-1]
+        if ours[str(lo)].get("rss") and ours[str(hi)].get("rss"):
+            per = (ours[str(hi)]["rss"] - ours[str(lo)]["rss"]) / (hi - lo)
+            out.append([f"each extra adapter ({lo} -> {hi}), vs its file", "≤ 1.20x", f"{per / file_bytes:.2f}x "
+                        f"({per / MIB:.2f} MiB per {file_bytes / MIB:.2f} MiB file)",
+                        "met" if per <= 1.2 * file_bytes else "not met"])
+    cold = (edge.get("cold_start") or {}).get("loraplex[batched] int4 edge")
+    if cold:
+        out.append(["process start to first token, int4", "≤ 1.00 s", f"{cold['median_s']:.2f} s",
+                    "met" if cold["median_s"] <= 1.0 else "not met"])
+    single = edge.get("single") or {}
+    mine = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("tokens_per_s")
+    best = _best({k: v.get("switching", {}).get("tokens_per_s") for k, v in single.items()
+                  if k.startswith("llama")}, lowest=False)
+    if mine and best:
+        out.append(["single stream, adapters switching, vs llama.cpp (its faster)", "≥ 1.20x",
+                    f"{mine / best[1]:.2f}x ({best[0]})", "met" if mine / best[1] >= 1.2 else "not met"])
+    conc = ((edge.get("concurrency") or {}).get("by_adapters") or {})
+    spread = max(conc, key=int) if conc else None
+    if spread:
+        rows = conc[spread]
+        ours_c = rows.get("loraplex[batched] int4 edge", {}).get("tokens_per_s")
+        serial = _best({k: rows.get(k, {}).get("tokens_per_s")
+                        for k in ("llama-cpp-python Q4_1 (serial)", "llama-server Q4_1 -np 1")}, lowest=False)
+        if ours_c and serial:
+            out.append([f"{edge['concurrency']['clients']} clients over {spread} adapters vs llama.cpp serial "
+                        "(its faster)", "≥ 3.00x", f"{ours_c / serial[1]:.2f}x ({serial[0]})",
+                        "met" if ours_c / serial[1] >= 3 else "not met"])
+        server = next((v.get("tokens_per_s") for k, v in rows.items()
+                       if k.startswith("llama-server") and not k.endswith("-np 1")), None)
+        if ours_c and server:
+            out.append(["(same, vs llama-server -np)", "—", f"{ours_c / server:.2f}x", "—"])
+    roof = (edge.get("roofline") or {}).get("tokens_per_s")
+    decode = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")
+    if roof and decode:
+        out.append(["int4 single stream, share of the bandwidth roofline", "≥ 55%", f"{decode / roof:.0%}",
+                    "met" if decode / roof >= 0.55 else "not met"])
+    acc = edge.get("accuracy") or {}
+
+    def share(name: str) -> float | None:
+        r = acc.get(name)
+        total = sum(x.get("total", 0) for x in r.values()) if r else 0
+        return sum(x.get("correct", 0) for x in r.values()) / total if total else None
+
+    ours_a, theirs_a = share("loraplex[batched] int4"), share("llama.cpp Q4_1")
+    if ours_a is not None and theirs_a is not None:
+        gap = (theirs_a - ours_a) * 100
+        out.append(["task accuracy, int4 vs llama.cpp Q4_1 (same examples)", "within 2 points",
+                    f"{ours_a:.1%} vs {theirs_a:.1%} ({-gap:+.1f} points)", "met" if gap <= 2 else "not met"])
+    return out
+
+
+def render(edge: dict) -> list[str]:
+    if not edge:
+        return []
+    lines = _header(edge)
+    rows = targets(edge)
+    if rows:
+        load = edge.get("load_average")
+        lines += ["### Issue 12 targets", "", f"Load average during this part: {load}." if load else ""]
+        lines += _table(["target", "needs", "measured", "status"], rows)
+    for section in (_single, _concurrency, _memory, _breakdown, _cold, _accuracy, _agreement):
+        lines += section(edge)
+    if edge.get("unavailable"):
+        lines += ["Not available: " + "; ".join(f"{k}: {v[:160]}" for k, v in edge["unavailable"].items()), ""]
+    return lines

@@ -1,0 +1,45 @@
+"""`--profile`: server presets for where loraplex runs; any option given explicitly overrides them.
+
+- `default`: a server with cores to itself. Batches up to 8 requests; onnxruntime's threads spin
+  between parallel sections (lowest latency on dedicated cores) and its CPU arena keeps the
+  largest activations it ever held (no allocation on the hot path); every adapter is warmed up
+  before health says SERVING.
+- `edge`: a small device (phone, single-board computer, a laptop running other things): memory and
+  start-up first. Batches up to 4 requests, threads sleep instead of spinning (on cores shared
+  with other work a spinning thread takes their time, and it costs battery), no arena (memory
+  goes back after a prefill), only the base model is warmed up (each adapter's file is still read
+  and checked at start; its first request fills its bank slot, about a millisecond), and threads
+  share one malloc arena (`runtime.heap`: less fragmented memory per adapter).
+Both allocate adapter bank slots only as adapters arrive (`runtime.engines.batched.bank`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_batch: int  # requests decoding at once (the KV cache holds this many rows)
+    max_queue: int  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED
+    intra_op_threads: int  # onnxruntime's threads (0 = one per physical core)
+    allow_spinning: bool  # onnxruntime's idle threads busy-wait between parallel sections
+    memory_arena: bool  # onnxruntime's CPU arena (keeps its high-water mark of activations)
+    warm_adapters: bool  # warm every adapter at start (else the base model only)
+    malloc_arenas: int  # glibc malloc arenas for the server's threads (0: glibc's default, 8 per core)
+
+
+PROFILES = {
+    "default": Profile("default", max_batch=8, max_queue=64, intra_op_threads=0, allow_spinning=True,
+                       memory_arena=True, warm_adapters=True, malloc_arenas=0),
+    "edge": Profile("edge", max_batch=4, max_queue=16, intra_op_threads=0, allow_spinning=False,
+                    memory_arena=False, warm_adapters=False, malloc_arenas=1),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"profile {name!r} is unknown; choose one of {', '.join(PROFILES)}") from None
