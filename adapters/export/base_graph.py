@@ -116,9 +116,10 @@ class Int4Options:
     symmetric: a scale per block only (True, the builder's default) or a scale and a zero point
         (False, loraplex's default). Measured on SmolLM2-135M (a review-sentiment adapter, 24 unseen
         examples, PyTorch 100%): symmetric 66.7%, asymmetric with the LM head in int8 95.8%;
-        fp32 activations (accuracy level 1) did not help (58.3%). Weights that were themselves
-        quantized with a minimum per block (GGUF Q4_1, Q5_1, Q4_K...) lose the least this way.
-    lm_head_int8: keep the LM head (the last MatMul) in int8 instead of int4: +13 MiB on SmolLM2,
+        fp32 activations (accuracy level 1) did not help (58.3%). SmolLM2's weights come from a
+        GGUF Q4_1 file (a scale and a minimum per block of 32), which asymmetric blocks of 32 can
+        follow closely and symmetric ones cannot.
+    lm_head_int8: keep the LM head (the last MatMul) in int8 instead of int4: +16 MiB on SmolLM2,
         and the builder cannot make an asymmetric int4 LM head for tied embeddings.
     """
 
