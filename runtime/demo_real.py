@@ -104,8 +104,9 @@ async def serve_eval(package: Path, configs: list[Any], eval_files: dict[str, Pa
                                                          max_new_tokens=MAX_NEW_TOKENS)
                     served.latencies_ms.append((time.perf_counter() - started) * 1000)
                     served.tokens += response.usage.completion_tokens
-                    expected = template.render_completion(record)  # the whole completion, then EOS
-                    served.correct += response.finish_reason == generation_pb2.EOS and response.text == expected
+                    expected = template.render_completion(record)  # the whole completion, then the end:
+                    ended = response.finish_reason in (generation_pb2.EOS, generation_pb2.STOP)  # STOP: contract
+                    served.correct += ended and response.text == expected
             served.wall_s = time.perf_counter() - began
             return served
 
