@@ -187,19 +187,28 @@ def _link(src: Path, dst: Path) -> None:
 
 def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
     """A package holding the first `n_adapters` of `full`: links to its files, a trimmed manifest."""
+    from loraplex.adapters.package.manifest import Manifest
+
+    names = sorted(Manifest.load(full).adapters)[:n_adapters]
+    if len(names) < n_adapters:
+        raise ValueError(f"package {full} has {len(names)} adapters, fewer than the {n_adapters} asked for")
+    return package_view(full, names, out)
+
+
+def package_view(full: Path, names: list[str], out: Path, *, link_banked: bool = True) -> Path:
+    """A package holding `names` of `full`: links to its files, a trimmed manifest. Without
+    `link_banked` the batched engine's graphs are left out (each view then writes its own)."""
     if _done(out):
         return out
     from loraplex.adapters.package.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
 
     manifest = Manifest.load(full)
-    names = sorted(manifest.adapters)[:n_adapters]
-    if len(names) < n_adapters:
-        raise ValueError(f"package {full} has {len(names)} adapters, fewer than the {n_adapters} asked for")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for item in full.iterdir():
-        if item.is_file() and item.name not in (MANIFEST_NAME, ".bench_done"):
+        banked = ".batched." in item.name
+        if item.is_file() and item.name not in (MANIFEST_NAME, ".bench_done") and (link_banked or not banked):
             _link(item, out / item.name)
     (out / ADAPTER_DIR).mkdir()
     for name in names:
@@ -208,7 +217,6 @@ def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
     manifest.save(out)
     _mark_done(out)
     return out
-
 
 def _build_prompts(workload: Workload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
     """Texts that tokenize to exactly `prompt_tokens` ids and decode back to themselves."""

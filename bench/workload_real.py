@@ -28,7 +28,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.workload import OUT_ROOT, _done, _link, _mark_done
+from bench.workload import OUT_ROOT, _done, _mark_done, package_view
 
 log = logging.getLogger("bench.workload_real")
 
@@ -208,27 +208,8 @@ def _gguf_adapters(base: Path, peft: dict[str, Path], out: Path) -> dict[str, Pa
 
 
 def _view(full: Path, names: list[str], out: Path) -> Path:
-    """A package holding `names` of `full`: links to its files, a trimmed manifest."""
-    if _done(out):
-        return out
-    from loraplex.adapters.package.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
-
-    manifest = Manifest.load(full)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for item in full.iterdir():
-        # Not the banked graph: each view writes (and caches) its own beside its model.
-        if item.is_file() and item.name not in (MANIFEST_NAME, ".bench_done") and ".batched." not in item.name:
-            _link(item, out / item.name)
-    (out / ADAPTER_DIR).mkdir()
-    for name in names:
-        _link(full / manifest.adapters[name].file, out / manifest.adapters[name].file)
-    manifest.adapters = {name: manifest.adapters[name] for name in names}
-    manifest.save(out)
-    _mark_done(out)
-    return out
-
+    """A package holding `names` of `full`; not the banked graph: each view writes (and caches) its own."""
+    return package_view(full, names, out, link_banked=False)
 
 def _prompts(workload: RealWorkload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
     """English prose (the tasks' review and contact sentences, shuffled) cut to exactly `prompt_tokens`
