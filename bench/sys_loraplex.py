@@ -171,13 +171,13 @@ class LoraplexServer:
 
     def complete_task(self, adapter: str, inputs: dict[str, str], max_new_tokens: int) -> tuple[str, bool]:
         """A task request (the adapter's template renders `inputs`), greedy, stopping at EOS:
-        (text, finished at EOS)."""
+        (text, finished at EOS or where the adapter's output contract completed (STOP))."""
         generation, _ = self._stubs()
         request = self.gen_pb2.GenerateRequest(
             adapter=adapter, inputs=self.gen_pb2.TaskInputs(fields=inputs), request_id=uuid.uuid4().hex,
             params=self.gen_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         reply = generation.Generate(request, timeout=600)
-        return reply.text, reply.finish_reason == self.gen_pb2.EOS
+        return reply.text, reply.finish_reason in (self.gen_pb2.EOS, self.gen_pb2.STOP)
 
     def generate_unary(self, prompt: Prompt, adapter: str | None, new_tokens: int, client: int = 0) -> RequestResult:
         generation, _ = self._stubs(client)

@@ -379,6 +379,7 @@ def test_constrained_and_free_rows_share_a_batch_and_each_equals_its_reference(p
 
     constraints = [OutputConstraint("choice", ("yes", "no", "maybe so")), OutputConstraint("regex", "[0-9]{1,6}")]
     engine, handles = make_engine(max_batch=32, max_slots=3)
+    engine.runner.want_guidance().result()  # loaded: the constrained rows join the free ones' batch
     names = [None, *sorted(handles)]
     _, first = submit(engine, PROMPTS[0], None, pause_at=1)
     first.reached.wait(WAIT_S)
@@ -413,14 +414,34 @@ def test_a_tokenizer_llguidance_cannot_read_refuses_constraints_and_serves_free_
     shutil.copytree(package.root, copy)
     (copy / "tokenizer.json").write_text("{}")
     engine = BatchedEngine(Package.open(copy), intra_op_threads=2)
+    digits = OutputConstraint("regex", "[0-9]+")
     try:
-        engine.runner._guidance.exception(timeout=WAIT_S)  # the helper thread tried and failed
-        with pytest.raises(ConstraintUnsupported, match="tokenizer"):
-            submit(engine, PROMPTS[0], None, constraint=OutputConstraint("regex", "[0-9]+"))
+        first, sink = submit(engine, PROMPTS[0], None, constraint=digits)  # waits for the tokenizer, then ends
+        assert sink.wait() == [] and isinstance(first.error, ConstraintUnsupported)
+        assert "tokenizer" in str(first.error)
+        with pytest.raises(ConstraintUnsupported, match="tokenizer"):  # known now: refused at once
+            submit(engine, PROMPTS[0], None, constraint=digits)
         _, free = submit(engine, PROMPTS[0], None)
         assert free.wait() == reference(package, None, PROMPTS[0])
     finally:
         engine.close()
+
+
+def test_llguidance_loads_only_when_a_request_is_constrained_and_the_first_ones_wait_for_it(package, make_engine):
+    from loraplex.adapters.package.output import OutputConstraint
+
+    engine, handles = make_engine(max_batch=4)
+    assert engine.runner._guidance is None  # this package's adapters have no output contract
+    assert submit(engine, PROMPTS[0], None)[1].wait() == reference(package, None, PROMPTS[0])
+    assert engine.runner._guidance is None  # free requests never load it
+    digits = OutputConstraint("regex", "[0-9]{1,6}")
+    sinks = [submit(engine, prompt, None, max_new_tokens=12, constraint=digits)[1] for prompt in PROMPTS[:2]]
+    free = submit(engine, PROMPTS[2], None)[1]
+    assert free.wait() == reference(package, None, PROMPTS[2])
+    for sink, prompt in zip(sinks, PROMPTS[:2], strict=True):
+        assert sink.wait() == guided_reference(package, None, prompt, digits)
+        assert sink.finish == FinishReason.STOP
+    assert engine.runner.guidance_ready() and engine.runner.guidance_error() is None
 
 
 def _adapted(bank) -> dict[str, int]:

@@ -67,6 +67,7 @@ class BatchedEngine(Engine):
         self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots or max_batch, session=settings)
         self._cv = threading.Condition()
         self._incoming: list[GenerationJob] = []
+        self._held: list[GenerationJob] = []  # constrained, until the runner's guidance has loaded
         self._forget: list[BatchedAdapter] = []
         self._deferred: set[BatchedAdapter] = set()  # unloads waiting for their rows to finish
         self._closing = False
@@ -90,12 +91,24 @@ class BatchedEngine(Engine):
         if isinstance(job.adapter, BatchedAdapter) and job.adapter.weights is None:
             raise InvalidRequest(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded")
         if job.params.constraint is not None and (why := self.runner.guidance_error()):
-            raise ConstraintUnsupported(f"output constraints cannot be enforced with this package's tokenizer "
-                                        f"({why}); send the request without `output` (and with `no_default_output`)")
+            raise _unsupported(why)
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the engine is closing and takes no new requests")
+            if job.params.constraint is not None and not (guidance := self.runner.want_guidance()).done():
+                self._held.append(job)
+                if len(self._held) == 1:  # the first to wait: woken (all of them) once the tokenizer is ready
+                    guidance.add_done_callback(self._release_held)
+                return
             self._incoming.append(job)
+            self._cv.notify()
+
+    def _release_held(self, _done) -> None:
+        """(The helper thread) the tokenizer has loaded or failed: the constrained requests waiting for
+        it go to the engine thread, which refuses them if it failed."""
+        with self._cv:
+            self._incoming.extend(self._held)
+            self._held = []
             self._cv.notify()
 
     def close(self) -> None:
@@ -150,7 +163,7 @@ class BatchedEngine(Engine):
         """Under `_cv`: wait until there is work; True instead when the engine has been idle long enough
         to hand its free heap back (see `runtime.heap`): not after every request, so a client sending one
         request after another never waits for it."""
-        while not (self._incoming or self._forget or self.scheduler.has_work or self._closing):
+        while not (self._incoming or self._forget or self.scheduler.has_work or (self._closing and not self._held)):
             if self._release_at is None:
                 self._cv.wait()
                 continue
@@ -169,11 +182,11 @@ class BatchedEngine(Engine):
                 self.runner.release_memory()
                 continue
             with self._cv:
-                self.scheduler.add(self._incoming)
-                self._incoming = []
+                incoming, self._incoming = self._incoming, []
                 forget, self._forget = self._forget, []
-                if self._closing and not self.scheduler.has_work:
+                if self._closing and not (incoming or self._held or self.scheduler.has_work):
                     break
+            self.scheduler.add(self._refuse_unenforceable(incoming))
             try:
                 for handle in forget:
                     self._unload(handle)
@@ -184,6 +197,18 @@ class BatchedEngine(Engine):
             except Exception as exc:  # a bug here must not leave every client hanging
                 log.exception("batched engine loop failed; ending all jobs")
                 _finish(self.scheduler.fail_all(exc))
+
+    def _refuse_unenforceable(self, jobs: list[GenerationJob]) -> list[GenerationJob]:
+        """`jobs` minus the constrained ones when the tokenizer could not be loaded for llguidance
+        (those end here with ConstraintUnsupported: they waited for it to load)."""
+        why = self.runner.guidance_error()
+        if why is None:
+            return jobs
+        refused = [job for job in jobs if job.params.constraint is not None]
+        for job in refused:
+            job.fail(_unsupported(why))
+        _finish([(job, FinishReason.CANCELLED) for job in refused])
+        return [job for job in jobs if job.params.constraint is None]
 
     def _unload(self, handle: BatchedAdapter) -> None:
         if self.scheduler.forget(handle):
@@ -197,6 +222,11 @@ class BatchedEngine(Engine):
                         handle.name, handle.version)
         with self._cv:
             self._forget.append(handle)
+
+
+def _unsupported(why: str) -> ConstraintUnsupported:
+    return ConstraintUnsupported(f"output constraints cannot be enforced with this package's tokenizer ({why}); "
+                                 "send the request without `output` (and with `no_default_output`)")
 
 
 def _finish(ended: list[tuple[GenerationJob, FinishReason]]) -> None:

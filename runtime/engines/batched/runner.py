@@ -6,15 +6,15 @@ the new rows' prompts (right-padded to the longest) straight into their rows of 
 buffer; a decode step feeds every running row its last token. Either way the graph computes the
 LM head for one position per row (`logits_index`) and each row's token is chosen by its own
 sampler (which masks the logits of a row with an output constraint, through llguidance; its view of
-the package's tokenizer.json is built on a helper thread at start, 0.6 s for a 49k vocabulary, and
-the constrained rows' masks are computed on that thread while the session runs, both without the
-GIL). InferenceSession.run
-releases the GIL, so the asyncio server keeps serving during a step.
+the package's tokenizer.json is built on a helper thread when first needed, and the constrained
+rows' masks are computed on that thread while the session runs, both without the GIL).
+InferenceSession.run releases the GIL, so the asyncio server keeps serving during a step.
 See `kv` for the cache layout and why padding cannot change any row's result.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -48,22 +48,41 @@ class ModelRunner:
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._bindings_stamp = (-1, -1)
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
-        self._guidance: Future[Guidance] = self._masks.submit(
-            Guidance, package.root / TOKENIZER_FILE, config.vocab_size, config.eos_token_ids)
+        self._package_root = package.root
+        self._guidance: Future[Guidance] | None = None
+        self._guidance_lock = threading.Lock()
+        if any(entry.output for entry in package.manifest.adapters.values()):
+            self.want_guidance()  # the package's own adapters constrain their replies: load it now
+
+    def want_guidance(self) -> Future[Guidance]:
+        """llguidance's view of the tokenizer, loading on the helper thread from the first call on.
+
+        Loaded only when something needs it (a package adapter with an output contract, or the first
+        constrained request): it costs ~0.3 s of CPU and ~25-40 MiB (49k vocabulary), which a server
+        whose requests are never constrained does not pay."""
+        with self._guidance_lock:
+            if self._guidance is None:
+                self._guidance = self._masks.submit(Guidance, self._package_root / TOKENIZER_FILE,
+                                                    self.config.vocab_size, self.config.eos_token_ids)
+            return self._guidance
+
+    def guidance_ready(self) -> bool:
+        """True once the tokenizer has loaded or failed to (`guidance_error` tells which)."""
+        return self._guidance is not None and self._guidance.done()
 
     def constraint_of(self, row: Row) -> RowConstraint | None:
         """A fresh constraint state for a row whose request has one."""
         constraint = row.job.params.constraint
         if constraint is None:
             return None
-        return self._guidance.result().row(constraint)  # a tokenizer that failed to load fails this row
+        return self.want_guidance().result().row(constraint)  # a tokenizer that failed to load fails this row
 
     def guidance_error(self) -> str | None:
         """Why output constraints cannot be enforced (llguidance could not read tokenizer.json), or None
-        (also while the tokenizer is still loading: a row waits for it)."""
-        if not self._guidance.done() or self._guidance.exception() is None:
+        (also while the tokenizer is loading or not asked for yet)."""
+        if not self.guidance_ready() or self._guidance.exception() is None:  # type: ignore[union-attr]
             return None
-        return str(self._guidance.exception()).split("\n", 1)[0][:200]
+        return str(self._guidance.exception()).split("\n", 1)[0][:200]  # type: ignore[union-attr]
 
     def close(self) -> None:
         self._masks.shutdown(wait=True)
