@@ -53,8 +53,11 @@ class Guidance:
     def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: Iterable[int]):
         eos = sorted(set(eos_ids))
         self.vocab_size = vocab_size
+        # No "slices" (llguidance's precomputed token subsets that speed up masks): on a 49k vocabulary
+        # they hold 14 MiB (33 vs 19 MiB) and save ~0.06 ms per mask (0.03 vs 0.1 ms for a JSON schema's
+        # strings), nothing against a decode step's milliseconds. Masks are the same either way.
         self.tokenizer = llg.LLTokenizer(Path(tokenizer_json).read_text(encoding="utf-8"), n_vocab=vocab_size,
-                                         eos_token=eos or None)
+                                         eos_token=eos or None, slices=[])
 
     def row(self, constraint: OutputConstraint) -> RowConstraint:
         matcher = llg.LLMatcher(self.tokenizer, grammar_of(constraint))

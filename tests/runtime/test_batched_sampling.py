@@ -71,3 +71,33 @@ def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(tiny_pack
     broken = RowSampler(SamplingParams(), [0], vocab, guidance.row(digits))
     nan = np.full((1, vocab), np.nan, dtype=np.float32)
     assert isinstance(choose_tokens(nan, [broken])[0], NonFiniteLogits)
+
+
+def test_masks_without_llguidance_slices_equal_the_sliced_ones(tiny_package):
+    """The runner's tokenizer leaves llguidance's slices out (memory): every mask along a JSON reply
+    equals the one a default (sliced) tokenizer computes."""
+    import json
+
+    import llguidance as llg
+    from loraplex.adapters.package.genai_config import GenaiConfig
+    from loraplex.adapters.package.output import OutputConstraint
+    from loraplex.runtime.engines.guidance import Guidance, grammar_of
+
+    config = GenaiConfig.load(tiny_package)
+    schema = OutputConstraint("json_schema", json.dumps({
+        "type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+        "required": ["name", "n"]}))
+    ours = Guidance(tiny_package / "tokenizer.json", config.vocab_size, config.eos_token_ids).row(schema)
+    sliced_tokenizer = llg.LLTokenizer((tiny_package / "tokenizer.json").read_text(encoding="utf-8"),
+                                       n_vocab=config.vocab_size, eos_token=sorted(set(config.eos_token_ids)))
+    sliced = llg.LLMatcher(sliced_tokenizer, grammar_of(schema))
+    bits = np.zeros((config.vocab_size + 31) // 32, dtype=np.int32)
+    steps = 0
+    for token in sliced_tokenizer.tokenize_str('{"name":"a b c","n":42}'):
+        sliced.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        expected = np.unpackbits(bits.view(np.uint8), bitorder="little")[: config.vocab_size].astype(bool)
+        assert np.array_equal(ours.allowed(), expected) and expected[token]
+        ours.advance(token)
+        assert sliced.consume_token(token)
+        steps += 1
+    assert steps > 5
