@@ -46,3 +46,14 @@ def test_runtime_outside_the_http_front_end_imports_no_http_stack():
 
 def test_cluster_imports_ray_but_no_torch_peft_or_olive():
     assert imported_after("import loraplex.runtime.cluster.app\n", (*HEAVY, "ray")) == "ray"
+
+
+def test_a_server_start_registers_only_the_runtime_commands_and_parses_them_alike():
+    """`loraplex serve` skips the trainer's and exporter's argument modules (start-up time); its
+    options parse to the same namespace as with every stage registered."""
+    argv = ["serve", "--package", "pkg", "--profile", "edge", "--threads", "1", "--http-port", "0"]
+    fast = f"from loraplex.runtime.cli import build_parser\nbuild_parser(serving_only=True).parse_args({argv!r})\n"
+    assert imported_after(fast, ("loraplex.trainer", "loraplex.adapters.export")) == ""
+    from loraplex.runtime.cli import build_parser
+
+    assert vars(build_parser(serving_only=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
