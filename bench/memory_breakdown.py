@@ -84,7 +84,7 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
     from loraplex.runtime.server.generation import GenerationRequest, GenerationService
     from loraplex.runtime.server.metrics import ServerMetrics
     from loraplex.runtime.server.registry import AdapterRegistry
-    from loraplex.runtime.server.tokenizer import PackageTokenizer
+    from loraplex.runtime.server.tokenizer import open_tokenizer
 
     steps.mark("imports")
     config = ServerConfig(package=package_dir, port=0, engine=engine_name, profile=profile)
@@ -96,7 +96,7 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
     steps.mark("package")
     engine = build_engine(package, config.engine, **config.engine_options())
     steps.mark("engine")
-    tokenizer = PackageTokenizer(package.root)
+    tokenizer = open_tokenizer(package.root, package.manifest.tokenizer)
     steps.mark("tokenizer")
     registry = AdapterRegistry(engine, package, package.adapter_dir)
     names = sorted(package.manifest.adapters)[:n_adapters]

@@ -95,12 +95,12 @@ class EngineDecoder:
     def __init__(self, package_dir: Path, manifest: Manifest, engine: str):
         from loraplex.adapters.package.reader import Package
         from loraplex.runtime.engines import build_engine
-        from loraplex.runtime.server.tokenizer import PackageTokenizer
+        from loraplex.runtime.server.tokenizer import open_tokenizer
 
         self.package = Package.open(package_dir, manifest)
         self.engine_name = engine
         self.engine = build_engine(self.package, engine, device="cpu", provider=None, max_batch=16)  # type: ignore[arg-type]
-        self.tokenizer = PackageTokenizer(self.package.root)
+        self.tokenizer = open_tokenizer(self.package.root, manifest.tokenizer)  # the server's
         self._handles: dict = {}
 
     def load(self, name: str, file: Path) -> None:

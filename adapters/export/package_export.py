@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from loraplex.adapters.export import base_graph, convert, device_target
+from loraplex.adapters.export import base_graph, convert, device_target, tokenizer_check
 from loraplex.adapters.export.convert import IncompatibleAdapter
 from loraplex.adapters.export.module_map import graph_kinds
 from loraplex.adapters.export.peft_adapter import AdapterError, PeftAdapter, load_peft_adapter
@@ -202,7 +202,7 @@ def export_package(
         manifest = Manifest(
             base=base, precision=precision, device=device, provider=provider, model_file=MODEL_FILE,
             lora_rank=union.rank, lora_modules=inputs.projections, lora_inputs=sorted(inputs.names), adapters=entries,
-            lora_graph_inputs=inputs.to_records(),
+            lora_graph_inputs=inputs.to_records(), tokenizer=tokenizer_check.choose_library(out_dir),
         )
     if device == "cpu":
         with timer.stage("banked graph (batched engine)"):

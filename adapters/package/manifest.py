@@ -22,11 +22,13 @@ from typing import Any, Literal
 
 from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # 2 adds per-adapter accuracy and PEFT sizes (files need no padding); 3 adds each adapter's output
 # contract and records each LoRA graph input's fixed dim and dtype (`lora_graph_inputs`), so a
-# server opens a package without parsing its graph.
-READABLE_SCHEMAS = (1, 2, 3)
+# server opens a package without parsing its graph; 4 records which library the server tokenizes
+# with (`tokenizer`).
+READABLE_SCHEMAS = (1, 2, 3, 4)
+TOKENIZER_LIBRARIES = ("tokenizers", "genai")
 Precision = Literal["fp32", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int4")
 MANIFEST_NAME = "manifest.json"
@@ -131,6 +133,10 @@ class Manifest:
     # Schema 3: every LoRA graph input in graph order, [name, fixed dim (in for A, out for B), numpy dtype
     # name]; None in older manifests (the graph is parsed instead).
     lora_graph_inputs: list[list] | None = None
+    # Schema 4: the server's tokenizer library. "tokenizers" (Hugging Face's, what training used) when
+    # export found it encodes like onnxruntime-genai's on the package's tokenizer; "genai" when they
+    # differed; None in older manifests (read as "tokenizers").
+    tokenizer: str | None = None
     schema_version: int = SCHEMA_VERSION
     created_by: str = "loraplex"
 
@@ -161,6 +167,9 @@ class Manifest:
                                               accuracy=Accuracy(**accuracy) if accuracy else None)
                 adapters[name].output_constraint()  # a malformed contract fails here, naming the adapter
             fields = {k: v for k, v in data.items() if k not in ("base", "adapters", "base_parity")}
+            if fields.get("tokenizer") not in (None, *TOKENIZER_LIBRARIES):
+                raise ManifestError(f"manifest is malformed: tokenizer {str(fields['tokenizer'])[:40]!r} is not one "
+                                    f"of {', '.join(TOKENIZER_LIBRARIES)}")
             base_parity = data.get("base_parity")
             return cls(
                 base=BaseModelInfo(**data["base"]),

@@ -36,7 +36,7 @@ from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterRegistry
 from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServicer
 from loraplex.runtime.server.status import ServingInterceptor
-from loraplex.runtime.server.tokenizer import PackageTokenizer
+from loraplex.runtime.server.tokenizer import open_tokenizer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
     # Side by side (both load native libraries and release the GIL): start-up is the longer of the two.
     built, tokenizer = await asyncio.gather(
         asyncio.to_thread(build_engine, package, config.engine, **config.engine_options()),
-        asyncio.to_thread(PackageTokenizer, package.root), return_exceptions=True)
+        asyncio.to_thread(open_tokenizer, package.root, package.manifest.tokenizer), return_exceptions=True)
     engine = built if isinstance(built, Engine) else None
     try:
         for outcome in (built, tokenizer):

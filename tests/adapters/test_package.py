@@ -157,7 +157,7 @@ def test_export_that_diverges_fails_and_leaves_no_package(tiny_base, random_adap
 
 def test_manifest_records_the_graph_inputs_so_opening_needs_no_graph_parse(tiny_package, tmp_path):
     m = Manifest.load(tiny_package)
-    assert m.schema_version == 3 and m.lora_graph_inputs is not None
+    assert m.schema_version == 4 and m.lora_graph_inputs is not None
     assert Package.open(tiny_package).lora_inputs == read_lora_inputs(tiny_package / m.model_file)
     copy = tmp_path / "package"
     shutil.copytree(tiny_package, copy)
@@ -170,3 +170,22 @@ def test_manifest_records_the_graph_inputs_so_opening_needs_no_graph_parse(tiny_
     data["schema_version"] = 2
     (copy / MANIFEST_NAME).write_text(json.dumps(data))
     assert Package.open(copy).lora_inputs == read_lora_inputs(tiny_package / m.model_file)
+
+
+def test_export_names_onnxruntime_genai_when_the_tokenizers_library_encodes_differently(tiny_package, monkeypatch,
+                                                                                         tmp_path, caplog):
+    from loraplex.adapters.export import tokenizer_check
+    from loraplex.runtime.server.tokenizer import FastTokenizer
+
+    assert tokenizer_check.choose_library(tiny_package) == "tokenizers"
+    original = FastTokenizer.encode
+    monkeypatch.setattr(FastTokenizer, "encode", lambda self, text: original(self, text) + [7] * ("中" in text))
+    assert tokenizer_check.choose_library(tiny_package) == "genai"
+    assert "onnxruntime-genai" in caplog.text
+    copy = tmp_path / "package"
+    shutil.copytree(tiny_package, copy)
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    data["tokenizer"] = "sentencepiece"
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="tokenizer 'sentencepiece'"):
+        Package.open(copy)

@@ -18,14 +18,68 @@ class ByteTokenizer:
         return bytes(ids).decode(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def package_tokenizer(tiny_package):
-    from loraplex.runtime.server.tokenizer import PackageTokenizer
+@pytest.fixture(scope="module", params=["tokenizers", "genai"])
+def package_tokenizer(request, tiny_package):
+    from loraplex.runtime.server.tokenizer import open_tokenizer
 
-    return PackageTokenizer(tiny_package)
+    return open_tokenizer(tiny_package, request.param)
 
 
 TEXTS = ["plain ascii", "héllo wörld", "snow ☃ and 😀 emoji", "日本語のテキスト", "mixed 🇫🇷 flags 👩‍👩‍👧"]
+
+
+def test_the_package_says_which_library_tokenizes_and_both_agree_on_it(tiny_package):
+    """Export checked the `tokenizers` library against onnxruntime-genai's on this tokenizer (the
+    manifest says "tokenizers"); both encode alike, and decode ordinary tokens alike except where
+    onnxruntime-genai's decode stops at an invalid UTF-8 sequence or a NUL (its text is then a prefix
+    of ours). Special tokens decode to nothing (onnxruntime-genai gives U+FFFD for this tokenizer's)."""
+    import random
+
+    from loraplex.adapters.export.tokenizer_check import probe_texts
+    from loraplex.adapters.package.manifest import Manifest
+    from loraplex.runtime.server.tokenizer import FastTokenizer, PackageTokenizer, open_tokenizer
+
+    assert Manifest.load(tiny_package).tokenizer == "tokenizers"
+    assert isinstance(open_tokenizer(tiny_package, None), FastTokenizer)  # older manifests
+    fast, genai = FastTokenizer(tiny_package), PackageTokenizer(tiny_package)
+    for text in probe_texts(tiny_package / "tokenizer.json", random_texts=200, seed=1):
+        assert fast.encode(text) == genai.encode(text), text
+    special = set(fast._tok.get_added_tokens_decoder())
+    assert special and all(fast.decode([i]) == "" for i in special)
+    ordinary = [i for i in range(fast._tok.get_vocab_size()) if i not in special]
+    rng, stopped = random.Random(0), 0
+    for _ in range(300):
+        ids = [rng.choice(ordinary) for _ in range(rng.randint(1, 12))]
+        ours, theirs = fast.decode(ids), genai.decode(ids)
+        assert ours == theirs or (ours.startswith(theirs) and theirs.endswith("\ufffd")), ids
+        stopped += ours != theirs
+    assert stopped  # the difference exists on this vocabulary: the assertion above is exercised
+
+
+def test_text_after_an_invalid_utf8_sequence_is_not_lost(tiny_package):
+    from loraplex.runtime.server.tokenizer import FastTokenizer
+
+    tokenizer = FastTokenizer(tiny_package)
+    broken = next(i for i in range(tokenizer._tok.get_vocab_size()) if tokenizer.decode([i]) == "\ufffd")
+    detok = IncrementalDetokenizer(tokenizer)
+    tokens = [broken, *tokenizer.encode(" plain words after it")]
+    assert "".join([detok.push(t) for t in tokens] + [detok.flush()]) == "\ufffd plain words after it"
+
+
+def test_chat_prompts_render_through_onnxruntime_genai_made_at_the_first_chat(tiny_package, tmp_path):
+    import shutil
+
+    from loraplex.runtime.server.tokenizer import FastTokenizer, PackageTokenizer
+
+    from tests.fixtures.http import CHAT_TEMPLATE
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_package, package)
+    (package / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    fast, genai = FastTokenizer(package), PackageTokenizer(package)
+    assert fast._renderer is None
+    messages = [{"role": "user", "content": "hi"}]
+    assert fast.chat_prompt(messages) == genai.chat_prompt(messages)
 
 
 @pytest.mark.parametrize("text", TEXTS)
