@@ -395,6 +395,15 @@ def _gaps(results: dict) -> list[str]:
     return lines + [""]
 
 
+HAND_MEASURED = "## Measured by other bench scripts and by hand"
+
+
+def hand_measured(previous: str) -> str:
+    """The section of an earlier RESULTS.md that `bench.run` does not measure (kept across runs), or ""."""
+    at = previous.find("\n" + HAND_MEASURED)
+    return "" if at < 0 else previous[at:]
+
+
 def render(results: dict, images: list[Path], out_dir: Path) -> str:
     lines = _header(results)
     for section in (_single, _switch, _concurrency, _hot_load, _memory, _gaps):

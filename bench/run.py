@@ -330,8 +330,10 @@ class Bench:
         self.results["quick"] = self.quick
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
         images = plots.write_plots(self.results, self.out / "plots")
-        (self.out / "RESULTS.md").write_text(report.render(self.results, images, self.out))
-        log.info("wrote %s", self.out / "RESULTS.md")
+        path = self.out / "RESULTS.md"
+        kept = report.hand_measured(path.read_text(encoding="utf-8")) if path.is_file() else ""
+        path.write_text(report.render(self.results, images, self.out) + kept)
+        log.info("wrote %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:
