@@ -140,8 +140,8 @@ class LoraplexServer:
 
     def _request(self, prompt: Prompt, adapter: str | None, new_tokens: int):
         params = dict(max_new_tokens=new_tokens, temperature=0.0)
-        if self._ignore_eos:
-            params["ignore_eos"] = True
+        if self._ignore_eos:  # every request does the same work: no EOS, and no adapter's output contract
+            params.update(ignore_eos=True, no_default_output=True)  # (a label task's would end at the label)
         return self.gen_pb2.GenerateRequest(
             adapter=adapter or "",
             prompt=prompt.text,
