@@ -116,7 +116,7 @@ def accuracy(systems: dict[str, Any], tasks: dict[str, tuple[dict, Path]], token
                     else:
                         ids = tokenizer.encode(template.render_prompt(fields), add_special_tokens=False)
                         out_ids, at_eos = system.complete(ids, task, max_new_tokens)
-                        text = tokenizer.decode(out_ids)
+                        text = tokenizer.decode(out_ids, skip_special_tokens=True)  # llama.cpp returns the EOS id too
                 except Exception as exc:
                     log.error("%s failed on a %s record: %s", name, task, exc)
                     failed += 1
