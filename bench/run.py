@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="leave PyTorch PEFT out")
     parser.add_argument("--out", type=Path, help="where RESULTS.md, results.json and plots go")
     parser.add_argument("--build-only", action="store_true", help="build or reuse the artefacts, then stop")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write RESULTS.md and the plots again from results.json (no measuring)")
     parser.add_argument("--parts", default=",".join(PARTS), help="edge (real model vs llama.cpp), random (comma list)")
     parser.add_argument("--edge-scenarios", default=",".join(EDGE_SCENARIOS), help="which edge scenarios")
     parser.add_argument("--spin", action="store_true",
@@ -324,16 +326,21 @@ class Bench:
         self.peers = {}
 
     def write(self) -> None:
-        from bench import plots, report
-
         self.out.mkdir(parents=True, exist_ok=True)
         self.results["quick"] = self.quick
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-        images = plots.write_plots(self.results, self.out / "plots")
-        path = self.out / "RESULTS.md"
-        kept = report.hand_measured(path.read_text(encoding="utf-8")) if path.is_file() else ""
-        path.write_text(report.render(self.results, images, self.out) + kept)
-        log.info("wrote %s", path)
+        render(self.results, self.out)
+
+
+def render(results: dict[str, Any], out: Path) -> None:
+    """Plots and RESULTS.md from `results` (RESULTS.md's hand-measured section is kept)."""
+    from bench import plots, report
+
+    images = plots.write_plots(results, out / "plots")
+    path = out / "RESULTS.md"
+    kept = report.hand_measured(path.read_text(encoding="utf-8")) if path.is_file() else ""
+    path.write_text(report.render(results, images, out) + kept)
+    log.info("wrote %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render_only:
+        out = args.out or BENCH_DIR
+        render(json.loads((out / "results.json").read_text()), out)
+        return 0
     bench = Bench(args)
     if args.build_only:
         parts = args.parts.split(",")
