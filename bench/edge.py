@@ -128,8 +128,11 @@ def accuracy(systems: dict[str, Any], tasks: dict[str, tuple[dict, Path]], token
 
 
 def agreement(reference: Any, other: Any, prompts: list[Prompt], adapters: list[str | None], new_tokens: int,
-              ) -> dict[str, str]:
-    """Whether `other`'s greedy tokens equal `reference`'s, per adapter (None = base), on each prompt."""
+              eos_ids: frozenset[int] = frozenset()) -> dict[str, str]:
+    """Whether `other`'s greedy tokens equal `reference`'s, per adapter (None = base), on each prompt.
+
+    Compared up to `reference`'s first EOS: past it the peers differ by design (loraplex's `ignore_eos`
+    emits EOS and goes on; llama.cpp's never chooses it), and a trained adapter reaches EOS early."""
     out = {}
     for adapter in adapters:
         verdicts = []
@@ -138,11 +141,14 @@ def agreement(reference: Any, other: Any, prompts: list[Prompt], adapters: list[
             b = _guard(other, "agreement", other.generate, prompt, adapter, new_tokens)
             if isinstance(a, Exception) or isinstance(b, Exception) or not (a.ok and b.ok):
                 verdicts.append("failed")
-            elif a.token_ids == b.token_ids:
+                continue
+            length = next((i for i, t in enumerate(a.token_ids) if t in eos_ids), len(a.token_ids))
+            ours, theirs = a.token_ids[:length], b.token_ids[:length]
+            if ours == theirs:
                 verdicts.append("same")
             else:
-                first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y),
-                             min(len(a.token_ids), len(b.token_ids)))
+                first = next((i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y),
+                             min(len(ours), len(theirs)))
                 verdicts.append(f"from token {first}")
         same = sum(v == "same" for v in verdicts)
         out[adapter or "(base)"] = f"{same}/{len(verdicts)} prompts equal" + (

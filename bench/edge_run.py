@@ -308,9 +308,12 @@ class EdgeBench:
         ours, theirs = self.loraplex("fp32", 2), self.llama_server("f32", 2)
         try:
             if ours is not None and theirs is not None:
+                from loraplex.adapters.package.reader import Package
+
+                eos = frozenset(Package.open(self.art.package_with(2, "fp32")).config.eos_token_ids)
                 self.results["agreement"] = edge.agreement(
                     ours, theirs, self.prompts[: self.grid.agreement_prompts], [None, *self.workload.tasks],
-                    self.grid.agreement_tokens)
+                    self.grid.agreement_tokens, eos)
         finally:
             for system in (ours, theirs):
                 if system is not None:

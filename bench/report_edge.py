@@ -11,7 +11,7 @@ STEP_TEXT = {
     "imports": "imports (grpc, protobuf, numpy, onnxruntime, loraplex)",
     "package": "package opened (manifest, genai_config, LoRA inputs)",
     "engine": "engine: onnxruntime session (weights, prepacked weights), banks, KV cache",
-    "tokenizer": "tokenizer",
+    "tokenizer": "tokenizer (and llguidance's, built beside it when a package adapter has an output contract)",
     "adapters": "adapter files read, checked, handed to the engine",
     "requests": "one request on the base and on each adapter (banks filled, activations)",
     "idle": "idle 1.5 s later (free heap handed back)",
@@ -197,8 +197,9 @@ def _agreement(edge: dict) -> list[str]:
         return []
     rows = [[adapter, verdict] for adapter, verdict in data.items()]
     return ["### The exported GGUF adapters in llama.cpp", "", "Greedy tokens of loraplex fp32 and llama.cpp on the "
-            "f32 GGUF with the same adapter (its GGUF from `loraplex adapters export-gguf`): equal tokens show the "
-            "conversion (names, layout, q/k permutation, scale) is exact.", ""] + _table(
+            "f32 GGUF with the same adapter (its GGUF from `loraplex adapters export-gguf`), up to loraplex's "
+            "first EOS: equal tokens show the conversion (names, layout, q/k permutation, scale) is exact.",
+            ""] + _table(
         ["adapter", "llama.cpp f32 vs loraplex fp32"], rows)
 
 
