@@ -75,6 +75,10 @@ class FastTokenizer:
 
         self.root = Path(package_dir)
         self._tok = Tokenizer.from_file(str(self.root / TOKENIZER_FILE))
+        # A tokenizer.json may carry training-time truncation or padding: a prompt is encoded whole
+        # (its length is checked against the context by the server), as onnxruntime-genai encodes it.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.chat_template = read_chat_template(self.root)
         self._renderer: PackageTokenizer | None = None
         self._renderer_lock = threading.Lock()

@@ -135,3 +135,21 @@ def test_zero_values_mean_defaults():
 def test_invalid_values_name_their_field(kwargs, field):
     with pytest.raises(InvalidRequest, match=rf"params\.{field.replace('[', '.').replace(']', '.')}"):
         sampling_params(context_length=512, **kwargs)
+
+
+def test_a_tokenizer_file_with_truncation_and_padding_still_encodes_a_prompt_whole(tiny_package, tmp_path):
+    import json
+    import shutil
+
+    from loraplex.runtime.server.tokenizer import FastTokenizer
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_package, package)
+    data = json.loads((package / "tokenizer.json").read_text())
+    data["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    data["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 1,
+                       "pad_type_id": 0, "pad_token": "<|pad|>"}
+    (package / "tokenizer.json").write_text(json.dumps(data))
+    text = "a prompt much longer than four tokens, encoded whole and without padding"
+    assert FastTokenizer(package).encode(text) == FastTokenizer(tiny_package).encode(text)
+    assert len(FastTokenizer(tiny_package).encode(text)) > 4

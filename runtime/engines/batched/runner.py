@@ -58,7 +58,7 @@ class ModelRunner:
         """llguidance's view of the tokenizer, loading on the helper thread from the first call on.
 
         Loaded only when something needs it (a package adapter with an output contract, or the first
-        constrained request): it costs ~0.3 s of CPU and ~25-40 MiB (49k vocabulary), which a server
+        constrained request): it costs ~0.3 s of CPU and ~19 MiB (49k vocabulary), which a server
         whose requests are never constrained does not pay."""
         with self._guidance_lock:
             if self._guidance is None:
