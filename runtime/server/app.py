@@ -355,5 +355,11 @@ async def serve(config: ServerConfig, drain_grace: float = 30.0) -> int:
     await stop.wait()
     log.info("signal received: draining (%d request(s) in flight)", running.service.in_flight)
     await running.stop(drain_grace)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Drained: a signal repeated while the process exits (a supervisor sending SIGTERM again) is
+        # ignored; without this, once asyncio closes its loop the default action would kill the
+        # process and the exit status would no longer say the drain completed.
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0

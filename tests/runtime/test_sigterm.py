@@ -93,3 +93,17 @@ def test_sigterm_with_nothing_in_flight_exits_at_once(serve_process):
         assert client.health() == "SERVING"
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(30) == 0
+
+
+def test_sigterm_repeated_until_the_process_is_gone_still_exits_0(serve_process):
+    """A supervisor that repeats SIGTERM: during the drain it changes nothing, and once drained the
+    process ignores it while it exits (the default action would end it with -SIGTERM)."""
+    process, target = serve_process
+    with Client(target) as client:
+        assert client.health() == "SERVING"
+    deadline = time.monotonic() + 30
+    while process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        assert time.monotonic() < deadline, "the server did not exit"
+        time.sleep(0.005)
+    assert process.returncode == 0
