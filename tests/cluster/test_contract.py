@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.fixtures.serving import reflected_services
 from tests.runtime.test_errors import (  # noqa: F401
     test_bad_sampling_parameter_is_invalid_argument_naming_the_field,
     test_prompt_longer_than_the_context_is_invalid_argument,
@@ -47,11 +47,7 @@ def test_model_info_names_the_engine_and_the_clusters_adapters(cluster, manifest
 
 
 def test_reflection_lists_the_loraplex_services(cluster):
-    with grpc.insecure_channel(cluster.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
-    names = {s.name for s in response.list_services_response.service}
+    names = reflected_services(cluster.target)
     assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= names
 
 

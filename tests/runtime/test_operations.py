@@ -7,9 +7,8 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.fixtures.serving import ENGINES, EngineBrake, wait_until
+from tests.fixtures.serving import ENGINES, EngineBrake, reflected_services, wait_until
 
 
 def metric(server, line_prefix: str) -> float:
@@ -28,11 +27,7 @@ def test_health_answers_serving_for_the_server_and_each_service(server):
 
 
 def test_reflection_lists_the_services(server):
-    with grpc.insecure_channel(server.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
-    names = {s.name for s in response.list_services_response.service}
+    names = reflected_services(server.target)
     assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= names
 
 
