@@ -40,7 +40,7 @@ soak: $(STAMP)
 		--soak-requests 10000 --fuzz-examples 1000
 
 proto: $(STAMP)
-	$(BIN)/python -m loraplex.runtime.protogen
+	$(BIN)/python -m loraplex.runtime.app.protogen
 
 bench: $(STAMP)
 	$(PIP) -q -e '.[bench]'

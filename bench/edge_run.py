@@ -104,7 +104,7 @@ class EdgeBench:
 
     def loraplex(self, precision: str, n_adapters: int, *, profile: str = "edge", engine: str = "batched",
                  max_batch: int | None = None, poll_s: float = 0.25) -> LoraplexServer | None:
-        from loraplex.runtime.profiles import get_profile
+        from loraplex.runtime.server.profiles import get_profile
 
         package = self.art.package_with(n_adapters, precision)
         label = f"{precision} {profile}"

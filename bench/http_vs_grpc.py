@@ -62,7 +62,7 @@ class Served:
 
     def __init__(self, package: Path, engine: str, adapters: int, http_client: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.runtime.cli", "serve", "--package", str(package), "--port", "0",
+            [sys.executable, "-m", "loraplex.runtime.app.cli", "serve", "--package", str(package), "--port", "0",
              "--http-port", "0", "--engine", engine, "--max-batch", "16", "--max-queue", "256"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )

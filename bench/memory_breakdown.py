@@ -89,7 +89,7 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
     steps.mark("imports")
     config = ServerConfig(package=package_dir, port=0, engine=engine_name, profile=profile)
     if config.malloc_arenas:  # as start_server does
-        from loraplex.runtime.heap import limit_heap_arenas
+        from loraplex.runtime.engines.heap import limit_heap_arenas
 
         limit_heap_arenas(config.malloc_arenas)
     package = Package.open(config.package)
@@ -109,7 +109,7 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
     for name in ["", *names]:
         await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params, request_id="probe"))
     steps.mark("requests")
-    await asyncio.sleep(1.5)  # the batched engine hands its free heap back once idle (runtime.heap)
+    await asyncio.sleep(1.5)  # the batched engine hands its free heap back once idle (runtime.engines.heap)
     extra = {}
     runner = getattr(engine, "runner", None)
     if runner is not None:

@@ -71,7 +71,7 @@ class LoraplexServer:
         self.target = f"127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"server_{engine}_{package.name}_{self.port}.log"
-        cmd = [sys.executable, "-m", "loraplex.runtime.cli", "serve", "--package", str(package),
+        cmd = [sys.executable, "-m", "loraplex.runtime.app.cli", "serve", "--package", str(package),
                "--host", "127.0.0.1", "--port", str(self.port), "--engine", engine,
                "--max-batch", str(max_batch), "--max-queue", "1024", *extra_args]
         if adapter_root is not None:

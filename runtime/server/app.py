@@ -28,11 +28,11 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import build_engine, resolve_engine
 from loraplex.runtime.engines.base import Engine, SamplingParams
-from loraplex.runtime.heap import limit_heap_arenas
-from loraplex.runtime.profiles import get_profile
+from loraplex.runtime.engines.heap import limit_heap_arenas
 from loraplex.runtime.server.auth import AuthScope, BearerAuth
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
+from loraplex.runtime.server.profiles import get_profile
 from loraplex.runtime.server.registry import AdapterRegistry
 from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServicer
 from loraplex.runtime.server.status import ServingInterceptor

@@ -10,7 +10,7 @@ from loraplex.adapters.export import add_adapter, convert
 from loraplex.adapters.export.convert import IncompatibleAdapter
 from loraplex.adapters.export.parity import ParityError
 from loraplex.adapters.package.manifest import Manifest
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 
 from tests.fixtures.packages import TINY_TEMPLATES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from loraplex.adapters.package.manifest import Manifest
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 
 from tests.fixtures.packages import TINY_SPEC
 

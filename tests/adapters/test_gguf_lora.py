@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from loraplex.adapters.export.gguf_lora import GgufBase, GgufExportError, export_gguf_lora
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 from safetensors.numpy import load_file
 
 from tests.fixtures.packages import ALL_LLAMA

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 from loraplex.runtime.client import Client
 from loraplex.v1 import generation_pb2
 
@@ -18,7 +18,7 @@ APP = "second"
 @pytest.fixture
 def serve_ray(ray_serve, cluster, tiny_package):
     """`loraplex serve-ray` in a subprocess, joined to the session's Ray cluster (1 replica, app 'second')."""
-    command = [sys.executable, "-m", "loraplex.runtime.cli", "serve-ray", "--package", str(tiny_package),
+    command = [sys.executable, "-m", "loraplex.runtime.app.cli", "serve-ray", "--package", str(tiny_package),
                "--address", ray_serve.gcs_address, "--app-name", APP, "--replicas", "1", "--replica-cpus", "0.5",
                "--max-batch", "2", "--grpc-port", str(ray_serve.grpc), "--http-port", str(ray_serve.http)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -53,7 +53,7 @@ def test_served_completions_equal_the_trainers_pytorch_completions(demo_server, 
 
 
 def test_concurrent_task_clients_answer_their_eval_split(demo_server, demo_adapters):
-    from loraplex.runtime.demo import eval_examples, query_all
+    from loraplex.runtime.app.demo import eval_examples, query_all
     from loraplex.trainer.config import TaskConfig
 
     examples = {
@@ -80,8 +80,8 @@ def test_adapter_outputs_differ_from_the_base_model(demo_server, demo_adapters):
 
 def test_demo_hot_swap_under_load_fails_no_request(demo_server, demo_adapters, demo_package):
     """The demo's swap step against this server: replace one task's adapter while all tasks send."""
+    from loraplex.runtime.app.demo import SWAPPED_TASK, eval_examples, swap_under_load
     from loraplex.runtime.client import AsyncClient
-    from loraplex.runtime.demo import SWAPPED_TASK, eval_examples, swap_under_load
     from loraplex.trainer.config import TaskConfig
 
     if SWAPPED_TASK not in demo_adapters:
@@ -142,7 +142,7 @@ def test_model_info_and_list_show_the_accuracy_export_verified(demo_server, demo
 
 def test_the_demo_reports_parseable_outputs_with_and_without_the_contract(demo_server, demo_adapters):
     """Sampled hot, every output of the sentiment adapter is a label under its inferred contract."""
-    from loraplex.runtime.demo import eval_examples, parseable_rates
+    from loraplex.runtime.app.demo import eval_examples, parseable_rates
     from loraplex.trainer.config import TaskConfig
 
     examples = {task: eval_examples(TaskConfig.from_dict(training_record(d)["config"]))[:12]

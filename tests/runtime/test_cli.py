@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 
 
 def test_generate_prints_the_servers_completion(server, capsys):

@@ -150,7 +150,7 @@ def test_sigterm_drains_the_http_port_too(tiny_package):
 
 
 def test_serve_without_the_http_extra_says_how_to_install_it(tiny_package, monkeypatch, capsys):
-    from loraplex.runtime.cli import main
+    from loraplex.runtime.app.cli import main
 
     monkeypatch.setitem(sys.modules, "loraplex.runtime.http.server", None)  # as if uvicorn were not installed
     assert main(["serve", "--package", str(tiny_package), "--port", "0", "--http-port", "0"]) == 2

@@ -17,7 +17,7 @@ for m in pkgutil.walk_packages(r.__path__, 'loraplex.runtime.'):
     if not any(m.name.startswith(s + '.') for s in skip):
         importlib.import_module(m.name)
 import loraplex.runtime.server.app
-from loraplex.runtime.cli import build_parser
+from loraplex.runtime.app.cli import build_parser
 build_parser()  # every subcommand registered, serve-ray included
 print(','.join(sorted(n for n in {names!r} if n in sys.modules)))
 """
@@ -52,8 +52,8 @@ def test_a_server_start_registers_only_the_runtime_commands_and_parses_them_alik
     """`loraplex serve` skips the trainer's and exporter's argument modules (start-up time); its
     options parse to the same namespace as with every stage registered."""
     argv = ["serve", "--package", "pkg", "--profile", "edge", "--threads", "1", "--http-port", "0"]
-    fast = f"from loraplex.runtime.cli import build_parser\nbuild_parser(serving_only=True).parse_args({argv!r})\n"
+    fast = f"from loraplex.runtime.app.cli import build_parser\nbuild_parser(serving_only=True).parse_args({argv!r})\n"
     assert imported_after(fast, ("loraplex.trainer", "loraplex.adapters.export")) == ""
-    from loraplex.runtime.cli import build_parser
+    from loraplex.runtime.app.cli import build_parser
 
     assert vars(build_parser(serving_only=True).parse_args(argv)) == vars(build_parser().parse_args(argv))

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from loraplex.runtime.cli import build_parser
-from loraplex.runtime.commands import server_config
-from loraplex.runtime.profiles import PROFILES
+from loraplex.runtime.app.cli import build_parser
+from loraplex.runtime.app.commands import server_config
 from loraplex.runtime.server import ServerConfig
+from loraplex.runtime.server.profiles import PROFILES
 
 
 def _config(*argv: str) -> ServerConfig:
@@ -55,7 +55,7 @@ def test_bad_profile_and_thread_counts_are_refused():
 
 def test_heap_arenas_can_be_limited_and_free_heap_released():
     """Real glibc calls, in a fresh interpreter (they change the process's allocator)."""
-    code = ("from loraplex.runtime.heap import limit_heap_arenas, release_free_heap\n"
+    code = ("from loraplex.runtime.engines.heap import limit_heap_arenas, release_free_heap\n"
             "release_free_heap()\n"
             "print(limit_heap_arenas(1))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraplex.runtime import protogen
+from loraplex.runtime.app import protogen
 
 
 def test_committed_generated_code_is_fresh(tmp_path):

@@ -42,7 +42,7 @@ def slow_engine(*args, **kwargs):
     return engine
 
 app.build_engine = slow_engine
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import grpc
 import pytest
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 from loraplex.runtime.client import AsyncClient, Client, ClientTLS
 from loraplex.runtime.server import ServerTLS
 

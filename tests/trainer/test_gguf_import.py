@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from loraplex.runtime.cli import main
+from loraplex.runtime.app.cli import main
 from loraplex.trainer.base_model import BaseModelError, base_identity
 from loraplex.trainer.gguf_import import SMOLLM2_INSTALL, import_gguf, packaged_smollm2
 

@@ -176,7 +176,7 @@ def test_qlora_fails_at_once_without_cuda_or_bitsandbytes(tmp_path, small_data):
 
 
 def test_cli_trains_from_flags_and_from_a_task_file(tiny_base, small_data, tmp_path, capsys):
-    from loraplex.runtime.cli import main
+    from loraplex.runtime.app.cli import main
 
     common = ["--max-steps", "2", "--eval-split", "0.05", "--no-progress", "--threads", "1"]
     flags = ["train", "--base", str(tiny_base), "--task", "mood", "--data", str(small_data),
@@ -214,7 +214,7 @@ def test_cli_trains_from_flags_and_from_a_task_file(tiny_base, small_data, tmp_p
          "empty-search-range"],
 )
 def test_cli_reports_bad_input_and_exits_2(tiny_base, small_data, tmp_path, capsys, extra, message):
-    from loraplex.runtime.cli import main
+    from loraplex.runtime.app.cli import main
 
     files = {"ONE": tmp_path / "one.jsonl", "BLANK": tmp_path / "blank.jsonl", "BAD_SEARCH": tmp_path / "bad.yaml",
              "REVERSE": DATA_DIR / "reverse.jsonl", "DATA": small_data}  # fmt: skip
@@ -236,7 +236,7 @@ def test_cli_reports_bad_input_and_exits_2(tiny_base, small_data, tmp_path, caps
 
 
 def test_cli_rejects_a_base_that_is_not_a_causal_lm(tmp_path, small_data, capsys):
-    from loraplex.runtime.cli import main
+    from loraplex.runtime.app.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     args = ["train", "--base", str(tmp_path), "--task", "t", "--data", str(small_data), "--prompt-template", "{text}",

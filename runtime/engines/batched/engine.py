@@ -161,7 +161,7 @@ class BatchedEngine(Engine):
 
     def _wait_for_work(self) -> bool:
         """Under `_cv`: wait until there is work; True instead when the engine has been idle long enough
-        to hand its free heap back (see `runtime.heap`): not after every request, so a client sending one
+        to hand its free heap back (see `runtime.engines.heap`): not after every request, so a client sending one
         request after another never waits for it."""
         while not (self._incoming or self._forget or self.scheduler.has_work or (self._closing and not self._held)):
             if self._release_at is None:

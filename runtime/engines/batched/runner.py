@@ -27,7 +27,7 @@ from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
 from loraplex.runtime.engines.batched.session import SessionSettings, create_session
 from loraplex.runtime.engines.guidance import Guidance, RowConstraint
-from loraplex.runtime.heap import release_free_heap
+from loraplex.runtime.engines.heap import release_free_heap
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -129,7 +129,7 @@ class ModelRunner:
             self.kv.reset()
 
     def release_memory(self) -> None:
-        """Nothing runs: hand the heap's free memory back to the system (see `runtime.heap`)."""
+        """Nothing runs: hand the heap's free memory back to the system (see `runtime.engines.heap`)."""
         release_free_heap()
 
     def _prefill(self, rows: list[Row], start: int, keep: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Regenerate the Python code of the gRPC contract: `python -m loraplex.runtime.protogen` (`make proto`).
+"""Regenerate the Python code of the gRPC contract: `python -m loraplex.runtime.app.protogen` (`make proto`).
 
 The generated `*_pb2.py` and `*_pb2_grpc.py` are committed beside the .proto files in
 `proto/loraplex/v1/` (package `loraplex.v1`) so that a server needs no protoc;
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
 PROTO_PACKAGE = Path("loraplex") / "v1"
 
 

@@ -9,7 +9,7 @@
   with other work a spinning thread takes their time, and it costs battery), no arena (memory
   goes back after a prefill), only the base model is warmed up (each adapter's file is still read
   and checked at start; its first request fills its bank slot, about a millisecond), and threads
-  share one malloc arena (`runtime.heap`: less fragmented memory per adapter).
+  share one malloc arena (`runtime.engines.heap`: less fragmented memory per adapter).
 Both allocate adapter bank slots only as adapters arrive (`runtime.engines.batched.bank`).
 """
 

@@ -20,7 +20,7 @@ SERVING_COMMANDS = frozenset({"serve", "serve-ray"})
 
 def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     """Every stage's subcommands, or (`serving_only`) the runtime's alone."""
-    from loraplex.runtime import commands as runtime_commands
+    from loraplex.runtime.app import commands as runtime_commands
 
     parser = argparse.ArgumentParser(
         prog="loraplex", description="One base model, many LoRA task adapters, one gRPC server."

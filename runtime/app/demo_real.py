@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.runtime.demo import Stages
+from loraplex.runtime.app.demo import Stages
 
 TRAIN_RECORDS = 240
 EVAL_RECORDS = 60

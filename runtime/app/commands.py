@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 from loraplex.adapters.package.devices import DEVICES, PROVIDERS
-from loraplex.runtime.profiles import PROFILES
+from loraplex.runtime.server.profiles import PROFILES
 
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
@@ -318,9 +318,9 @@ def _adapters_unload(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.real:
-        from loraplex.runtime.demo_real import run_real_demo
+        from loraplex.runtime.app.demo_real import run_real_demo
 
         return run_real_demo(args.out or Path("artifacts/demo-real"))
-    from loraplex.runtime.demo import run_demo
+    from loraplex.runtime.app.demo import run_demo
 
     return run_demo(args.out or Path("artifacts/demo"))
