@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.base",
     "tests.fixtures.training",
     "tests.fixtures.packages",
+    "tests.fixtures.recipe_package",
     "tests.fixtures.serving",
     "tests.fixtures.real",
     "tests.fixtures.tls",
