@@ -1,9 +1,9 @@
-"""`python -m bench.run [--quick]`: loraplex against its peers, side by side in one run (issues 5 and 12).
+"""`python -m bench.run [--quick]`: loraplex against its peers, side by side in one run.
 
 Two parts, each with its systems interleaved:
-- `edge` (the main workload, `edge_run`): the real SmolLM2-135M with trained adapters against
+- `edge` (the main workload, `bench.edge`): the real SmolLM2-135M with trained adapters against
   llama.cpp (built from source here, cached), memory, cold start, speed, accuracy;
-- `random`: a ~78M random-init Llama with 32 random adapters against onnxruntime-genai and
+- `random` (`bench.random_init`): a ~78M random-init Llama with 32 random adapters against onnxruntime-genai and
   PyTorch PEFT (larger shapes, more adapters, hot load).
 Writes `bench/RESULTS.md`, `bench/results.json` and PNG plots (`--quick` writes to
 `bench/out/quick/` instead, with small counts: for developing the bench, not for quoting).
@@ -23,13 +23,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench import machine, memory, roofline, scenarios, workload
-from bench.edge_run import SCENARIOS as EDGE_SCENARIOS
-from bench.results import Prompt
-from bench.sys_loraplex import LoraplexServer, Unavailable
+from bench.edge.runner import SCENARIOS as EDGE_SCENARIOS
+from bench.measure import machine, roofline
+from bench.measure.results import Prompt, over
+from bench.paths import BENCH_DIR, OUT_ROOT
+from bench.random_init import memory, scenarios
+from bench.systems.loraplex_server import LoraplexServer, Unavailable
+from bench.workloads import random_llama as workload
 
 log = logging.getLogger("bench")
-BENCH_DIR = Path(__file__).parent
 ENGINES = ("batched", "genai")
 SCENARIOS = ("single", "switch", "concurrency", "hotload", "memory")
 PARTS = ("edge", "random")
@@ -79,7 +81,7 @@ class Bench:
             else workload.Workload()
         )
         self.grid = QUICK_GRID if args.quick else scenarios.Grid()
-        self.out = args.out or (BENCH_DIR / "out" / "quick" if args.quick else BENCH_DIR)
+        self.out = args.out or (OUT_ROOT / "quick" if args.quick else BENCH_DIR)
         self.engines = [e for e in args.engines.split(",") if e]
         self.wanted = set(args.scenarios.split(","))
         self.results: dict[str, Any] = {"unavailable": {}, "timings_s": {}}
@@ -108,7 +110,7 @@ class Bench:
         bw = self.bandwidth
         roof = {}
         for precision, package in self.art.packages.items():
-            sizes = workload.weight_bytes_per_token(package)
+            sizes = roofline.weight_bytes_per_token(package)
             roof[precision] = {**sizes, "tokens_per_s": roofline.roofline_tokens_per_s(sizes["per_token"], bw)}
         self.results["roofline"] = roof
         self.results["server_max_batch"] = max(self.grid.concurrency)
@@ -139,7 +141,7 @@ class Bench:
         return servers
 
     def start_peers(self) -> None:
-        from bench.sys_genai import GenaiInProcess
+        from bench.systems.genai_in_process import GenaiInProcess
 
         for precision, package in self.art.packages.items():
             name = "onnxruntime-genai" + ("" if precision == "fp32" else f" {precision}")
@@ -150,7 +152,7 @@ class Bench:
         if "fp32" not in self.art.packages:
             self._unavailable("onnxruntime-genai", "no fp32 package (export unavailable or failed)")
         if not self.args.no_peft:
-            from bench.sys_peft import PeftSystem
+            from bench.systems.peft_in_process import PeftSystem
 
             try:
                 self.peers["pytorch-peft"] = PeftSystem(self.art.base, {n: self.art.peft[n] for n in self.served})
@@ -260,7 +262,7 @@ class Bench:
         total = len(counts) * (len(self.engines) + (1 if "fp32" in self.art.packages else 0) + (not self.args.no_peft))
         with tqdm(total=total, desc="memory", unit="reading") as bar:
             for n in counts:
-                if scenarios.over(self.deadline):
+                if over(self.deadline):
                     log.warning("memory: time budget used up; %d adapters and above skipped", n)
                     break
                 names = self.workload.adapter_names(n)
@@ -279,10 +281,10 @@ class Bench:
         self.results["memory"] = rows
 
     def run_edge(self) -> None:
-        from bench.edge_run import EdgeBench
+        from bench.edge.runner import EdgeBench
 
         load = os.getloadavg()
-        edge = EdgeBench(BENCH_DIR / "out", quick=self.quick, spin=self.args.spin,
+        edge = EdgeBench(OUT_ROOT, quick=self.quick, spin=self.args.spin,
                          scenarios=tuple(self.args.edge_scenarios.split(",")))
         try:
             edge.run(self.bandwidth)
@@ -334,12 +336,12 @@ class Bench:
 
 def render(results: dict[str, Any], out: Path) -> None:
     """Plots and RESULTS.md from `results` (RESULTS.md's hand-measured section is kept)."""
-    from bench import plots, report
+    from bench.report import document, plots
 
     images = plots.write_plots(results, out / "plots")
     path = out / "RESULTS.md"
-    kept = report.hand_measured(path.read_text(encoding="utf-8")) if path.is_file() else ""
-    path.write_text(report.render(results, images, out) + kept)
+    kept = document.hand_measured(path.read_text(encoding="utf-8")) if path.is_file() else ""
+    path.write_text(document.render(results, images, out) + kept)
     log.info("wrote %s", path)
 
 
@@ -361,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         parts = args.parts.split(",")
         if "edge" in parts:
-            from bench.edge_run import EdgeBench
+            from bench.edge.runner import EdgeBench
 
-            EdgeBench(BENCH_DIR / "out", quick=args.quick).build()
+            EdgeBench(OUT_ROOT, quick=args.quick).build()
         if "random" in parts:
             bench.build()
             log.info("built %s in %.0f s", bench.art.root, bench.results["timings_s"]["build"])

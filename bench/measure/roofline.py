@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -38,3 +39,36 @@ def measure_copy_bandwidth(buffer_mb: int = 512, repeats: int = 7) -> Bandwidth:
 
 def roofline_tokens_per_s(bytes_per_token: int, bandwidth: Bandwidth) -> float:
     return bandwidth.gb_per_s * 1e9 / bytes_per_token
+
+
+def weight_bytes_per_token(package: Path, with_adapter: bool = True) -> dict[str, int]:
+    """Bytes of weights one batch-1 decode step reads: every initializer except the embedding
+    table (a gather reads one row), plus one adapter's LoRA weights (graph inputs)."""
+    import onnx
+    from loraplex.adapters.package.manifest import Manifest
+
+    manifest = Manifest.load(package)
+    model = onnx.load(str(package / manifest.model_file), load_external_data=False)
+    itemsize = {
+        onnx.TensorProto.FLOAT: 4,
+        onnx.TensorProto.FLOAT16: 2,
+        onnx.TensorProto.UINT8: 1,
+        onnx.TensorProto.INT8: 1,
+        onnx.TensorProto.INT32: 4,
+        onnx.TensorProto.INT64: 8,
+    }
+    weights = embedding = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        size = n * itemsize.get(init.data_type, 4)
+        if "embed_tokens" in init.name:
+            embedding += size
+        else:
+            weights += size
+    adapter = 0
+    if with_adapter and manifest.adapters:
+        first = next(iter(manifest.adapters.values()))
+        adapter = (package / first.file).stat().st_size
+    return {"weights": weights, "embedding": embedding, "adapter": adapter, "per_token": weights + adapter}

@@ -1,4 +1,4 @@
-"""`python -m bench.http_vs_grpc`: what the OpenAI-compatible HTTP port costs over gRPC (issue 16).
+"""`python -m bench.features.http_vs_grpc`: what the OpenAI-compatible HTTP port costs over gRPC.
 
 One `loraplex serve --http-port` process serves both ports over the same engine, so the two front
 ends are measured against the same model, warm-up and machine state, interleaved:
@@ -36,7 +36,7 @@ PROMPT = "The weather today is calm and the river runs slowly past the old mill 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.http_vs_grpc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.features.http_vs_grpc", description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, help="package to serve (default: the bench's tiny workload)")
     parser.add_argument("--engine", default="batched", choices=["batched", "genai"])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def tiny_package() -> Path:
-    from bench.workload import QUICK_SHAPE, Workload, build
+    from bench.workloads.random_llama import QUICK_SHAPE, Workload, build
 
     work = Workload(shape=dict(QUICK_SHAPE), total_adapters=4, served_adapters=4, n_prompts=8, precisions=("fp32",))
     return build(work).packages["fp32"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.results import Prompt, RequestResult, replay_serial_queue
+from bench.measure.results import Prompt, RequestResult, replay_serial_queue
 
 
 class GenaiInProcess:

@@ -1,8 +1,8 @@
-"""Render the edge part of `results.json` (issue 12: loraplex against llama.cpp) as RESULTS.md sections."""
+"""Render the edge part of `results.json` (loraplex against llama.cpp) as RESULTS.md sections."""
 
 from __future__ import annotations
 
-from bench.report import _f, _table
+from bench.report.markdown import md_table, num
 
 MIB = 2**20
 STEPS = ("python", "imports", "package", "engine", "tokenizer", "adapters", "requests", "idle")
@@ -19,7 +19,7 @@ STEP_TEXT = {
 
 
 def _mib(value) -> str:
-    return _f(value / MIB, 0) if isinstance(value, (int, float)) else "—"
+    return num(value / MIB, 0) if isinstance(value, (int, float)) else "—"
 
 
 def _best(values: dict[str, float | None], lowest: bool = True) -> tuple[str, float] | None:
@@ -34,10 +34,10 @@ def _header(edge: dict) -> list[str]:
     wl = edge.get("workload", {})
     files = wl.get("adapter_file_bytes", {})
     return [
-        "## Edge: loraplex against llama.cpp on the real model (issue 12)",
+        "## Edge: loraplex against llama.cpp on the real model",
         "",
         f"- Model: {wl.get('model')}. Adapters: "
-        + (f"{wl.get('total_adapters')} from existing packages (`bench.edge_existing`: "
+        + (f"{wl.get('total_adapters')} from existing packages (`bench.edge.existing`: "
            f"{', '.join(wl['existing_packages'].values())}); the scenarios that name two use "
            f"{', '.join(wl.get('tasks', []))}" if wl.get("existing_packages") else
            f"{len(wl.get('tasks', []))} trained with `loraplex train` ({', '.join(wl.get('tasks', []))}; rank "
@@ -46,8 +46,8 @@ def _header(edge: dict) -> list[str]:
         + "; loraplex serves `loraplex export` packages (int4 = the builder's int4 of the "
         "fp32 import, LoRA kept fp32), llama.cpp the Q4_1 GGUF as shipped (and an f32 GGUF of the same weights) "
         "with the same adapters converted by `loraplex adapters export-gguf` (f32).",
-        f"- One adapter file: {_f(files.get('onnx_adapter', 0) / 1024, 0)} KiB `.onnx_adapter`, "
-        f"{_f(files.get('gguf', 0) / 1024, 0)} KiB LoRA GGUF.",
+        f"- One adapter file: {num(files.get('onnx_adapter', 0) / 1024, 0)} KiB `.onnx_adapter`, "
+        f"{num(files.get('gguf', 0) / 1024, 0)} KiB LoRA GGUF.",
         f"- Threads: {edge.get('threads')} on both sides; "
         + ("threads spin on both sides (`--spin`)." if edge.get("spin") else
            "llama.cpp with `OMP_WAIT_POLICY=PASSIVE`, loraplex with `--profile edge` (onnxruntime threads do not "
@@ -75,16 +75,17 @@ def _breakdown(edge: dict) -> list[str]:
                 cells += ["—", "—", "—"]
                 continue
             delta = row["VmRSS"] - (before["VmRSS"] if before else 0)
-            cells += [f"+{_mib(delta)}", f"{_mib(row['RssAnon'])} / {_mib(row['RssFile'])}", _f(row["seconds"], 2)]
+            cells += [f"+{_mib(delta)}", f"{_mib(row['RssAnon'])} / {_mib(row['RssFile'])}", num(row["seconds"], 2)]
         rows.append(cells)
     header = ["step"]
     for p in profiles:
         header += [f"{p}: RSS added (MiB)", f"{p}: anon / file (MiB)", f"{p}: s"]
     last = {p: by_profile[p].get("idle", {}) for p in profiles}
     extra = "; ".join(_idle_split(p, last[p]) for p in profiles if last[p])
-    return ["### Where the memory goes (loraplex serve, int4 package, 2 adapters)", "",
-            "Each step of `loraplex serve`'s start in a fresh process (`python -m bench.memory_breakdown`), RSS after "
-            "it (anonymous / file-backed), and the seconds it took.", ""] + _table(header, rows) + [extra, ""]
+    intro = ["### Where the memory goes (loraplex serve, int4 package, 2 adapters)", "",
+             "Each step of `loraplex serve`'s start in a fresh process (`python -m bench.edge.memory_breakdown`), "
+             "RSS after it (anonymous / file-backed), and the seconds it took.", ""]
+    return intro + md_table(header, rows) + [extra, ""]
 
 
 def _idle_split(profile: str, row: dict) -> str:
@@ -99,7 +100,7 @@ def _cold(edge: dict) -> list[str]:
     data = edge.get("cold_start") or {}
     if not data:
         return []
-    rows = [[name, _f(r["median_s"], 2), ", ".join(_f(x, 2) for x in r["runs"]), _f(r.get("median_cpu_s"), 2)]
+    rows = [[name, num(r["median_s"], 2), ", ".join(num(x, 2) for x in r["runs"]), num(r.get("median_cpu_s"), 2)]
             for name, r in data.items()]
     errors = edge.get("cold_start_errors") or {}
     first = edge.get("cold_start_first_ever_s")
@@ -108,7 +109,7 @@ def _cold(edge: dict) -> list[str]:
              "to the first token of `generate`. loraplex: later starts (the per-machine session cache exists"
              + (f"; the first start on this machine, which writes it, took {first:.2f} s" if first else "")
              + "). CPU: the process's CPU seconds (all threads) by the first token, which a busy machine "
-             "does not inflate as it does wall time.", ""] + _table(["system", "median (s)", "runs (s)", "CPU (s)"],
+             "does not inflate as it does wall time.", ""] + md_table(["system", "median (s)", "runs (s)", "CPU (s)"],
                                                                       rows)
     return lines + ([f"Errors: {errors}", ""] if errors else [])
 
@@ -123,11 +124,11 @@ def _memory(edge: dict) -> list[str]:
         cells = [name] + [_mib(by_count.get(str(c), {}).get("rss")) for c in counts]
         lo, hi = by_count.get(str(counts[-2]) if len(counts) > 1 else "", {}), by_count.get(str(counts[-1]), {})
         per = (hi["rss"] - lo["rss"]) / (counts[-1] - counts[-2]) if lo.get("rss") and hi.get("rss") else None
-        cells.append(_f(per / MIB, 2) if per else "—")
+        cells.append(num(per / MIB, 2) if per else "—")
         rows.append(cells)
     return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, 2 s after one request on the "
             "base and on each adapter (at rest). Per extra adapter: the slope between the two largest counts.",
-            ""] + _table(
+            ""] + md_table(
         ["system", *(f"{c} adapter{'s' if c > 1 else ''}" for c in counts), "MiB per extra adapter"], rows)
 
 
@@ -141,13 +142,13 @@ def _single(edge: dict) -> list[str]:
         sw, base = r.get("switching", {}), r.get("base", {})
         share = f"{sw['decode_tokens_per_s'] / roof:.0%}" if roof and sw.get("decode_tokens_per_s") and "int4" in name \
             else ""
-        rows.append([name, _f(sw.get("tokens_per_s")), _f(sw.get("decode_tokens_per_s")), _f(sw.get("ttft_ms")),
-                     _f(base.get("tokens_per_s")), share])
+        rows.append([name, num(sw.get("tokens_per_s")), num(sw.get("decode_tokens_per_s")), num(sw.get("ttft_ms")),
+                     num(base.get("tokens_per_s")), share])
     lines = ["### Single stream, adapters switching", "",
              "One request at a time, two adapters alternating (the trained ones in `make bench`; a switch on "
              "every request), and the base model alone; medians. Roofline share: decode tokens/s over copy "
-             f"bandwidth / int4 weight bytes per token ({_f(roof)} tok/s).", ""]
-    return lines + _table(["system", "tokens/s", "decode tokens/s", "TTFT (ms)", "base model tokens/s",
+             f"bandwidth / int4 weight bytes per token ({num(roof)} tok/s).", ""]
+    return lines + md_table(["system", "tokens/s", "decode tokens/s", "TTFT (ms)", "base model tokens/s",
                            "of roofline"], rows)
 
 
@@ -161,12 +162,12 @@ def _concurrency(edge: dict) -> list[str]:
             if "error" in r:
                 rows.append([spread, name, "error", r["error"][:80], "", ""])
                 continue
-            rows.append([spread, name, _f(r["tokens_per_s"]), _f(r.get("p50_s"), 2), _f(r.get("p99_s"), 2),
+            rows.append([spread, name, num(r["tokens_per_s"]), num(r.get("p50_s"), 2), num(r.get("p99_s"), 2),
                          r.get("note", "")])
     clients = edge["concurrency"].get("clients")
     return ["### Concurrency", "", f"{clients} closed-loop clients, requests round robin over the adapters. "
             "llama-cpp-python serves one request at a time (measured, replayed as a FIFO queue); llama-server runs "
-            f"`-np {clients}` slots but batches only requests with the same adapter set.", ""] + _table(
+            f"`-np {clients}` slots but batches only requests with the same adapter set.", ""] + md_table(
         ["adapters", "system", "tokens/s", "p50 (s)", "p99 (s)", "how"], rows)
 
 
@@ -187,7 +188,7 @@ def _accuracy(edge: dict) -> list[str]:
         cells.append(f"{correct / total:.1%}" if total else "—")
         rows.append(cells)
     return ["### Task accuracy", "", "Exact match (the completion's text, then EOS) on the evaluation records "
-            "(wording unseen in training), every system on the same prompts.", ""] + _table(
+            "(wording unseen in training), every system on the same prompts.", ""] + md_table(
         ["system", *tasks, "all"], rows)
 
 
@@ -199,12 +200,13 @@ def _agreement(edge: dict) -> list[str]:
     return ["### The exported GGUF adapters in llama.cpp", "", "Greedy tokens of loraplex fp32 and llama.cpp on the "
             "f32 GGUF with the same adapter (its GGUF from `loraplex adapters export-gguf`), up to loraplex's "
             "first EOS: equal tokens show the conversion (names, layout, q/k permutation, scale) is exact.",
-            ""] + _table(
+            ""] + md_table(
         ["adapter", "llama.cpp f32 vs loraplex fp32"], rows)
 
 
 def targets(edge: dict) -> list[list[str]]:
-    """[target, needs, measured, status] for issue 12's targets."""
+    """[target, needs, measured, status] for the edge targets: memory, cold start, speed and accuracy
+    against llama.cpp on the same model."""
     out = []
     mem = edge.get("memory") or {}
     ours = mem.get("loraplex[batched] int4 edge", {})
@@ -276,8 +278,8 @@ def render(edge: dict) -> list[str]:
     rows = targets(edge)
     if rows:
         load = edge.get("load_average")
-        lines += ["### Issue 12 targets", "", f"Load average during this part: {load}." if load else ""]
-        lines += _table(["target", "needs", "measured", "status"], rows)
+        lines += ["### Edge targets", "", f"Load average during this part: {load}." if load else ""]
+        lines += md_table(["target", "needs", "measured", "status"], rows)
     for section in (_single, _concurrency, _memory, _breakdown, _cold, _accuracy, _agreement):
         lines += section(edge)
     if edge.get("unavailable"):

@@ -13,17 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.results import Prompt
-from bench.sys_loraplex import LoraplexServer, Unavailable
+from bench.measure.results import Prompt
+from bench.paths import REPO_ROOT
+from bench.systems.loraplex_server import LoraplexServer, Unavailable
 
 log = logging.getLogger("bench.memory")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def peer_rss(system: str, root: Path, n: int) -> dict:
-    """RSS of an in-process peer (`genai` or `peft`) with n adapters, from bench.memory_probe."""
+    """RSS of an in-process peer (`genai` or `peft`) with n adapters, from bench.random_init.memory_probe."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.memory_probe", system, str(root), str(n)],
+        [sys.executable, "-m", "bench.random_init.memory_probe", system, str(root), str(n)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

@@ -1,6 +1,6 @@
 """Resident memory of an in-process peer with N adapters loaded, in a fresh process.
 
-`python -m bench.memory_probe SYSTEM ROOT N` loads the peer (`genai` or `peft`) with the first
+`python -m bench.random_init.memory_probe SYSTEM ROOT N` loads the peer (`genai` or `peft`) with the first
 N adapters of the bench workload in ROOT, runs one 1-token request on each adapter (so that
 memory-mapped weights are touched, as a server that has served them would have), and prints
 one JSON line: {"rss_base": bytes after loading the model, "rss": bytes with N adapters}.
@@ -24,14 +24,14 @@ def _rss() -> int:
 def main(argv: list[str]) -> int:
     system, root, n = argv[0], Path(argv[1]), int(argv[2])
     data = json.loads((root / "prompts.json").read_text())
-    from bench.results import Prompt
+    from bench.measure.results import Prompt
 
     prompt = Prompt(text=data["prompts"][0], ids=data["ids"][0])
     names = [f"a{i:02d}" for i in range(n)]
     if system == "genai":
         from loraplex.adapters.package.manifest import Manifest
 
-        from bench.sys_genai import GenaiInProcess
+        from bench.systems.genai_in_process import GenaiInProcess
 
         package = root / "pkg_fp32_all"
         manifest = Manifest.load(package)
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         for name in names:
             peer.load_adapter(name, package / manifest.adapters[name].file)
     elif system == "peft":
-        from bench.sys_peft import PeftSystem
+        from bench.systems.peft_in_process import PeftSystem
 
         peer = PeftSystem(root / "base", {names[0]: root / "peft" / names[0]})
         base = None  # PEFT needs one adapter to make a PeftModel

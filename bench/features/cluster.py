@@ -1,4 +1,4 @@
-"""`python -m bench.cluster --package PKG`: loraplex on Ray Serve against `loraplex serve`, same machine.
+"""`python -m bench.features.cluster --package PKG`: loraplex on Ray Serve against `loraplex serve`, same machine.
 
 Every system runs at once and the measurements interleave (in blocks of requests for latency, run by
 run for throughput), so a shared machine's changing load hits all of them alike:
@@ -32,10 +32,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.sys_loraplex import LoraplexServer, _free_port
+from bench.paths import OUT_ROOT
+from bench.systems.loraplex_server import LoraplexServer, free_port
 
 log = logging.getLogger("bench.cluster")
-OUT = Path(__file__).parent / "out" / "cluster"
+OUT = OUT_ROOT / "cluster"
 LATENCY_BLOCK = 10
 PROMPT = "The weather today is bright and the streets are full of people walking to the market"
 
@@ -158,7 +159,7 @@ def measure(args) -> dict:
                                    extra_args=("--max-slots", str(len(adapters))))
     direct = System("direct", direct_server.target)
     ray.init(num_cpus=6 * args.cores, include_dashboard=False, log_to_driver=False)  # accounting only
-    ports = (_free_port(), _free_port())
+    ports = (free_port(), free_port())
     try:
         clusters = {"cluster-1": deploy_cluster(args, "cluster-1", ports, 1, len(adapters))}
         for system in (direct, clusters["cluster-1"]):  # warm: every adapter placed, sessions run
@@ -262,7 +263,7 @@ def report(results: dict, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.features.cluster", description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, required=True)
     parser.add_argument("--adapters", type=int, default=4, help="adapters the requests spread over")
     parser.add_argument("--max-batch", type=int, default=8)

@@ -1,4 +1,4 @@
-"""`python -m bench.structured --package PKG`: the cost of output constraints per token (issue 15).
+"""`python -m bench.features.structured --package PKG`: the cost of output constraints per token.
 
 Each engine in process (no server), `--rows` requests submitted together (they share the batched
 engine's batch; the genai engine interleaves them), `--new-tokens` tokens each, greedy. Rounds
@@ -77,7 +77,7 @@ def measure(package_dir: Path, engine_name: str, rows: int, new_tokens: int, rou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.features.structured", description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, required=True)
     parser.add_argument("--engines", default="batched,genai")
     parser.add_argument("--rows", type=int, default=8)

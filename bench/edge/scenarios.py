@@ -1,4 +1,4 @@
-"""Issue 12: loraplex against llama.cpp on its own ground, the real SmolLM2-135M with trained adapters.
+"""The edge scenarios: loraplex against llama.cpp on its own ground, the real SmolLM2-135M with trained adapters.
 
 Scenarios (systems interleaved within each, as in `scenarios`):
 - `single_switching`: one request at a time, the two trained adapters alternating (and the base
@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.results import Prompt, RequestResult, summarize_load
-from bench.scenarios import over
+from bench.measure.results import Prompt, RequestResult, over, summarize_load
+from bench.paths import REPO_ROOT
 
 log = logging.getLogger("bench.edge")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _guard(system: Any, what: str, fn, *args, **kwargs):
@@ -157,10 +156,10 @@ def agreement(reference: Any, other: Any, prompts: list[Prompt], adapters: list[
 
 
 def probe_llama_cpp_python(env: dict, model: Path, threads: int, prompt: Prompt, adapters: list[Path]) -> dict:
-    """`bench.edge_probe` in a fresh process: start to first token, RSS after a request per adapter.
+    """`bench.edge.llamacpp_probe` in a fresh process: start to first token, RSS after a request per adapter.
     Run by the interpreter named by LORAPLEX_BENCH_LLAMACPP_PYTHON (one with llama_cpp), else this one."""
     python = os.environ.get("LORAPLEX_BENCH_LLAMACPP_PYTHON") or sys.executable
-    proc = subprocess.run([python, "-m", "bench.edge_probe", str(model), str(threads), json.dumps(prompt.ids),
+    proc = subprocess.run([python, "-m", "bench.edge.llamacpp_probe", str(model), str(threads), json.dumps(prompt.ids),
                            *map(str, adapters)], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
@@ -168,8 +167,8 @@ def probe_llama_cpp_python(env: dict, model: Path, threads: int, prompt: Prompt,
 
 
 def breakdown(package: Path, profile: str, n_adapters: int, env: dict | None = None) -> dict:
-    """`bench.memory_breakdown` of `loraplex serve` on `package` in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "bench.memory_breakdown", str(package), "--profile", profile,
+    """`bench.edge.memory_breakdown` of `loraplex serve` on `package` in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "bench.edge.memory_breakdown", str(package), "--profile", profile,
                            "--adapters", str(n_adapters)], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                           timeout=900)
     if proc.returncode != 0:

@@ -1,6 +1,6 @@
 """Where a loraplex server's resident memory goes, step by step, in a fresh process.
 
-`python -m bench.memory_breakdown PACKAGE [--engine batched|genai] [--profile default|edge] [--adapters N]`
+`python -m bench.edge.memory_breakdown PACKAGE [--engine batched|genai] [--profile default|edge] [--adapters N]`
 does what `loraplex serve` does at start, in the same order and with the same library calls
 (`start_server` minus the gRPC port), and reads the process's RSS after each step (split into
 anonymous memory and file-backed pages, from /proc/self/status), with the seconds the step took:
@@ -121,7 +121,7 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.memory_breakdown", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.edge.memory_breakdown", description=__doc__.splitlines()[0])
     parser.add_argument("package", type=Path)
     parser.add_argument("--engine", default="batched", choices=("batched", "genai"))
     parser.add_argument("--profile", default="default")

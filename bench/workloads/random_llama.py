@@ -1,4 +1,4 @@
-"""The bench workload: a mid-size random-init Llama, random rank-16 adapters, exported packages.
+"""The random part's workload: a mid-size random-init Llama, random rank-16 adapters, exported packages.
 
 Everything is built locally (no hub) and cached under `bench/out/<key>/`, where the key hashes
 the workload's configuration: a second run with the same configuration reuses the model, the
@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +19,15 @@ from pathlib import Path
 from loraplex.trainer.base_model import target_modules_for
 from loraplex.trainer.tiny_base import DEFAULT_SHAPE
 
-log = logging.getLogger("bench.workload")
+from bench.paths import OUT_ROOT
+from bench.workloads.cache import done, fixed_length_prompts, mark_done, package_view
 
-OUT_ROOT = Path(__file__).parent / "out"
+log = logging.getLogger("bench.workloads.random_llama")
 
 PROJECTIONS = target_modules_for("llama")  # all attention and MLP projections
 
-# Issue 5: about 75M parameters.
+# About 78M parameters with the bench tokenizer: shapes far larger than the tests' tiny base, yet cheap
+# to build and export with 32 adapters on a small machine.
 FULL_SHAPE = dict(
     hidden_size=768,
     intermediate_size=2048,
@@ -81,14 +82,6 @@ class Artifacts:
         )
 
 
-def _done(path: Path) -> bool:
-    return (path / ".bench_done").is_file()
-
-
-def _mark_done(path: Path) -> None:
-    (path / ".bench_done").write_text("ok\n")
-
-
 def build(workload: Workload, out_root: Path = OUT_ROOT) -> Artifacts:
     """Build (or reuse) the base model, the adapters, the packages and the prompts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +107,7 @@ def build(workload: Workload, out_root: Path = OUT_ROOT) -> Artifacts:
 
 
 def _build_base(workload: Workload, out: Path) -> Path:
-    if _done(out):
+    if done(out):
         return out
     from loraplex.trainer.tiny_base import build_tiny_base
 
@@ -122,7 +115,7 @@ def _build_base(workload: Workload, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     build_tiny_base(out, seed=workload.seed, architecture="llama", **workload.shape)
-    _mark_done(out)
+    mark_done(out)
     return out
 
 
@@ -130,34 +123,21 @@ def _build_adapters(workload: Workload, base: Path, out: Path) -> dict[str, Path
     """Rank-r LoRA on every projection, A and B random (seeded per adapter), saved as PEFT dirs."""
     names = workload.adapter_names()
     dirs = {name: out / name for name in names}
-    if _done(out):
+    if done(out):
         return dirs
     import torch
-    from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
+    from loraplex.trainer.random_adapter import random_adapters
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=workload.rank, lora_alpha=workload.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
-    peft_model = get_peft_model(model, config)
-    for i, name in enumerate(tqdm(names, desc="random adapters", unit="adapter")):
-        gen = torch.Generator().manual_seed(workload.seed * 1000 + i)
-        with torch.no_grad():
-            for pname, param in peft_model.named_parameters():
-                if ".lora_A." in pname:
-                    bound = 1.0 / param.shape[1] ** 0.5
-                    param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
-                elif ".lora_B." in pname:
-                    param.copy_(torch.randn(param.shape, generator=gen) * workload.lora_b_std)
-        peft_model.save_pretrained(dirs[name])
-    _mark_done(out)
+    random_adapters(base, dirs, rank=workload.rank, alpha=workload.alpha, targets=PROJECTIONS, seed=workload.seed,
+                    b_std=workload.lora_b_std, progress=True)
+    mark_done(out)
     return dirs
 
 
 def _export(base: Path, adapters: dict[str, Path], out: Path, precision: str) -> Path | None:
     """`loraplex export` of the base with these adapters; None (logged) if export is unavailable."""
-    if _done(out):
+    if done(out):
         return out
     try:
         from loraplex.adapters.export import export_package
@@ -172,17 +152,8 @@ def _export(base: Path, adapters: dict[str, Path], out: Path, precision: str) ->
     except Exception as exc:  # one precision failing must not cost the other systems' numbers
         log.error("export of the %s package failed: %s", precision, exc, exc_info=True)
         return None
-    _mark_done(out)
+    mark_done(out)
     return out
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard link (a copy across file systems). Not a symlink: ONNX Runtime refuses external data
-    that resolves outside the model's directory."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
@@ -195,86 +166,11 @@ def _package_view(full: Path, n_adapters: int, out: Path) -> Path:
     return package_view(full, names, out)
 
 
-def package_view(full: Path, names: list[str], out: Path, *, link_banked: bool = True) -> Path:
-    """A package holding `names` of `full`: links to its files, a trimmed manifest. Without
-    `link_banked` the batched engine's graphs are left out (each view then writes its own)."""
-    if _done(out):
-        return out
-    from loraplex.adapters.package.manifest import ADAPTER_DIR, MANIFEST_NAME, Manifest
-
-    manifest = Manifest.load(full)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for item in full.iterdir():
-        banked = ".batched." in item.name
-        if item.is_file() and item.name not in (MANIFEST_NAME, ".bench_done") and (link_banked or not banked):
-            _link(item, out / item.name)
-    (out / ADAPTER_DIR).mkdir()
-    for name in names:
-        _link(full / manifest.adapters[name].file, out / manifest.adapters[name].file)
-    manifest.adapters = {name: manifest.adapters[name] for name in names}
-    manifest.save(out)
-    _mark_done(out)
-    return out
-
 def _build_prompts(workload: Workload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
-    """Texts that tokenize to exactly `prompt_tokens` ids and decode back to themselves."""
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return data["prompts"], data["ids"]
+    """Random demo-task words cut to exactly `prompt_tokens` tokens (they round-trip the tokenizer)."""
     from loraplex.trainer import demo_tasks
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
     words = sorted(set(demo_tasks.NOUNS + demo_tasks.POSITIVE + demo_tasks.NEGATIVE + list(demo_tasks.TRANSLATION)))
-    rng = random.Random(workload.seed)
-    prompts: list[str] = []
-    ids: list[list[int]] = []
-    for _ in range(workload.n_prompts * 50):
-        if len(prompts) == workload.n_prompts:
-            break
-        text = " ".join(rng.choice(words) for _ in range(workload.prompt_tokens * 2))
-        first = tokenizer.encode(text, add_special_tokens=False)[: workload.prompt_tokens]
-        text = tokenizer.decode(first)
-        again = tokenizer.encode(text, add_special_tokens=False)
-        if again == first and len(again) == workload.prompt_tokens:
-            prompts.append(text)
-            ids.append(again)
-    if len(prompts) < workload.n_prompts:
-        raise RuntimeError("could not make prompts that round-trip through the tokenizer at the asked length")
-    path.write_text(json.dumps({"prompts": prompts, "ids": ids}))
-    return prompts, ids
-
-
-def weight_bytes_per_token(package: Path, with_adapter: bool = True) -> dict[str, int]:
-    """Bytes of weights one batch-1 decode step reads: every initializer except the embedding
-    table (a gather reads one row), plus one adapter's LoRA weights (graph inputs)."""
-    import onnx
-    from loraplex.adapters.package.manifest import Manifest
-
-    manifest = Manifest.load(package)
-    model = onnx.load(str(package / manifest.model_file), load_external_data=False)
-    itemsize = {
-        onnx.TensorProto.FLOAT: 4,
-        onnx.TensorProto.FLOAT16: 2,
-        onnx.TensorProto.UINT8: 1,
-        onnx.TensorProto.INT8: 1,
-        onnx.TensorProto.INT32: 4,
-        onnx.TensorProto.INT64: 8,
-    }
-    weights = embedding = 0
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        size = n * itemsize.get(init.data_type, 4)
-        if "embed_tokens" in init.name:
-            embedding += size
-        else:
-            weights += size
-    adapter = 0
-    if with_adapter and manifest.adapters:
-        first = next(iter(manifest.adapters.values()))
-        adapter = (package / first.file).stat().st_size
-    return {"weights": weights, "embedding": embedding, "adapter": adapter, "per_token": weights + adapter}
+    return fixed_length_prompts(
+        path, base, n_prompts=workload.n_prompts, prompt_tokens=workload.prompt_tokens, seed=workload.seed,
+        text=lambda rng: " ".join(rng.choice(words) for _ in range(workload.prompt_tokens * 2)))

@@ -30,10 +30,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.paths import REPO_ROOT
+
 log = logging.getLogger("bench.llamacpp")
 
 VERSION = "0.3.36"  # llama-cpp-python: the sdist whose vendored llama.cpp is built (pinned here)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LlamaCppUnavailable(RuntimeError):

@@ -1,13 +1,13 @@
-"""`python -m bench.edge_existing`: the edge scenarios (`edge_run`) on artefacts that already exist.
+"""`python -m bench.edge.existing`: the edge scenarios (`edge.runner`) on artefacts that already exist.
 
-The full edge part trains two adapters and exports packages with 32 adapters (`workload_real`),
+The full edge part trains two adapters and exports packages with 32 adapters (`workloads.smollm2`),
 which takes hours on a small busy machine. This runs the same scenarios, the same systems and the
 same report on an existing fp32/int4 package pair of the real SmolLM2-135M exported from the PEFT
 adapters in `--peft` (every package adapter must be there: llama.cpp gets them through
 `export_gguf_lora`), with a prebuilt llama.cpp (`--llamacpp`, a tree with build/bin). Task accuracy
 needs the trained adapters and is left out; agreement needs an f32 GGUF of the base (`--f32-gguf`).
 
-    python -m bench.edge_existing --int4 PKG --fp32 PKG --base HF_DIR --peft DIR --llamacpp TREE \\
+    python -m bench.edge.existing --int4 PKG --fp32 PKG --base HF_DIR --peft DIR --llamacpp TREE \\
         --out DIR [--f32-gguf FILE] [--scenarios breakdown,coldstart,...] [--quick]
 
 Writes `edge.json` and `EDGE.md` (the RESULTS.md section) into `--out`.
@@ -23,9 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import llamacpp, report_edge, roofline, workload_real
-from bench.edge_run import SCENARIOS, EdgeBench, EdgeGrid
-from bench.results import Prompt
+from bench.edge.runner import SCENARIOS, EdgeBench, EdgeGrid
+from bench.measure import roofline
+from bench.measure.results import Prompt
+from bench.report import edge as edge_report
+from bench.systems import llamacpp_build
+from bench.workloads import smollm2
 
 log = logging.getLogger("bench.edge")
 
@@ -59,7 +62,7 @@ class ExistingArtifacts:
     workload: ExistingWorkload
 
     def package_with(self, n_adapters: int, precision: str = "int4") -> Path:
-        return workload_real._view(self.packages[precision], self.workload.adapter_names(n_adapters),
+        return smollm2.view(self.packages[precision], self.workload.adapter_names(n_adapters),
                                    self.root / f"pkg_{precision}_n{n_adapters}")
 
 
@@ -89,10 +92,10 @@ class ExistingEdgeBench(EdgeBench):
                 export_gguf_lora(args.peft / name, gguf[name], gguf_base, name=name)
         packages = {"int4": args.int4.resolve(), **({"fp32": args.fp32.resolve()} if args.fp32 else {})}
         self.art = ExistingArtifacts(root, args.base, packages, gguf, self.workload)
-        prompts, ids = workload_real._prompts(workload_real.RealWorkload(), args.base, root / "prompts.json")
+        prompts, ids = smollm2.build_prompts(smollm2.RealWorkload(), args.base, root / "prompts.json")
         self.prompts = [Prompt(t, i) for t, i in zip(prompts, ids, strict=True)]
         self.log_dir = root / "logs"
-        self.llama = llamacpp.prebuilt(args.llamacpp)
+        self.llama = llamacpp_build.prebuilt(args.llamacpp)
         self.gguf_models = {"Q4_1": packaged_smollm2()}
         if args.f32_gguf:
             self.gguf_models["f32"] = args.f32_gguf
@@ -112,7 +115,7 @@ class ExistingEdgeBench(EdgeBench):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.edge_existing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.edge.existing", description=__doc__.splitlines()[0])
     parser.add_argument("--int4", type=Path, required=True)
     parser.add_argument("--fp32", type=Path)
     parser.add_argument("--base", type=Path, required=True, help="the Hugging Face base the adapters were trained on")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.results["load_average"] = {"start": load, "end": os.getloadavg()}
         bench.results["timings_s"]["total"] = time.perf_counter() - start
         (args.out / "edge.json").write_text(json.dumps(bench.results, indent=2, default=str))
-        (args.out / "EDGE.md").write_text("\n".join(report_edge.render(bench.results)) + "\n")
+        (args.out / "EDGE.md").write_text("\n".join(edge_report.render(bench.results)) + "\n")
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Per-request measurements and the statistics every scenario reports."""
+"""Per-request measurements, the statistics every scenario reports, and its time budget."""
 
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 
@@ -26,6 +27,11 @@ class RequestResult:
     start_s: float = 0.0  # relative to the start of its scenario (for closed-loop replays)
     token_ids: list[int] | None = None  # completion, where the system returns it (agreement check)
     server_total_s: float | None = None  # the server's own timing (loraplex): latency minus this = RPC overhead
+
+
+def over(deadline: float | None) -> bool:
+    """True once a scenario has used up its time budget."""
+    return deadline is not None and time.perf_counter() > deadline
 
 
 def percentile(values: list[float], q: float) -> float:

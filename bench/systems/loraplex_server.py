@@ -1,7 +1,7 @@
 """System 1: loraplex end to end, `loraplex serve` in a subprocess, driven over gRPC.
 
-The bench talks to the server through the generated `loraplex.v1` stubs (the public contract
-of issue 4), one channel per client thread, so what is measured is what any gRPC client sees:
+The bench talks to the server through the generated `loraplex.v1` stubs (the public gRPC
+contract), one channel per client thread, so what is measured is what any gRPC client sees:
 serialization, the server's queue and scheduler, and the engine. A server that cannot start
 (engine not built yet, say) raises `Unavailable` with the reason, and the bench reports that
 system as "not available".
@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.results import Prompt, RequestResult
+from bench.measure.results import Prompt, RequestResult
 
 log = logging.getLogger("bench.loraplex")
 
@@ -29,7 +29,8 @@ class Unavailable(RuntimeError):
     """This system cannot run here; the message says why."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +68,7 @@ class LoraplexServer:
         self._channels: dict[int, tuple] = {}  # client index -> (channel, generation stub, adapters stub)
         self._lock = threading.Lock()
         self.name = f"loraplex[{engine}]{' ' + label if label else ''}"
-        self.port = _free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"server_{engine}_{package.name}_{self.port}.log"

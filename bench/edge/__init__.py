@@ -1,0 +1,1 @@
+"""The edge part of `bench.run`: loraplex against llama.cpp on the real SmolLM2-135M."""

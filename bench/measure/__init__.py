@@ -1,0 +1,1 @@
+"""What every part measures with: per-request results and statistics, the machine, the roofline."""

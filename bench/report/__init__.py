@@ -1,0 +1,1 @@
+"""`results.json` rendered: RESULTS.md (both parts) and the PNG plots."""

@@ -1,0 +1,24 @@
+"""Markdown cells and tables shared by the RESULTS.md sections of both parts."""
+
+from __future__ import annotations
+
+
+def num(value, digits: int = 1, unit: str = "") -> str:
+    """A number with thousands separators and `digits` decimals; "—" for a missing value, a string as is."""
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return f"{value:,.{digits}f}{unit}"
+
+
+def ratio(a, b) -> str:
+    """a / b as "1.23x"; "—" when either is missing or b is 0."""
+    return f"{a / b:.2f}x" if a is not None and b not in (None, 0) else "—"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines, then a blank line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]

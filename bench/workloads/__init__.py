@@ -1,0 +1,1 @@
+"""What the bench builds and serves: the random-init Llama and the real SmolLM2-135M, cached under bench/out/."""
