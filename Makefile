@@ -34,7 +34,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Issue 11: a longer soak and fuzz than CI's; prints status codes, latency percentiles, RSS growth.
+# A longer soak and fuzz than CI's (CI keeps them to minutes); prints status codes, latency percentiles,
+# RSS growth.
 soak: $(STAMP)
 	$(BIN)/python -m pytest tests/runtime/test_soak.py tests/runtime/test_fuzz.py -q -p no:cacheprovider \
 		--soak-requests 10000 --fuzz-examples 1000

@@ -1,5 +1,6 @@
-"""A task's output contract (issue 15): declared under `output:` in the task file, or inferred as a
-choice of the labels for a label task; recorded in training.json for export (no training needed)."""
+"""A task's output contract (what the adapter may generate): declared under `output:` in the task
+file, or inferred as a choice of the labels for a label task; recorded in training.json for export
+(no training needed)."""
 
 from __future__ import annotations
 
