@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo demo-real test lint proto bench soak clean
+.PHONY: demo demo-real test test-runtime lint proto bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo-real: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The runtime tier: tests that need none of torch, the real model, Ray or a soak (tests/conftest.py
+# marks the tiers); they serve a package built from a recipe in seconds (tests/fixtures/recipe_package.py).
+test-runtime: $(STAMP)
+	$(BIN)/python -m pytest -m "not torch and not real_model and not cluster and not soak"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

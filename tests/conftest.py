@@ -28,6 +28,50 @@ SOAK_REQUESTS = 1500
 FUZZ_EXAMPLES = 120
 
 
+# Test tiers, registered as markers in pyproject.toml and applied here, so no test needs to name its tier.
+# `make test` runs every tier; `make test-runtime` runs what needs none of them (the runtime's own
+# dependencies and the recipe package): `-m "not torch and not real_model and not cluster and not soak"`.
+TORCH_FIXTURES = frozenset({  # each builds models or packages with torch, transformers, peft and Olive
+    "tiny_base", "tiny_base_factory", "random_adapter_factory", "tiny_package", "package_factory",
+    "demo_training", "demo_adapters", "smollm2_base", "real_packages",
+})
+REAL_MODEL_FIXTURES = frozenset({"smollm2_base", "real_packages"})
+TORCH_PATHS = ("tests/trainer/", "tests/adapters/")  # training and export stages: their extras, fixture or not
+PATH_TIERS = {
+    "real_model": ("tests/e2e/test_real_model.py",),
+    "cluster": ("tests/cluster/",),
+    "soak": ("tests/runtime/test_soak.py", "tests/runtime/test_fuzz.py"),
+}
+
+
+def _named_fixtures(item) -> set[str]:
+    """The fixtures an item requests, also those its body fetches by name (`request.getfixturevalue`)."""
+    names = set(getattr(item, "fixturenames", ()))
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    if code is not None and "getfixturevalue" in code.co_names:
+        import inspect
+
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        names |= {name for name in TORCH_FIXTURES if f'"{name}"' in source or f"'{name}'" in source}
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        fixtures = _named_fixtures(item)
+        tiers = {tier for tier, prefixes in PATH_TIERS.items() if path.startswith(prefixes)}
+        if fixtures & REAL_MODEL_FIXTURES:
+            tiers.add("real_model")
+        if fixtures & TORCH_FIXTURES or path.startswith(TORCH_PATHS):
+            tiers.add("torch")
+        for tier in sorted(tiers):
+            item.add_marker(tier)
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("loraplex", "soak and fuzz of the server")
     group.addoption("--soak-requests", type=int, default=SOAK_REQUESTS, help="requests per engine in the soak")
