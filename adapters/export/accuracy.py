@@ -139,12 +139,11 @@ class _Collect:
         self.reason = None
         self.done = threading.Event()
 
-    def on_token(self, token: int) -> None:
-        self.tokens.append(token)
-
-    def on_finish(self, reason) -> None:
-        self.reason = reason
-        self.done.set()
+    def on_output(self, output) -> None:
+        self.tokens.extend(output.tokens)
+        if output.finish is not None:
+            self.reason = output.finish
+            self.done.set()
 
 
 def exact_match(predictions: Sequence[Prediction], examples: Sequence[TaskExample], decode: Callable) -> float:

@@ -1,20 +1,23 @@
 """The engine contract: what the server asks of a decoder, whatever runs underneath.
 
-Two implementations (docs/architecture.md, "Engines"):
+Two implementations (docs/architecture.md, "Engines"), one loop: `core.EngineCore` runs either
+executor and keeps every rule below in one place.
 - `genai`: onnxruntime-genai, one generator per request (`loraplex.runtime.engines.genai`);
 - `batched`: continuous batching of requests for different adapters in one batch on
   onnxruntime.InferenceSession (`loraplex.runtime.engines.batched`).
 
 Engines deal in token ids only: text, stop strings and templates live above them, so every engine
 behaves the same to a client. An engine never blocks the asyncio loop: it decodes on its own thread
-and hands tokens back through the job's `TokenSink`. Every engine honours:
+and hands each job's output to the job's `TokenSink`, once per step (`StepOutput`). Every engine honours:
 - the sink gets completion tokens only, never the EOS token: EOS ends the job with
   `FinishReason.EOS` (unless `params.ignore_eos`);
-- `sink.on_finish` is called exactly once, after the engine has dropped every resource of the job
-  (generator, KV rows, adapter slot): the registry frees an adapter version right after the last
-  job on it finishes;
+- exactly one output carries the finish reason, the job's last, sent after the engine has dropped
+  every resource of the job (generator, KV rows, adapter slot): the registry frees an adapter
+  version right after the last job on it finishes;
 - `job.mark_started()` when the job leaves the queue (queue time and depth are reported from it);
   `job.fail(error)` before finishing when decoding the job raised (the server reports INTERNAL);
+- `job.stop(reason)` (cancel, deadline, a stop string found above the engine) ends the job before
+  its next step, with that reason;
 - `params.constraint` (already checked by the server) holds for every completion, greedy or sampled:
   the job ends with `FinishReason.STOP` once the constraint is complete (it allows nothing more, or
   the model ended it with EOS where it may end), with LENGTH when `max_new_tokens` comes first;
@@ -68,12 +71,21 @@ class AdapterHandle:
     path: Path
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """One step's output for one job: its new completion tokens and, in its last output only, how it
+    ended (sent once the job's resources are free)."""
+
+    tokens: tuple[int, ...] = ()
+    finish: FinishReason | None = None
+    at: float = 0.0  # time.monotonic() when the step ended
+
+
 class TokenSink(Protocol):
-    """Where an engine delivers one job's output, on the engine's thread."""
+    """Where an engine delivers one job's output, on the engine's thread: keep it short (hand the
+    output to another thread or loop), it delays every job of the step."""
 
-    def on_token(self, token: int) -> None: ...
-
-    def on_finish(self, reason: FinishReason) -> None: ...
+    def on_output(self, output: StepOutput) -> None: ...
 
 
 @dataclass(eq=False)
@@ -96,7 +108,7 @@ class GenerationJob:
             self.started_at = time.monotonic()
 
     def fail(self, error: BaseException) -> None:
-        """Decoding this job raised: record why and stop it (the sink still gets its one finish).
+        """Decoding this job raised: record why and stop it (the sink still gets its finish).
 
         The error is kept without its traceback (log it before): the traceback's frames would keep
         the job's resources alive (a generator, and through it the adapter, which then refuses to
@@ -123,7 +135,7 @@ def check_prompt(prompt_ids: list[int], max_len: int, vocab_size: int) -> None:
         raise InvalidRequest("the prompt is empty: send at least one token")
     if len(prompt_ids) >= max_len:
         raise InvalidRequest(
-            f"the prompt has {len(prompt_ids)} tokens; the model's context holds {max_len} (prompt + completion): "
+            f"the prompt has {len(prompt_ids)} tokens; the model's context length is {max_len} (prompt + completion): "
             "shorten the prompt"
         )
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:

@@ -1,11 +1,11 @@
-"""The `genai` engine: onnxruntime-genai, one generator per request, interleaved on one thread.
+"""The `genai` engine: onnxruntime-genai, one generator per request, interleaved on the core's thread.
 
-onnxruntime-genai's `generate_next_token` holds the GIL, so threads give no parallelism: a single
-worker thread owns every generator and steps the running ones round-robin, one token each per
-round, so concurrent requests progress together and a new request starts within one round. The
-asyncio loop stays free between steps (health checks, admin calls). One generator holds one
-adapter, so requests for different adapters interleave rather than batch (the `batched` engine
-batches them). It runs on every execution provider onnxruntime-genai has.
+onnxruntime-genai's `generate_next_token` holds the GIL, so threads give no parallelism: the engine
+thread (`core.EngineCore`) owns every generator and each step advances the running ones
+round-robin, one token each, so concurrent requests progress together and a new request starts
+within one step. The asyncio loop stays free between steps (health checks, admin calls). One
+generator holds one adapter, so requests for different adapters interleave rather than batch (the
+`batched` engine batches them). It runs on every execution provider onnxruntime-genai has.
 
 Adapters are loaded into one `og.Adapters` under a unique key per version, so an old and a new
 version of a name coexist while requests on the old one finish. A file that does not bind every
@@ -15,13 +15,12 @@ directory and unlinked once onnxruntime-genai has it open.
 
 An output constraint goes to onnxruntime-genai's own guidance (`GeneratorParams.set_guidance`, the
 same llguidance the batched engine masks with, on the same `OutputConstraint.guidance()` form);
-when it is complete the generator produces EOS, which ends the job with STOP. A build of
-onnxruntime-genai without guidance (probed at start) refuses constrained requests with
+when it is complete the generator produces EOS, which the core's finish policy turns into STOP. A
+build of onnxruntime-genai without guidance (probed at start) refuses constrained requests with
 FAILED_PRECONDITION rather than ignoring their constraint.
 
-A failure belongs to its job: an onnxruntime-genai error while starting or stepping a generator,
-or a token sink that raises, ends that job only (its generator dropped first, so its adapter can
-unload); the others keep decoding.
+An onnxruntime-genai error while starting or stepping a generator is that job's own: its generator
+is dropped (so its adapter can unload) and the others keep decoding.
 """
 
 from __future__ import annotations
@@ -40,15 +39,9 @@ from typing import Any
 from loraplex.adapters.package.adapter_file import AdapterWeights, loadable_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import devices
-from loraplex.runtime.engines.base import (
-    AdapterHandle,
-    Engine,
-    FinishReason,
-    GenerationJob,
-    SamplingParams,
-    check_prompt,
-)
-from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, EngineFailure, ShuttingDown
+from loraplex.runtime.engines.base import AdapterHandle, GenerationJob, SamplingParams
+from loraplex.runtime.engines.core import EngineCore, Executor, Sample, StepResult
+from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, LoraplexError
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +55,9 @@ class GenaiAdapter(AdapterHandle):
 class _Running:
     job: GenerationJob
     generator: Any  # og.Generator
-    produced: int = 0
 
 
-class GenaiEngine(Engine):
-    name = "genai"
-
+class GenaiExecutor(Executor):
     def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8):
         import onnxruntime_genai as og
 
@@ -76,22 +66,16 @@ class GenaiEngine(Engine):
         config = og.Config(str(package.root))
         devices.apply(config, self.provider)
         self.model = og.Model(config)
-        self._eos = set(package.config.eos_token_ids)
         self._vocab_size = package.config.vocab_size
-        self._max_len = package.config.context_length
         self._adapters = og.Adapters(self.model)
         self.guidance = self._probe_guidance()
         self._inputs = package.lora_inputs
         self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
         self.max_batch = max(1, max_batch)
         self._keys = itertools.count()
-        self._og_lock = threading.Lock()  # one onnxruntime-genai call at a time
-        self._cond = threading.Condition()
+        self._og_lock = threading.Lock()  # one onnxruntime-genai call at a time (loads come from other threads)
         self._pending: deque[GenerationJob] = deque()
-        self._running: list[_Running] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="genai-engine", daemon=True)
-        self._thread.start()
+        self._running: dict[GenerationJob, _Running] = {}
 
     def _probe_guidance(self) -> str | None:
         """None when this onnxruntime-genai build enforces output constraints, else why not."""
@@ -122,76 +106,63 @@ class GenaiEngine(Engine):
                 file.unlink(missing_ok=True)  # onnxruntime-genai holds it open (or has read it)
         return GenaiAdapter(name=name, version=version, path=weights.path, key=key)
 
-    def unload_adapter(self, handle: AdapterHandle) -> None:
+    def unload_adapter(self, handle: AdapterHandle) -> bool:
         assert isinstance(handle, GenaiAdapter)
+        if any(run.job.adapter is handle for run in self._running.values()):
+            return False
         with self._og_lock:
             self._adapters.unload(handle.key)
+        return True
 
     # -- jobs -----------------------------------------------------------------------------
-    def submit(self, job: GenerationJob) -> None:
-        check_prompt(job.prompt_ids, self._max_len, self._vocab_size)
+    def refusal(self, job: GenerationJob) -> LoraplexError | None:
         if job.params.constraint is not None and self.guidance is not None:
-            raise ConstraintUnsupported(
+            return ConstraintUnsupported(
                 f"this onnxruntime-genai build cannot enforce output constraints ({self.guidance}); use --engine "
                 "batched on CPU, a build with guidance, or send the request without `output` (and with "
                 "`no_default_output` for an adapter with a default contract)"
             )
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown("the engine is closing and takes no new requests")
-            self._pending.append(job)
-            self._cond.notify()
+        return None
+
+    def add(self, job: GenerationJob) -> None:
+        self._pending.append(job)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self._running)
+
+    def end(self, job: GenerationJob) -> bool:
+        run = self._running.pop(job, None)
+        if run is None:
+            self._pending.remove(job)
+            return True
+        with self._og_lock:
+            run.generator = None  # frees the KV cache and the adapter binding before the sink hears
+        return True
+
+    def step(self) -> StepResult:
+        result = StepResult()
+        while self._pending and len(self._running) < self.max_batch:
+            job = self._pending.popleft()
+            if not self._start(job):
+                result.released.append(job)
+        result.samples = [self._advance(run) for run in list(self._running.values())]
+        return result
+
+    def drop_all(self) -> None:
+        with self._og_lock:
+            self._running.clear()
+        self._pending.clear()
+
+    def release_memory(self) -> None:
+        """onnxruntime-genai keeps its own arenas: nothing to hand back from here."""
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def healthy(self) -> bool:
-        return self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._pending or self._running or self._closing):
-                    self._cond.wait()
-                if self._closing and not (self._pending or self._running):
-                    return
-                starting = []
-                while self._pending and len(self._running) + len(starting) < self.max_batch:
-                    starting.append(self._pending.popleft())
-                cancelled = [j for j in self._pending if j.stopped]
-                for job in cancelled:
-                    self._pending.remove(job)
-            try:
-                for job in cancelled:
-                    _finish_job(job, job.stop_reason or FinishReason.CANCELLED)
-                while starting:
-                    self._start(starting.pop(0))
-                for run in list(self._running):
-                    self._step(run)
-            except Exception as exc:  # a bug here must not leave every client hanging
-                log.exception("genai engine loop failed; ending all jobs")
-                self._fail_all(exc, starting)
-
-    def _fail_all(self, error: Exception, unstarted: list[GenerationJob]) -> None:
-        failure = EngineFailure(f"the genai engine failed: {error}")
-        with self._cond:
-            pending, self._pending = [*unstarted, *self._pending], deque()
-        for run in list(self._running):
-            run.job.fail(failure)
-            self._finish(run, FinishReason.CANCELLED)
-        for job in pending:
-            job.fail(failure)
-            _finish_job(job, FinishReason.CANCELLED)
-
-    def _start(self, job: GenerationJob) -> None:
+    def _start(self, job: GenerationJob) -> bool:
+        """Start a generator for `job`; False (the job failed and holds nothing) if onnxruntime-genai refused."""
         job.mark_started()
-        if job.stopped:
-            _finish_job(job, job.stop_reason or FinishReason.CANCELLED)
-            return
         try:
             with self._og_lock:
                 params = self._og.GeneratorParams(self.model)
@@ -206,9 +177,9 @@ class GenaiEngine(Engine):
             log.exception("request %s failed to start", job.request_id)
             generator = None  # before the sink hears: the adapter must be free to unload
             job.fail(exc)
-            _finish_job(job, FinishReason.CANCELLED)
-            return
-        self._running.append(_Running(job, generator))
+            return False
+        self._running[job] = _Running(job, generator)
+        return True
 
     def _search_options(self, job: GenerationJob) -> dict[str, Any]:
         p: SamplingParams = job.params
@@ -232,49 +203,25 @@ class GenaiEngine(Engine):
             options["min_length"] = max_length
         return options
 
-    def _step(self, run: _Running) -> None:
-        job = run.job
-        if job.stopped:
-            self._finish(run, job.stop_reason or FinishReason.CANCELLED)
-            return
+    def _advance(self, run: _Running) -> Sample:
         try:
             with self._og_lock:
                 run.generator.generate_next_token()
                 token = int(run.generator.get_next_tokens()[0])
                 done = run.generator.is_done()
         except Exception as exc:
-            log.exception("request %s failed while decoding", job.request_id)
-            job.fail(exc)
-            self._finish(run, FinishReason.CANCELLED)
-            return
-        if token in self._eos and job.params.constraint is not None:
-            self._finish(run, FinishReason.STOP)  # the constraint is complete (guidance allows only EOS then)
-            return
-        if token in self._eos and not job.params.ignore_eos:
-            self._finish(run, FinishReason.EOS)
-            return
-        run.produced += 1
-        try:
-            job.sink.on_token(token)
-        except Exception as exc:  # the request layer failed: end this job only
-            log.exception("token sink of request %s raised", job.request_id)
-            job.fail(exc)
-            self._finish(run, FinishReason.CANCELLED)
-            return
-        if job.stopped:  # the sink found a stop string
-            self._finish(run, job.stop_reason or FinishReason.STOP)
-        elif done or run.produced >= job.params.max_new_tokens:
-            self._finish(run, FinishReason.LENGTH)
-
-    def _finish(self, run: _Running, reason: FinishReason) -> None:
-        self._running.remove(run)
-        with self._og_lock:
-            run.generator = None  # frees the KV cache and the adapter binding before the sink hears
-        _finish_job(run.job, reason)
+            log.exception("request %s failed while decoding", run.job.request_id)
+            return Sample(run.job, exc)
+        return Sample(run.job, token, full=done)
 
 
-def _finish_job(job: GenerationJob, reason: FinishReason) -> None:
-    try:
-        job.sink.on_finish(reason)
-    except Exception:
-        log.exception("finish sink of request %s raised", job.request_id)
+class GenaiEngine(EngineCore):
+    """The core running a `GenaiExecutor`."""
+
+    name = "genai"
+
+    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8):
+        config = package.config
+        executor = GenaiExecutor(package, device=device, provider=provider, max_batch=max_batch)
+        super().__init__(executor, max_len=config.context_length, vocab_size=config.vocab_size,
+                         eos_ids=config.eos_token_ids, thread_name="genai-engine")

@@ -31,7 +31,7 @@ from loraplex.runtime.engines.base import FinishReason
 from loraplex.runtime.errors import InvalidRequest, quoted
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult
 from loraplex.runtime.server.request_state import Finished, Started
-from loraplex.runtime.server.validation import output_constraint, prompt_input, sampling_params, text
+from loraplex.runtime.server.validation import output_constraint, sampling_params, text
 
 Kind = Literal["completion", "chat"]
 
@@ -138,7 +138,7 @@ def parse_call(kind: Kind, body: Any, *, context_length: int, max_prompt_bytes: 
     if kind == "chat":
         call.messages = _messages(given, max_prompt_bytes)
     else:
-        request.prompt, request.inputs = _prompt_or_inputs(given, max_prompt_bytes)
+        request.prompt, request.inputs = _prompt_or_inputs(given)
     return call
 
 
@@ -231,7 +231,7 @@ def _output(given: Mapping[str, Any], params: Any) -> tuple[Any, bool]:
     return replace(params, constraint=constraint), True
 
 
-def _prompt_or_inputs(given: Mapping[str, Any], max_bytes: int) -> tuple[str | None, dict[str, str] | None]:
+def _prompt_or_inputs(given: Mapping[str, Any]) -> tuple[str | None, dict[str, str] | None]:
     prompt = given.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # OpenAI's list form, one prompt
@@ -245,11 +245,11 @@ def _prompt_or_inputs(given: Mapping[str, Any], max_bytes: int) -> tuple[str | N
         if prompt:
             raise InvalidRequest("send either prompt or inputs (rendered through the adapter's template), not both",
                                  field="inputs")
-        return prompt_input(None, inputs, max_bytes)
+        return None, dict(inputs)
     if not prompt:
         raise InvalidRequest("prompt is missing or empty; send a prompt (or the `inputs` of the adapter's task)",
                              field="prompt")
-    return prompt_input(prompt, None, max_bytes)
+    return prompt, None
 
 
 def _messages(given: Mapping[str, Any], max_bytes: int) -> list[dict[str, str]]:

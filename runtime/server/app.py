@@ -245,8 +245,7 @@ def generation_servicer(config: ServerConfig, package: Package) -> GenerationSer
     """The Generation servicer for `config` (its service is set once the model is warm)."""
     info = dict(engine=config.engine, device=config.device, provider=config.provider or "",
                 max_batch=config.max_batch, max_queue=config.max_queue)
-    return GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info,
-                              max_prompt_bytes(config, package))
+    return GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info)
 
 
 def max_prompt_bytes(config: ServerConfig, package: Package) -> int:

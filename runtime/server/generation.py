@@ -28,6 +28,7 @@ from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
 from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
+from loraplex.runtime.server.validation import prompt_input
 from loraplex.runtime.server.validation import text as checked_text
 
 log = logging.getLogger(__name__)
@@ -97,25 +98,18 @@ class GenerationService:
             return checked_text("the prompt rendered from inputs", rendered, max_bytes=self.max_prompt_bytes)
         if not prompt:
             raise InvalidRequest("the request has neither `prompt` nor `inputs`; set one of them")
-        return checked_text("prompt", prompt, max_bytes=self.max_prompt_bytes)
+        return prompt
 
     async def tokenize(self, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None
                        ) -> tuple[str, list[int]]:
+        prompt, inputs = prompt_input(prompt, inputs, self.max_prompt_bytes)
         with self.registry.acquire(adapter) as lease:
             text = self.render(lease.version, prompt, inputs)
         return text, await asyncio.to_thread(self.tokenizer.encode, text)
 
     def _prompt_ids(self, version: AdapterVersion, prompt: str | None, inputs: Mapping[str, str] | None) -> list[int]:
-        """Render and tokenize the prompt, checked against the context (in a worker thread)."""
-        ids = self.tokenizer.encode(self.render(version, prompt, inputs))
-        if not ids:
-            raise InvalidRequest("the prompt encodes to no tokens; send a non-empty prompt")
-        if len(ids) >= self.context_length:
-            raise InvalidRequest(
-                f"the prompt is {len(ids)} tokens; the model's context length is {self.context_length}: "
-                "shorten the prompt"
-            )
-        return ids
+        """Render and tokenize the prompt (in a worker thread); the engine's `submit` checks the ids."""
+        return self.tokenizer.encode(self.render(version, prompt, inputs))
 
     # -- generation -----------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -137,17 +131,18 @@ class GenerationService:
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         received = time.monotonic()
+        prompt, inputs = prompt_input(request.prompt, request.inputs, self.max_prompt_bytes)
         lease = self.registry.acquire(request.adapter)
         state: RequestState | None = None
         status = "UNKNOWN"
         try:
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, lease.version, request.prompt, request.inputs)
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, lease.version, prompt, inputs)
             if len(self._requests) >= self.max_batch + self.max_queue:
                 raise Overloaded(
                     f"{len(self._requests)} requests in flight fill the queue (max_batch {self.max_batch} + "
                     f"max_queue {self.max_queue}); retry later or raise --max-queue"
                 )
-            room = self.context_length - len(prompt_ids)
+            room = max(self.context_length - len(prompt_ids), 0)  # none: the engine refuses the prompt
             params = replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
             if params.constraint is None and request.default_output and lease.version.output is not None:
                 params = replace(params, constraint=lease.version.output)

@@ -1,22 +1,23 @@
-"""One request's output side: the engine's token sink, turning token ids into client events.
+"""One request's output side: the engine's token sink and the output processor on the event loop.
 
-The engine calls `on_token` / `on_finish` on its own thread. The state decodes UTF-8 safe text
-pieces, holds back text that may start a stop string (and stops the job when one appears), times
-the first token and the gaps between tokens, and hands `TextPiece` / `Finished` events to the
-asyncio loop, where `GenerationService.stream` yields them. When the engine finishes the job the
-state first frees its place in the server (slot and adapter lease) on the loop, then delivers
-`Finished`: a client that hears "finished" can count on the slot being free.
+The engine calls `on_output` on its own thread once per step with the job's new tokens; the state
+only hands the output to the asyncio loop, so the engine thread never detokenizes. On the loop it
+decodes UTF-8 safe text pieces, holds back text that may start a stop string (and stops the job
+when one appears: the engine ends it before its next step, and tokens it made meanwhile are
+dropped), times the first token and the gaps between tokens, and queues `TextPiece` / `Finished`
+events, which `GenerationService.stream` yields. When the engine finishes the job the state first
+frees its place in the server (slot and adapter lease), then delivers `Finished`: a client that
+hears "finished" can count on the slot being free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams
+from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams, StepOutput
 from loraplex.runtime.errors import EngineFailure
 from loraplex.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.runtime.server.metrics import ServerMetrics
@@ -75,28 +76,42 @@ class RequestState:
         self._events: asyncio.Queue[TextPiece | Finished] = asyncio.Queue()
 
     # -- the engine's thread -------------------------------------------------------------
-    def on_token(self, token: int) -> None:
-        now = time.monotonic()
+    def on_output(self, output: StepOutput) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody listens
+            self._loop.call_soon_threadsafe(self._process, output)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _process(self, output: StepOutput) -> None:
+        if output.tokens and not self._stops.stopped:
+            self._on_tokens(output.tokens, output.at)
+        if output.finish is not None:
+            self._on_finish(output.finish, output.at)
+
+    def _on_tokens(self, tokens: tuple[int, ...], at: float) -> None:
+        gaps = len(tokens)  # the wait since the last token, shared by the tokens a step made together
         if self._first is None:
-            self._first = now
-            self._metrics.ttft.labels(self.adapter).observe(now - self.received)
-        else:
-            self._metrics.token_latency.labels(self.adapter).observe(now - self._last)
-        self._last = now
-        self._held.append(token)
-        text = self._stops.feed(self._detokenizer.push(token))
-        if self._stops.stopped:
-            self.job.stop(FinishReason.STOP)
+            self._first = self._last = at
+            self._metrics.ttft.labels(self.adapter).observe(at - self.received)
+            gaps -= 1
+        for _ in range(gaps):
+            self._metrics.token_latency.labels(self.adapter).observe((at - self._last) / len(tokens))
+        self._last = at
+        text = ""
+        for token in tokens:
+            self._held.append(token)
+            text += self._stops.feed(self._detokenizer.push(token))
+            if self._stops.stopped:
+                self.job.stop(FinishReason.STOP)
+                break
         if text:
-            self._emit(TextPiece(text, self._held))
+            self._events.put_nowait(TextPiece(text, self._held))
             self._held = []
 
-    def on_finish(self, reason: FinishReason) -> None:
-        now = time.monotonic()
+    def _on_finish(self, reason: FinishReason, now: float) -> None:
         stopped = self._stops.stopped
         tail = "" if stopped else self._stops.feed(self._detokenizer.flush()) + self._stops.flush()
         if tail or self._held:
-            self._emit(TextPiece(tail, self._held))
+            self._events.put_nowait(TextPiece(tail, self._held))
         completion = len(self._detokenizer.tokens)
         started = self.job.started_at or now
         timings = Timings(
@@ -107,10 +122,10 @@ class RequestState:
         status = "OK" if self.job.error is None else "INTERNAL"
         self._metrics.tokens.labels(self.adapter, status).inc(completion)
         self._metrics.prompt_tokens.labels(self.adapter).inc(self.prompt_tokens)
-        finished = Finished(FinishReason.STOP if stopped else reason, self.prompt_tokens, completion, timings)
-        self._call_soon(self._finish_on_loop, finished)
+        self._on_done(self)  # slot and lease freed before the client hears
+        self._events.put_nowait(Finished(FinishReason.STOP if stopped else reason, self.prompt_tokens, completion,
+                                         timings))
 
-    # -- the loop --------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[TextPiece | Finished]:
         """Text pieces, then `Finished`; raises EngineFailure if the engine failed the job."""
         while True:
@@ -120,14 +135,3 @@ class RequestState:
             yield event
             if isinstance(event, Finished):
                 return
-
-    def _finish_on_loop(self, finished: Finished) -> None:
-        self._on_done(self)  # slot and lease freed before the client hears
-        self._events.put_nowait(finished)
-
-    def _emit(self, event: TextPiece) -> None:
-        self._call_soon(self._events.put_nowait, event)
-
-    def _call_soon(self, callback: Callable, *args: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody listens
-            self._loop.call_soon_threadsafe(callback, *args)

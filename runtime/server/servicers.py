@@ -24,7 +24,6 @@ from loraplex.runtime.server.request_state import Finished, Started, TextPiece
 from loraplex.runtime.server.validation import (
     adapter_version,
     output_constraint,
-    prompt_input,
     request_id,
     sampling_params,
     text,
@@ -51,22 +50,17 @@ class _Ready:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
-    def __init__(self, manifest: Manifest, context_length: int, vocab_size: int, info: dict[str, Any],
-                 max_prompt_bytes: int):
+    def __init__(self, manifest: Manifest, context_length: int, vocab_size: int, info: dict[str, Any]):
         self.manifest = manifest
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.info = info  # engine, device, provider, max_batch, max_queue
-        self.max_prompt_bytes = max_prompt_bytes
 
     def _input(self, request) -> tuple[str, str | None, dict[str, str] | None]:
         """(adapter, prompt, inputs) of a GenerateRequest or TokenizeRequest, checked."""
         which = request.WhichOneof("input")
-        prompt, inputs = prompt_input(
-            request.prompt if which == "prompt" else None,
-            request.inputs.fields if which == "inputs" else None,
-            self.max_prompt_bytes,
-        )
+        prompt = request.prompt if which == "prompt" else None
+        inputs = dict(request.inputs.fields) if which == "inputs" else None
         return text("adapter", request.adapter), prompt, inputs
 
     def _request(self, request: generation_pb2.GenerateRequest) -> GenerationRequest:

@@ -26,14 +26,11 @@ class PoisonedSink:
     def __init__(self, sink, at: int):
         self._sink, self._at, self._seen = sink, at, 0
 
-    def on_token(self, token: int) -> None:
-        self._seen += 1
-        if self._seen == self._at:
+    def on_output(self, output) -> None:
+        self._seen += len(output.tokens)
+        if output.tokens and self._seen >= self._at:
             raise RuntimeError("injected: the sink of this request broke")
-        self._sink.on_token(token)
-
-    def on_finish(self, reason) -> None:
-        self._sink.on_finish(reason)
+        self._sink.on_output(output)
 
 
 class PoisoningEngine:
@@ -84,12 +81,10 @@ class _Sink:
         self.done = threading.Event()
         self.finish = None
 
-    def on_token(self, token):
-        pass
-
-    def on_finish(self, reason):
-        self.finish = reason
-        self.done.set()
+    def on_output(self, output):
+        if output.finish is not None:
+            self.finish = output.finish
+            self.done.set()
 
 
 def test_genai_job_that_fails_to_start_does_not_keep_its_adapter_in_use(tiny_package):
@@ -107,9 +102,9 @@ def test_genai_job_that_fails_to_start_does_not_keep_its_adapter_in_use(tiny_pac
         # after the generator was made and its adapter bound.
         job = GenerationJob("doomed", [5, package.config.vocab_size + 7], SamplingParams(max_new_tokens=4), handle,
                             sink)
-        with engine._cond:
-            engine._pending.append(job)
-            engine._cond.notify()
+        with engine._cv:  # past submit, into the engine's inbox
+            engine._inbox.append(job)
+            engine._cv.notify()
         assert sink.done.wait(60) and sink.finish is FinishReason.CANCELLED
         assert "out of" in str(job.error) or "bounds" in str(job.error), job.error
         engine.unload_adapter(handle)  # raised "Adapter still in use" while `job` was alive

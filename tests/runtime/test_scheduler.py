@@ -1,27 +1,19 @@
 """The batched engine's scheduler and slot table, without a model: admission order, slot LRU,
-starvation freedom (drain), retirement of cancelled rows and KV compaction, per-row outcomes."""
+starvation freedom (drain), retirement of ended rows and KV compaction, per-row samples."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams
+from loraplex.runtime.engines.base import GenerationJob, SamplingParams
 from loraplex.runtime.engines.batched.scheduler import BatchedAdapter, Scheduler
 from loraplex.runtime.engines.batched.slots import BASE_SLOT, SlotTable
 
-EOS = 0
-
 
 class Sink:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-
-    def on_token(self, token: int) -> None:
-        self.tokens.append(token)
-
-    def on_finish(self, reason: FinishReason) -> None:  # the engine calls it; the scheduler never does
-        raise AssertionError("the scheduler must hand ended jobs back, not finish them itself")
+    def on_output(self, output) -> None:  # the engine core calls it; the scheduler never does
+        raise AssertionError("the scheduler must hand samples and released jobs back, not deliver them")
 
 
 def adapter(name: str) -> BatchedAdapter:
@@ -34,9 +26,14 @@ def job(name: str, handle: BatchedAdapter | None = None, prompt: int = 4, max_ne
 
 
 def scheduler(**kwargs) -> Scheduler:
-    options = dict(max_batch=4, max_slots=2, max_len=64, eos_ids=frozenset({EOS}))
+    options = dict(max_batch=4, max_slots=2, max_len=64)
     options.update(kwargs)
     return Scheduler(**options)
+
+
+def add(s: Scheduler, *jobs: GenerationJob) -> None:
+    for j in jobs:
+        s.add(j)
 
 
 def ids(rows) -> list[str]:
@@ -45,7 +42,7 @@ def ids(rows) -> list[str]:
 
 def test_jobs_are_admitted_in_arrival_order_up_to_max_batch_then_decode_together():
     s = scheduler(max_batch=3)
-    s.add([job(f"r{i}") for i in range(5)])
+    add(s, *[job(f"r{i}") for i in range(5)])
     plan = s.schedule()
     assert plan.batch.kind == "prefill" and ids(plan.batch.rows) == ["r0", "r1", "r2"] and plan.batch.start == 0
     assert [j.request_id for j in s.waiting] == ["r3", "r4"]
@@ -57,7 +54,7 @@ def test_jobs_are_admitted_in_arrival_order_up_to_max_batch_then_decode_together
 
 def test_a_prefill_stays_under_the_padded_token_budget():
     s = scheduler(max_batch=8, max_prefill_tokens=20)
-    s.add([job("a", prompt=8), job("b", prompt=8), job("c", prompt=8)])
+    add(s, job("a", prompt=8), job("b", prompt=8), job("c", prompt=8))
     plan = s.schedule()
     assert ids(plan.batch.rows) == ["a", "b"]  # a third 8-token prompt would pad to 24 > 20
     s.postprocess(plan.batch, [5, 5])
@@ -68,18 +65,18 @@ def test_a_prefill_stays_under_the_padded_token_budget():
 def test_slots_fill_once_and_the_least_recently_used_idle_slot_is_evicted():
     a, b, c = adapter("a"), adapter("b"), adapter("c")
     s = scheduler(max_slots=2)
-    s.add([job("1", a), job("2", b), job("3", None)])
+    add(s, job("1", a), job("2", b), job("3", None))
     plan = s.schedule()
     assert [slot for slot, _ in plan.batch.fills] == [1, 2] and [h for _, h in plan.batch.fills] == [a, b]
     assert plan.batch.rows[2].slot == BASE_SLOT
-    for row in plan.batch.rows:
-        row.job.stop()
     s.postprocess(plan.batch, [1, 1, 1])
+    for row in plan.batch.rows:
+        assert not s.end(row.job)  # running: retired at the next schedule
     s.schedule()  # retire: a's slot went idle before b's
-    s.add([job("4", a)])
+    add(s, job("4", a))
     plan = s.schedule()
     assert plan.batch.fills == []  # still resident: no copy
-    s.add([job("5", c)])
+    add(s, job("5", c))
     s.postprocess(plan.batch, [1])
     plan = s.schedule()
     assert plan.batch.fills == [(2, c)]  # b was the least recently used idle slot
@@ -89,80 +86,79 @@ def test_slots_fill_once_and_the_least_recently_used_idle_slot_is_evicted():
 def test_a_request_waiting_for_a_slot_is_not_starved_by_a_resident_adapter():
     a, b = adapter("a"), adapter("b")
     s = scheduler(max_batch=4, max_slots=1)
-    s.add([job("first", a, max_new_tokens=2)])
+    add(s, job("first", a, max_new_tokens=2))
     first = s.schedule().batch
-    s.add([job("waiting", b), job("later", a)])  # `later` could join a's busy slot, but b came first
+    add(s, job("waiting", b), job("later", a))  # `later` could join a's busy slot, but b came first
     plan = s.schedule()
     assert plan.batch.kind == "decode" and ids(plan.batch.rows) == ["first"]
     assert [j.request_id for j in s.waiting] == ["waiting", "later"] and s.stats.waits_for_slot == 2
     assert s.slots.draining == 1  # a's slot takes no new rows
     s.postprocess(first, [5])
-    s.postprocess(plan.batch, [6])  # `first` reaches max_new_tokens
+    s.postprocess(plan.batch, [6])
+    s.end(first.rows[0].job)  # the core's finish policy: `first` reached max_new_tokens
     plan = s.schedule()
     assert ids(plan.batch.rows) == ["waiting"] and plan.batch.fills == [(1, b)]
     assert [j.request_id for j in s.waiting] == ["later"]
 
 
-def test_cancelled_rows_and_queued_jobs_retire_and_the_last_row_fills_each_hole():
+def test_ended_rows_and_queued_jobs_retire_and_the_last_row_fills_each_hole():
     s = scheduler(max_batch=4)
-    s.add([job(f"r{i}", prompt=3 + i) for i in range(4)])
+    add(s, *[job(f"r{i}", prompt=3 + i) for i in range(4)])
     batch = s.schedule().batch
     s.postprocess(batch, [9, 9, 9, 9])
-    s.add([job("queued")])
-    s.running[1].job.stop()  # a client cancel
-    s.running[2].job.stop(FinishReason.STOP)  # a stop string
-    s.waiting[0].stop()  # cancelled before it ran
+    add(s, job("queued"))
+    assert not s.end(s.running[1].job) and not s.end(s.running[2].job)  # running: released at the next step
+    assert s.end(s.waiting[0])  # only queued: nothing to free
     plan = s.schedule()
     assert plan.moves == [(3, 2, 6), (2, 1, 6)]  # r3 (6 tokens) into r2's row, then into r1's
     assert ids(s.running) == ["r0", "r3"]  # r3 moved into the holes: rows stay [0, n)
-    assert sorted((j.request_id, r) for j, r in plan.ended) == [
-        ("queued", FinishReason.CANCELLED), ("r1", FinishReason.CANCELLED), ("r2", FinishReason.STOP)]
+    assert [j.request_id for j in plan.released] == ["r1", "r2"] and not s.waiting
     assert plan.batch.kind == "decode" and not plan.idle
 
 
 def test_retiring_every_row_leaves_the_runner_idle():
     s = scheduler()
-    s.add([job("only", max_new_tokens=1)])
+    only = job("only", max_new_tokens=1)
+    add(s, only)
     batch = s.schedule().batch
     s.postprocess(batch, [4])
+    s.end(only)
     plan = s.schedule()
-    assert plan.batch is None and plan.idle and plan.ended[0][1] is FinishReason.LENGTH
+    assert plan.batch is None and plan.idle and plan.released == [only]
 
 
-def test_postprocess_ends_each_row_for_its_own_reason_and_isolates_errors():
+def test_postprocess_records_each_rows_token_and_reports_its_own_outcome():
     s = scheduler(max_batch=4, max_len=7)
-    jobs = [job("eos"), job("error"), job("context", prompt=6), job("ok")]
-    jobs[1].params = SamplingParams(max_new_tokens=8)
-    s.add(jobs)
+    jobs = [job("error"), job("context", prompt=6), job("ok")]
+    add(s, *jobs)
     batch = s.schedule().batch
-    sinks = [j.sink for j in jobs]
-    s.postprocess(batch, [EOS, RuntimeError("bad row"), 3, 3])
-    finish = {row.job.request_id: row.finish for row in s.running}
-    assert finish == {"eos": FinishReason.EOS, "error": FinishReason.CANCELLED, "context": FinishReason.LENGTH,
-                      "ok": None}
-    assert isinstance(jobs[1].error, RuntimeError)
-    assert [sink.tokens for sink in sinks] == [[], [], [3], [3]]  # EOS is never emitted
+    error = RuntimeError("bad row")
+    samples = s.postprocess(batch, [error, 3, 5])
+    assert [(x.job, x.token, x.full, x.complete) for x in samples] == [
+        (jobs[0], error, False, False), (jobs[1], 3, True, False), (jobs[2], 5, False, False)]
+    assert [row.last_token for row in s.running] == [-1, 3, 5] and [row.length for row in s.running] == [4, 6, 4]
+    plan = s.schedule()  # a decode step: the token fed is now in the cache
+    s.postprocess(plan.batch, [1, 1, 1])
+    assert [row.length for row in s.running] == [5, 7, 5]
 
 
-def test_max_new_tokens_zero_ends_without_a_row_and_unloaded_adapters_fail():
+def test_unloaded_adapters_fail_at_admission():
     gone = adapter("gone")
     gone.weights = None
     s = scheduler()
-    s.add([job("nothing", max_new_tokens=0), job("orphan", gone)])
+    add(s, job("orphan", gone))
     plan = s.schedule()
-    assert plan.batch is None
-    assert [(j.request_id, r) for j, r in plan.ended] == [("nothing", FinishReason.LENGTH),
-                                                          ("orphan", FinishReason.CANCELLED)]
-    assert "unloaded" in str(plan.ended[1][0].error)
+    assert plan.batch is None and [j.request_id for j in plan.released] == ["orphan"]
+    assert "unloaded" in str(plan.released[0].error)
 
 
-def test_fail_all_ends_every_job():
+def test_clear_forgets_every_job_and_frees_the_slots():
+    a = adapter("a")
     s = scheduler(max_batch=1)
-    s.add([job("running"), job("waiting")])
+    add(s, job("running", a), job("waiting"))
     s.schedule()
-    ended = s.fail_all(RuntimeError("boom"))
-    assert [j.request_id for j, _ in ended] == ["running", "waiting"]
-    assert all("boom" in str(j.error) for j, _ in ended) and not s.has_work
+    s.clear()
+    assert not s.has_work and s.slots.forget(a)
 
 
 def test_slot_table_never_evicts_a_slot_in_use_and_forgets_only_idle_adapters():

@@ -24,11 +24,9 @@ from loraplex.runtime.server import app
 class SlowSink:
     def __init__(self, sink):
         self.sink = sink
-    def on_token(self, token):
-        time.sleep(0.01)
-        self.sink.on_token(token)
-    def on_finish(self, reason):
-        self.sink.on_finish(reason)
+    def on_output(self, output):
+        time.sleep(0.01 * len(output.tokens))
+        self.sink.on_output(output)
 
 build = app.build_engine
 

@@ -223,8 +223,8 @@ def test_an_engine_without_guidance_refuses_constraints_instead_of_ignoring_them
     engine = server.running.service.engine
     if engine.name != "genai":
         pytest.skip("the batched engine always has llguidance")
-    assert engine.guidance is None  # the CPU wheel enforces constraints
-    engine.guidance = "guidance is not enabled in this build"  # as the probe reports such a build
+    assert engine.executor.guidance is None  # the CPU wheel enforces constraints
+    engine.executor.guidance = "guidance is not enabled in this build"  # as the probe reports such a build
     try:
         with server.client() as client:
             with pytest.raises(grpc.RpcError) as raised:
@@ -233,4 +233,4 @@ def test_an_engine_without_guidance_refuses_constraints_instead_of_ignoring_them
             assert "guidance" in raised.value.details()
             assert client.generate("alpha", PROMPTS[0], max_new_tokens=4).finish_reason
     finally:
-        engine.guidance = None
+        engine.executor.guidance = None

@@ -3,9 +3,9 @@
 - `graph`: rewrites the package graph so each row picks its adapter from weight banks (cached);
 - `scheduler` (+ `slots`): which rows run, admission, adapter slots (LRU, drain), retirement;
 - `runner` (+ `bank`, `kv`, `sampling`): the session run, the weight banks, the KV cache, token choice;
-- `engine`: the thread that loops schedule -> run -> postprocess.
+- `executor`: one step is schedule -> run -> postprocess; `BatchedEngine` runs it on the engine core.
 """
 
-from loraplex.runtime.engines.batched.engine import BatchedEngine
+from loraplex.runtime.engines.batched.executor import BatchedEngine
 
 __all__ = ["BatchedEngine"]

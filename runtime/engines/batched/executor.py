@@ -1,0 +1,152 @@
+"""The `batched` engine: continuous batching of requests for different adapters in one batch.
+
+The executor's `step()` is schedule -> run -> postprocess: the scheduler decides (which rows run,
+KV rows, adapter slots), the runner computes (one session run, a token per row), the scheduler
+post-processes (each row's KV length and last token) and the core (`core.EngineCore`) applies the
+finish policy to the samples. Requests join and leave at every step; a joining request stalls the
+others for one prefill run. CPU execution provider only: the KV rows are host-memory views.
+
+A failure belongs to the rows that cause it: the sampler reports a row's own error (non-finite
+scores) in place of its token, and when a whole session run fails the step is run again row by
+row, each row alone on its own KV row, so only the rows that fail alone end (with INTERNAL).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+from loraplex.adapters.package.adapter_file import AdapterWeights
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
+from loraplex.runtime.engines.batched.runner import ModelRunner
+from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler
+from loraplex.runtime.engines.batched.session import SessionSettings
+from loraplex.runtime.engines.core import EngineCore, Executor, StepResult
+from loraplex.runtime.errors import (
+    ConstraintUnsupported,
+    DeviceUnavailable,
+    EngineFailure,
+    InvalidRequest,
+    LoraplexError,
+)
+
+log = logging.getLogger(__name__)
+
+CPU_PROVIDERS = (None, "", "cpu", "CPUExecutionProvider")
+
+
+class BatchedExecutor(Executor):
+    """Per-row adapters on onnxruntime's CPU execution provider: a scheduler and a model runner."""
+
+    def __init__(self, package: Package, *, max_batch: int, max_slots: int, session: SessionSettings):
+        config = package.config
+        self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots, max_len=config.context_length)
+        self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots, session=session)
+
+    # ----- adapters -----
+
+    def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> BatchedAdapter:
+        return BatchedAdapter(name=name, version=version, path=weights.path, weights=weights)
+
+    def unload_adapter(self, handle: AdapterHandle) -> bool:
+        assert isinstance(handle, BatchedAdapter)
+        if not self.scheduler.forget(handle):
+            return False
+        handle.weights = None
+        return True
+
+    # ----- jobs -----
+
+    def refusal(self, job: GenerationJob) -> LoraplexError | None:
+        if isinstance(job.adapter, BatchedAdapter) and job.adapter.weights is None:
+            return InvalidRequest(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded")
+        if job.params.constraint is not None and (why := self.runner.guidance_error()):
+            return ConstraintUnsupported(f"output constraints cannot be enforced with this package's tokenizer "
+                                         f"({why}); send the request without `output` (and with `no_default_output`)")
+        return None
+
+    def prerequisite(self, job: GenerationJob) -> Future | None:
+        """A constrained job waits for llguidance's tokenizer (loaded when first needed)."""
+        return self.runner.want_guidance() if job.params.constraint is not None else None
+
+    def add(self, job: GenerationJob) -> None:
+        self.scheduler.add(job)
+
+    def end(self, job: GenerationJob) -> bool:
+        return self.scheduler.end(job)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> StepResult:
+        plan = self.scheduler.schedule()
+        self.runner.compact(plan.moves, idle=plan.idle)
+        if plan.batch is None:
+            return StepResult([], plan.released)
+        return StepResult(self.scheduler.postprocess(plan.batch, self._run(plan.batch)), plan.released)
+
+    def drop_all(self) -> None:
+        self.scheduler.clear()
+
+    def release_memory(self) -> None:
+        self.runner.release_memory()
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def _run(self, batch: Batch) -> list[int | Exception]:
+        """A token (or the row's error) per row. If the session run fails for the whole batch, each
+        row runs alone (KV rows [i, i+1), its fills only): only the rows that fail alone get the error.
+        Re-running is exact: a row's cache positions are rewritten with the same values."""
+        try:
+            return self.runner.run(batch)
+        except Exception as exc:
+            if len(batch.rows) == 1:
+                log.exception("request %s failed in the batched engine", batch.rows[0].job.request_id)
+                return [EngineFailure(f"decoding failed: {exc}")]
+            log.warning("a %s step of %d rows failed (%s); running its rows one by one", batch.kind,
+                        len(batch.rows), exc)
+        outcomes: list[int | Exception] = []
+        for i, row in enumerate(batch.rows):
+            alone = Batch(batch.kind, [row], batch.start + i, [f for f in batch.fills if f[0] == row.slot])
+            # The cache rows that must survive a growth: those filled so far (a prefill fills its rows
+            # one by one here), or every row of a decode step.
+            keep = batch.start + (i if batch.kind == "prefill" else len(batch.rows))
+            try:
+                outcomes.extend(self.runner.run(alone, keep=keep))
+            except Exception as exc:
+                log.exception("request %s failed in the batched engine", row.job.request_id)
+                outcomes.append(EngineFailure(f"decoding failed: {exc}"))
+        return outcomes
+
+
+class BatchedEngine(EngineCore):
+    """Continuous batching with per-row adapters on onnxruntime (CPU execution provider).
+
+    max_batch: rows decoding at once (the KV cache holds this many sequences).
+    max_slots: adapters resident in the weight banks at once (default: max_batch, so no request
+        waits for a slot). Slots are allocated as adapters arrive, and an adapter's weights live in
+        its slot or, once swapped out, in a compact host copy: more slots cost no memory until used;
+        a step gathers one slot per row whatever the bank size.
+    intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
+        `session.SessionSettings`; the cache is made at the first start on a machine).
+    """
+
+    name = "batched"
+
+    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 16,
+                 max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
+                 memory_arena: bool = True, session_cache: bool = True):
+        if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
+            raise DeviceUnavailable(
+                f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
+                f"provider={provider!r}); use --engine genai for accelerators"
+            )
+        settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
+        executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch, session=settings)
+        self.scheduler, self.runner = executor.scheduler, executor.runner
+        config = package.config
+        super().__init__(executor, max_len=config.context_length, vocab_size=config.vocab_size,
+                         eos_ids=config.eos_token_ids, thread_name="loraplex-batched")
