@@ -16,7 +16,6 @@ training selected it by (training.json `metric`: accuracy, macro_f1, rouge_l or 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,8 @@ class Prediction:
 
 
 class EngineDecoder:
-    """Greedy decoding through a loraplex engine in this process, on the CPU.
+    """Greedy decoding through loraplex's in-process API (`loraplex.runtime.api.LLM`), on the CPU:
+    the server's own request path, with the engine the server will use for the package.
 
     Every prompt of a call is submitted at once: the batched engine decodes them together (its
     greedy tokens equal one-at-a-time decoding, whatever shares the batch).
@@ -94,56 +94,27 @@ class EngineDecoder:
 
     def __init__(self, package_dir: Path, manifest: Manifest, engine: str):
         from loraplex.adapters.package.reader import Package
-        from loraplex.runtime.engines import build_engine
-        from loraplex.runtime.server.tokenizer import open_tokenizer
+        from loraplex.runtime.api import LLM
 
-        self.package = Package.open(package_dir, manifest)
         self.engine_name = engine
-        self.engine = build_engine(self.package, engine, device="cpu", provider=None, max_batch=16)  # type: ignore[arg-type]
-        self.tokenizer = open_tokenizer(self.package.root, manifest.tokenizer)  # the server's
-        self._handles: dict = {}
+        self.llm = LLM(Package.open(package_dir, manifest), engine=engine, device="cpu", load_adapters=False,
+                       max_batch=16)
+        self.tokenizer = self.llm.tokenizer  # the server's
 
     def load(self, name: str, file: Path) -> None:
-        from loraplex.adapters.package.adapter_file import read_adapter_file
+        self.llm.load_adapter(name, file, version="verify")
 
-        weights = read_adapter_file(file, self.package.lora_inputs)
-        self._handles[name] = self.engine.load_adapter(name, "verify", weights)
-
-    def greedy(self, adapter: str | None, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def greedy(self, adapter: str | None, prompts: Sequence[str], max_new_tokens: int,
                constraint: OutputConstraint | None = None) -> list[Prediction]:
-        from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams
+        from loraplex.runtime.api import FinishReason
 
-        sinks = [_Collect() for _ in prompts]
-        params = SamplingParams(max_new_tokens=max_new_tokens, constraint=constraint)
-        handle = self._handles[adapter] if adapter else None
-        jobs = [GenerationJob(f"verify-{i}", list(p), params, handle, sink) for i, (p, sink) in
-                enumerate(zip(prompts, sinks, strict=True))]
-        for job in jobs:
-            self.engine.submit(job)
-        for job, sink in zip(jobs, sinks, strict=True):
-            sink.done.wait()
-            if job.error is not None:
-                raise RuntimeError(f"the {self.engine_name} engine failed on a verification prompt: {job.error}")
-        # a complete output constraint ends a job with STOP where a free one ends with EOS
-        return [Prediction(s.tokens, s.reason in (FinishReason.EOS, FinishReason.STOP)) for s in sinks]
+        replies = self.llm.generate(list(prompts), adapter=adapter or "", max_new_tokens=max_new_tokens,
+                                    output=constraint, no_default_output=True)
+        # a complete output constraint ends a reply with STOP where a free one ends with EOS
+        return [Prediction(r.token_ids, r.finish_reason in (FinishReason.EOS, FinishReason.STOP)) for r in replies]
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            self.engine.unload_adapter(handle)
-        self.engine.close()
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.reason = None
-        self.done = threading.Event()
-
-    def on_output(self, output) -> None:
-        self.tokens.extend(output.tokens)
-        if output.finish is not None:
-            self.reason = output.finish
-            self.done.set()
+        self.llm.close()
 
 
 def exact_match(predictions: Sequence[Prediction], examples: Sequence[TaskExample], decode: Callable) -> float:
@@ -176,10 +147,11 @@ def measure(name: str, examples: list[TaskExample], source: str, package: Engine
     adapter must be loaded in both decoders as `name`. The package decodes under the adapter's output
     `constraint`, as the server applies it by default; PyTorch, the reference, decodes free."""
     encode, decode = package.tokenizer.encode, package.tokenizer.decode
-    prompts = [encode(e.prompt) for e in examples]
+    prompts = [encode(e.prompt) for e in examples]  # PyTorch's; the package's server encodes the same texts alike
     budget = max(len(encode(e.completion)) for e in examples) + 2  # the completion, EOS, one token of slack
-    ours = package.greedy(name, prompts, budget, constraint)
-    base = package.greedy(None, prompts, budget)
+    texts = [e.prompt for e in examples]
+    ours = package.greedy(name, texts, budget, constraint)
+    base = package.greedy(None, texts, budget)
     eos = reference.eos_ids
     theirs = [_prediction(tokens, eos) for tokens in reference.greedy_many(prompts, name, budget)]
     agreement = sum(a.tokens == b.tokens and a.stopped == b.stopped for a, b in zip(ours, theirs, strict=True))

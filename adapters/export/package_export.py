@@ -64,11 +64,11 @@ def _check_output(name: str, adapter: PeftAdapter) -> dict | None:
     if adapter.output is None:
         return None
     from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
-    from loraplex.runtime.engines.guidance import check_constraint
+    from loraplex.runtime.api import check_output_contract
     from loraplex.runtime.errors import InvalidRequest
 
     try:
-        constraint = check_constraint(OutputConstraint.from_dict(adapter.output), "output")
+        constraint = check_output_contract(OutputConstraint.from_dict(adapter.output))
     except (OutputSpecError, InvalidRequest) as exc:
         raise AdapterError(
             f"adapter {name!r}: the output contract in its training.json is invalid: {exc}; fix `output:` in the "
@@ -223,11 +223,11 @@ def export_package(
 def _write_banked_graph(out_dir: Path) -> None:
     """The batched engine's rewrite of the graph, cached beside it now rather than at the server's first
     start: a server then opens the package without importing `onnx` or rewriting anything."""
-    from loraplex.runtime.engines.batched.graph import LoraBankError, ensure_batched_model
+    from loraplex.runtime.api import write_batched_graph
 
     try:
-        ensure_batched_model(out_dir / MODEL_FILE)
-    except LoraBankError as exc:  # the package still serves with the genai engine
+        write_batched_graph(out_dir / MODEL_FILE)
+    except ValueError as exc:  # the package still serves with the genai engine
         log.warning("no banked graph for the batched engine (%s): serve this package with --engine genai", exc)
 
 

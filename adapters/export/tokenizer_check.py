@@ -40,10 +40,10 @@ def probe_texts(tokenizer_json: Path, random_texts: int = 400, seed: int = 0) ->
 
 def choose_library(package_dir: Path) -> str:
     """"tokenizers" when it encodes every probe text as onnxruntime-genai does, else "genai"."""
-    from loraplex.runtime.server.tokenizer import TOKENIZER_FILE, FastTokenizer, PackageTokenizer
+    from loraplex.runtime.api import server_tokenizers
 
-    fast, genai = FastTokenizer(package_dir), PackageTokenizer(package_dir)
-    for text in probe_texts(package_dir / TOKENIZER_FILE):
+    fast, genai = server_tokenizers(package_dir)
+    for text in probe_texts(package_dir / "tokenizer.json"):
         ours, theirs = fast.encode(text), genai.encode(text)
         if ours != theirs:
             log.warning("the tokenizers library encodes %r as %s, onnxruntime-genai as %s: the server will tokenize "

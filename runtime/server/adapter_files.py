@@ -125,10 +125,10 @@ class AdapterFiles:
         the template is the manifest's for this file, else `template` (a replacement keeps serving
         the task of the version it replaces); the output contract likewise.
         """
-        manifest = self._manifest()
+        manifests = self._manifests()
         try:
             sha = file_sha256(file)
-            self._verify_digest(file, sha, manifest)
+            self._verify_digest(file, sha, [e for m in manifests for e in m.adapters.values()])
             weights = read_adapter_file(file, self.package.lora_inputs)
             size = file.stat().st_size
         except AdapterFileError as exc:
@@ -138,8 +138,7 @@ class AdapterFiles:
             ) from exc
         except OSError as exc:
             raise _path_error(file.name, exc) from None
-        entry = manifest.adapters.get(name) if manifest is not None else None
-        entry = entry if entry is not None and entry.sha256 == sha else None
+        entry = next((e for m in manifests if (e := m.adapters.get(name)) is not None and e.sha256 == sha), None)
         if entry is not None and entry.template:
             template = PromptTemplate.from_dict(entry.template)
         if entry is not None and entry.output:
@@ -158,19 +157,19 @@ class AdapterFiles:
         )
         return found, weights
 
-    def _manifest(self) -> Manifest | None:
-        """The package manifest as it is on disk now: an adapter added to the package (`loraplex
-        adapters add`) while serving is described there."""
+    def _manifests(self) -> list[Manifest]:
+        """The package manifest as it is on disk now (an adapter added to the package with `loraplex
+        adapters add` while serving is described there), then the one the package was opened with (a
+        package verified in process before its manifest is written, or a candidate adapter)."""
         try:
-            return Manifest.load(self.package.root)
+            return [Manifest.load(self.package.root), self.package.manifest]
         except (ManifestError, OSError):
-            return None
+            return [self.package.manifest]
 
-    def _verify_digest(self, file: Path, sha: str, manifest: Manifest | None) -> None:
+    def _verify_digest(self, file: Path, sha: str, entries: list[AdapterEntry]) -> None:
         """The file's sha256 must be the one recorded for it: in `<file>.sha256` beside it, else in the
         manifest entry whose file it is; a file with neither must be byte-identical to an adapter the
         manifest records (a copy of a package adapter). Flipped bytes never reach the parser."""
-        entries: list[AdapterEntry] = list(manifest.adapters.values()) if manifest is not None else []
         sidecar = file.with_name(file.name + DIGEST_SUFFIX)
         if sidecar.is_file():
             expected, source = _read_digest(sidecar), sidecar.name

@@ -151,3 +151,24 @@ def test_the_demo_reports_parseable_outputs_with_and_without_the_contract(demo_s
     assert set(rates) == {"sentiment"}
     constrained, free, count = rates["sentiment"]
     assert constrained == 1.0 and count == 12 and 0.0 <= free <= 1.0
+
+
+def test_the_readmes_in_process_example_runs_on_the_demo_package(demo_package: Path, tmp_path: Path, capsys):
+    """The README's `LLM` example, as written, with the demo package's path: it must keep working."""
+    import re
+    import shutil
+
+    from loraplex.runtime.api import FinishReason
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## In process, without a server"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    other = shutil.copy(demo_package / "adapters" / "sentiment.onnx_adapter", tmp_path / "other.onnx_adapter")
+    example = example.replace("artifacts/demo/package", str(demo_package)).replace("path/to/other.onnx_adapter",
+                                                                                 str(other))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    reply, replies = namespace["reply"], namespace["replies"]
+    assert reply.finish_reason is FinishReason.STOP and reply.text.strip() in {"positive", "negative"}
+    assert len(replies) == 2 and all(r.adapter == "reverse" for r in replies)
+    assert capsys.readouterr().out.startswith(f"{reply.text} {reply.finish_reason} {reply.token_ids}\n")
