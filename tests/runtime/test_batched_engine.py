@@ -300,7 +300,7 @@ def inject(engine: BatchedEngine, prompt, handle) -> tuple[GenerationJob, Collec
 
 
 def test_a_prefill_that_fails_is_rerun_row_by_row_and_ends_only_the_failing_row(package, make_engine):
-    """Issue 11: one bad row used to fail every row of its step with INTERNAL."""
+    """One bad row used to fail every row of its step with INTERNAL."""
     engine, handles = make_engine(max_batch=8, max_slots=3)
     _, first = submit(engine, PROMPTS[0], None, pause_at=1)
     first.reached.wait(WAIT_S)  # the others queue up and join in one prefill

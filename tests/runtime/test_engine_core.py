@@ -119,6 +119,20 @@ class Sink:
         return self.outputs[-1].finish
 
 
+class Holding(Sink):
+    """Holds the engine thread after delivering token `at` until `hold` is set; `reached` says it is there."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.hold, self.reached = at, threading.Event(), threading.Event()
+
+    def on_output(self, output: StepOutput) -> None:
+        super().on_output(output)
+        if output.tokens == (self.at,):
+            self.reached.set()
+            assert self.hold.wait(WAIT_S), "the test never released the engine"
+
+
 def job(request_id: str, max_new_tokens: int = 8, **params) -> GenerationJob:
     return GenerationJob(request_id, [1, 2, 3], SamplingParams(max_new_tokens=max_new_tokens, **params), None, Sink())
 
@@ -176,22 +190,13 @@ def test_an_error_sample_fails_its_job_only(make_core):
 
 
 def test_a_stopped_job_ends_with_its_reason_and_exactly_one_finish_after_its_release(make_core):
-    hold, reached = threading.Event(), threading.Event()
-
-    class Holding(Sink):
-        def on_output(self, output):
-            super().on_output(output)
-            if output.tokens == (5,):
-                reached.set()
-                hold.wait(WAIT_S)  # the engine thread stops here until the test has stopped the job
-
     core, executor = make_core({"r": [5, 6, 7, 8]})
     j = job("r")
-    j.sink = Holding()
+    j.sink = sink = Holding(at=5)
     core.submit(j)
-    assert reached.wait(WAIT_S)
+    assert sink.reached.wait(WAIT_S)  # the engine thread waits there until the job is stopped
     j.stop(FinishReason.STOP)  # what a stop string found above the engine does
-    hold.set()
+    sink.hold.set()
     assert j.sink.finish is FinishReason.STOP and j.sink.tokens == [5]
     assert [o.finish for o in j.sink.outputs].count(FinishReason.STOP) == 1
     assert not executor.has_work  # released before the sink heard
@@ -251,20 +256,12 @@ def test_an_executor_failure_ends_every_job_and_the_engine_keeps_serving(make_co
 def test_unload_returns_once_the_jobs_on_the_adapter_have_ended(make_core):
     core, executor = make_core({"r": [5, 6, 7, EOS]})
     handle = AdapterHandle("a", "1", Path("a.onnx_adapter"))
-    hold, reached = threading.Event(), threading.Event()
-
-    class Holding(Sink):
-        def on_output(self, output):
-            super().on_output(output)
-            if output.tokens == (5,):
-                reached.set()
-                hold.wait(WAIT_S)
-
-    j = GenerationJob("r", [1], SamplingParams(), handle, Holding())
+    sink = Holding(at=5)
+    j = GenerationJob("r", [1], SamplingParams(), handle, sink)
     core.submit(j)
-    assert reached.wait(WAIT_S)
+    assert sink.reached.wait(WAIT_S)
     unloading = threading.Thread(target=core.unload_adapter, args=(handle,))
     unloading.start()
-    hold.set()
+    sink.hold.set()
     unloading.join(WAIT_S)
     assert not unloading.is_alive() and executor.unloaded == [handle] and j.sink.finish is FinishReason.EOS

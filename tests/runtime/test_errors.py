@@ -105,7 +105,7 @@ def test_admin_calls_need_the_bearer_token(guarded):
     with guarded.client(token=TOKEN) as client:
         load = adapters_pb2.LoadAdapterRequest(name="delta", path="beta.onnx_adapter")
         good = ("authorization", f"Bearer {TOKEN}")
-        for twice in ([("authorization", "Bearer wrong"), good], [good, good]):  # issue 11: last value won
+        for twice in ([("authorization", "Bearer wrong"), good], [good, good]):  # the last value used to win
             code, details = code_of(lambda m=twice: client.adapters.Load(load, metadata=m, timeout=30))
             assert code == grpc.StatusCode.UNAUTHENTICATED and "more than one" in details
         assert "delta" not in [a.name for a in client.list_adapters()]
@@ -120,8 +120,8 @@ BAD_LOADS = {  # id: (name, path, status, words in the details)
     "name-slash": ("bad/name", "alpha.onnx_adapter", INVALID, "invalid"),
     "name-dotdot": ("..", "alpha.onnx_adapter", INVALID, "invalid"),
     "name-65": ("x" * 65, "alpha.onnx_adapter", INVALID, "invalid"),
-    "name-100000": ("a" * 100_000, "alpha.onnx_adapter", INVALID, "invalid"),  # issue 11: no metadata overflow
-    "name-newline": ("spare\n", "alpha.onnx_adapter", INVALID, "invalid"),  # issue 11: full match
+    "name-100000": ("a" * 100_000, "alpha.onnx_adapter", INVALID, "invalid"),  # no metadata overflow
+    "name-newline": ("spare\n", "alpha.onnx_adapter", INVALID, "invalid"),  # a full match, not a prefix
     "name-nul": ("spare\0", "alpha.onnx_adapter", INVALID, "invalid"),
     "traversal": ("delta", "../outside/alpha.onnx_adapter", DENIED, "outside the adapter root"),
     "absolute": ("delta", "/etc/passwd", DENIED, "outside the adapter root"),
@@ -129,7 +129,7 @@ BAD_LOADS = {  # id: (name, path, status, words in the details)
     "absent": ("delta", "absent.onnx_adapter", MISSING, "no adapter file"),
     "absent-outside": ("delta", "../nowhere/x.onnx_adapter", DENIED, "outside the adapter root"),
     "not-adapter": ("delta", "notes.txt", INVALID, ".onnx_adapter"),
-    # issue 11, defect 2: every path error has its status, decided before the filesystem is asked
+    # every path error has its status, decided before the filesystem is asked
     "path-nul": ("delta", "al\0pha.onnx_adapter", INVALID, "NUL"),
     "path-300-char-name": ("delta", "a" * 300 + ".onnx_adapter", INVALID, "at most 255"),
     "path-6000": ("delta", "a/" * 3000 + "x.onnx_adapter", INVALID, "at most 1024"),
@@ -140,9 +140,9 @@ BAD_LOADS = {  # id: (name, path, status, words in the details)
     "garbage": ("delta", "garbage.onnx_adapter", REFUSED, "not an .onnx_adapter"),
     "wrong-shape": ("delta", "wrong_shape.onnx_adapter", REFUSED, "graph expects"),
     "partial": ("alpha", "partial.onnx_adapter", REFUSED, "lacks"),
-    "nan": ("delta", "nan.onnx_adapter", REFUSED, "NaN"),  # issue 11, defect 1
+    "nan": ("delta", "nan.onnx_adapter", REFUSED, "NaN"),
     "huge": ("delta", "huge.onnx_adapter", REFUSED, "magnitude"),
-    "float16": ("delta", "half.onnx_adapter", REFUSED, "float16"),  # issue 11, defect 7
+    "float16": ("delta", "half.onnx_adapter", REFUSED, "float16"),
     "int32": ("delta", "ints.onnx_adapter", REFUSED, "int32"),
     "flipped-bytes": ("delta", "flipped.onnx_adapter", REFUSED, "does not match the sha256"),  # defect 8
     "unrecorded": ("delta", "unrecorded.onnx_adapter", REFUSED, "no recorded sha256"),

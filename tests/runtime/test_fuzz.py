@@ -1,4 +1,4 @@
-"""Issue 11: a property-based fuzz of the request space (Hypothesis), on both engines at once.
+"""A property-based fuzz of the request space (Hypothesis), on both engines at once.
 
 Every drawn request goes to a batched and a genai server loaded alike. Properties: each answer is a
 documented status (never UNKNOWN or INTERNAL), both engines give the same status, and greedy
@@ -58,7 +58,7 @@ outputs = st.one_of(
 
 
 def set_output(params: generation_pb2.SamplingParams, output) -> None:
-    """Issue 15: the request's output constraint (valid kinds, malformed specs, an empty message)."""
+    """The request's output constraint (valid kinds, malformed specs, an empty message)."""
     kind, spec = output
     if kind == "empty":
         params.output.SetInParent()

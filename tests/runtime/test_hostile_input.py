@@ -1,4 +1,4 @@
-"""Issue 11: what a hostile client found, each as a regression test on both engines.
+"""What a hostile client found, each as a regression test on both engines.
 
 Every input gets a documented status, the message quotes at most ~200 characters of it, and the
 server keeps serving (and answering health checks) whatever a client sends.

@@ -1,4 +1,4 @@
-"""Issue 11: one client can never hurt another. A request that fails ends alone, with INTERNAL, and
+"""One client can never hurt another. A request that fails ends alone, with INTERNAL, and
 leaves nothing behind: no lease, no in-flight count, no generator holding its adapter.
 
 (The batched engine's row-by-row rerun of a failed step is tested at the engine level in

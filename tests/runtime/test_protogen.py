@@ -30,7 +30,7 @@ def test_contract_names_match_the_issue():
     assert set(params) == {
         "max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop",
         "ignore_eos",  # an extension for benchmarks: every request does the same work
-        "output", "no_default_output",  # issue 15: structured output
+        "output", "no_default_output",  # structured output
     }
     constraint = adapters_pb2.OutputConstraint.DESCRIPTOR
     assert [f.name for f in constraint.oneofs_by_name["kind"].fields] == ["regex", "json_schema", "grammar", "choice"]

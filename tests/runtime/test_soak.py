@@ -1,4 +1,4 @@
-"""Issue 11: a bounded soak of `loraplex serve` on each engine (`make soak` runs a longer one).
+"""A bounded soak of `loraplex serve` on each engine (`make soak` runs a longer one).
 
 Thousands of mixed requests with cancels, tight deadlines and hot replaces: only documented codes
 (never UNKNOWN or INTERNAL), no hang, nothing left in flight, greedy outputs unchanged, no error in

@@ -1,4 +1,4 @@
-"""Structured output (issue 15) over a real gRPC server, on BOTH engines: each constraint kind holds
+"""Structured output over a real gRPC server, on BOTH engines: each constraint kind holds
 for every output (greedy and sampled, on a random model), constrained and unconstrained requests
 share the server without changing each other's tokens, an adapter's default contract from the
 manifest applies unless the request brings its own or opts out, and bad specs are INVALID_ARGUMENT."""

@@ -5,7 +5,7 @@ row i of a batch uses slot `adapter_slot[i]`. Slot 0 stays all zeros: the base m
 adapter does not adapt and ranks below the bank's stay zero in its slot, which is exact (zero
 columns of A meet zero rows of B).
 
-Memory follows the adapters actually loaded, not the limits (issue 12):
+Memory follows the adapters actually loaded, not the limits:
 - slots are allocated as adapters arrive: the banks hold as many slots as the highest slot
   filled so far (plus slot 0), never `max_slots` up front;
 - each pair's bank has its own rank, the largest rank of the adapters filled so far that adapt
