@@ -9,7 +9,8 @@ Every engine replica follows the catalog with a long poll (`watch`): a call retu
 the replica is behind (a newer generation, a report round it has not answered), else after a
 heartbeat. The next call carries the replica's report (what it holds, requests in flight and
 served per adapter version, failures), which is how the catalog learns that a change was
-applied. A replica that has not polled for three heartbeats is considered gone.
+applied. A replica that has not polled for three heartbeats is considered gone (by the catalog's
+`clock`, time.monotonic unless a test gives its own).
 
 Consistency (what `Adapters.Load` / `Unload` promise on a cluster):
 - Load checks the file once, here (name, path under the adapter root, fit to the graph), so a
@@ -34,6 +35,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,9 +109,11 @@ class AdapterStatus:
 
 
 class AdapterCatalog:
-    def __init__(self, package: Package, adapter_root: Path, *, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, package: Package, adapter_root: Path, *, heartbeat_s: float = HEARTBEAT_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.files = AdapterFiles(package, adapter_root)
         self.heartbeat_s = heartbeat_s
+        self.clock = clock  # when each replica last polled, and so which replicas are live
         self.state = CatalogState(uuid.uuid4().hex[:12], 0, {})
         self._serial = 0
         self._reports: dict[str, ReplicaReport] = {}
@@ -126,7 +130,7 @@ class AdapterCatalog:
         """Record `report`; return the state as soon as the replica is behind, else after a heartbeat."""
         async with self._changed:
             self._reports[report.replica] = report
-            self._seen[report.replica] = time.monotonic()
+            self._seen[report.replica] = self.clock()
             if report.metrics:
                 self._metrics[report.replica] = report.metrics
             self._changed.notify_all()
@@ -145,7 +149,7 @@ class AdapterCatalog:
 
     def replicas(self) -> list[ReplicaReport]:
         """The live replicas' last reports."""
-        cutoff = time.monotonic() - 3 * self.heartbeat_s
+        cutoff = self.clock() - 3 * self.heartbeat_s
         return [r for name, r in sorted(self._reports.items()) if self._seen.get(name, 0.0) >= cutoff]
 
     def serving(self) -> bool:

@@ -1,7 +1,8 @@
 """The cluster's adapter catalog without Ray: checks, generations, waiting for replicas, reports.
 
 Replicas are simulated by tasks that long-poll `watch` as engine replicas do, applying each state
-at once (or holding it, to play a replica that is still draining).
+at once (or holding it, to play a replica that is still draining). Liveness runs on a fake clock
+that only the test moves: a stalled machine never makes a replica look gone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from loraplex.runtime.errors import (
     PermissionDenied,
 )
 
-HEARTBEAT = 0.05
+HEARTBEAT = 0.05  # how often a watch returns (real time); liveness: three heartbeats on the fake clock
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class FakeReplica:
@@ -46,12 +58,27 @@ class FakeReplica:
 
 
 @pytest.fixture
-def catalog(tiny_package: Path, adapter_root: Path) -> AdapterCatalog:
-    return AdapterCatalog(Package.open(tiny_package), adapter_root, heartbeat_s=HEARTBEAT)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def catalog(tiny_package: Path, adapter_root: Path, clock: FakeClock) -> AdapterCatalog:
+    return AdapterCatalog(Package.open(tiny_package), adapter_root, heartbeat_s=HEARTBEAT, clock=clock)
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def until(condition) -> None:
+    """Wait for state that other tasks reach (bounded by `run`'s timeout)."""
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def live(catalog: AdapterCatalog) -> list[str]:
+    return [r.replica for r in catalog.replicas()]
 
 
 def test_starts_with_the_package_adapters_and_checks_a_load_once_for_all(catalog):
@@ -73,11 +100,11 @@ def test_starts_with_the_package_adapters_and_checks_a_load_once_for_all(catalog
 def test_a_load_returns_once_every_live_replica_applied_it_and_a_replacement_keeps_the_task(catalog):
     async def scenario():
         replicas = [FakeReplica(catalog, f"r{i}") for i in range(2)]
-        await asyncio.sleep(HEARTBEAT)
+        await until(lambda: live(catalog) == ["r0", "r1"])
         template = catalog.state.entries["alpha"].adapter.template
         replicas[1].hold = True
         loading = asyncio.ensure_future(catalog.load("alpha", "beta.onnx_adapter", "v2"))
-        await asyncio.sleep(5 * HEARTBEAT)
+        await asyncio.sleep(5 * HEARTBEAT)  # heartbeats pass; r1, still polling, stays live on the clock
         assert not loading.done()  # r1 has not applied it
         replicas[1].hold = False
         checked = await loading
@@ -89,13 +116,19 @@ def test_a_load_returns_once_every_live_replica_applied_it_and_a_replacement_kee
     run(scenario())
 
 
-def test_a_replica_that_stops_polling_is_not_waited_for(catalog):
+def test_a_replica_that_stops_polling_is_not_waited_for(catalog, clock):
     async def scenario():
         alive, gone = FakeReplica(catalog, "alive"), FakeReplica(catalog, "gone")
-        await asyncio.sleep(HEARTBEAT)
+        await until(lambda: live(catalog) == ["alive", "gone"])
         gone.stop()
-        await catalog.load("delta", "gamma.onnx_adapter")  # returns after gone's three missed heartbeats
-        assert [r.replica for r in catalog.replicas()] == ["alive"]
+        before = catalog.state.generation
+        loading = asyncio.ensure_future(catalog.load("delta", "gamma.onnx_adapter"))
+        await until(lambda: alive.report.applied > before)
+        await asyncio.sleep(5 * HEARTBEAT)
+        assert not loading.done()  # gone has missed no heartbeat on the clock yet: it is waited for
+        clock.advance(3 * HEARTBEAT + 0.001)  # now it has missed three
+        await loading
+        await until(lambda: live(catalog) == ["alive"])  # alive polls again; gone never does
         assert catalog.serving()
         alive.stop()
 
@@ -107,7 +140,7 @@ def test_unload_no_wait_refuses_while_a_replica_reports_requests_in_flight(catal
         replica = FakeReplica(catalog, "r0")
         replica.report.in_flight = {"gamma": 2}
         replica.report.held = {"gamma": catalog.state.entries["gamma"].adapter.version}
-        await asyncio.sleep(HEARTBEAT)
+        await until(lambda: live(catalog) == ["r0"])
         with pytest.raises(AdapterBusy, match="2 request"):
             await catalog.unload("gamma", wait=False)
         assert "gamma" in catalog.state.entries
