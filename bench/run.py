@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bench.edge.runner import SCENARIOS as EDGE_SCENARIOS
 from bench.measure import machine, roofline
-from bench.measure.results import Prompt, over
+from bench.measure.results import Prompt, failure_line, over
 from bench.paths import BENCH_DIR, OUT_ROOT
 from bench.random_init import memory, scenarios
 from bench.systems.loraplex_server import LoraplexServer, Unavailable
@@ -64,8 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write RESULTS.md and the plots again from results.json (no measuring)")
     parser.add_argument("--parts", default=",".join(PARTS), help="edge (real model vs llama.cpp), random (comma list)")
     parser.add_argument("--edge-scenarios", default=",".join(EDGE_SCENARIOS), help="which edge scenarios")
-    parser.add_argument("--spin", action="store_true",
-                        help="edge part: let both onnxruntime's and llama.cpp's threads spin (a quiet machine only)")
     return parser.parse_args(argv)
 
 
@@ -148,7 +146,7 @@ class Bench:
             try:
                 self.peers[name] = GenaiInProcess(package, self.served, name=name)
             except Exception as exc:
-                self._unavailable(name, repr(exc))
+                self._unavailable(name, failure_line(exc))
         if "fp32" not in self.art.packages:
             self._unavailable("onnxruntime-genai", "no fp32 package (export unavailable or failed)")
         if not self.args.no_peft:
@@ -157,7 +155,7 @@ class Bench:
             try:
                 self.peers["pytorch-peft"] = PeftSystem(self.art.base, {n: self.art.peft[n] for n in self.served})
             except Exception as exc:
-                self._unavailable("pytorch-peft", repr(exc))
+                self._unavailable("pytorch-peft", failure_line(exc))
 
     # --- scenarios -------------------------------------------------------------------------
 
@@ -175,8 +173,9 @@ class Bench:
         try:
             fn()
         except Exception as exc:  # one broken scenario must not cost the others' numbers
-            log.error("scenario %s failed: %s", key, exc, exc_info=True)
-            self.results.setdefault("scenario_errors", {})[key] = repr(exc)
+            log.error("scenario %s failed: %s", key, failure_line(exc))
+            log.debug("scenario %s failed", key, exc_info=True)
+            self.results.setdefault("scenario_errors", {})[key] = failure_line(exc)
         self.results["timings_s"][key] = time.perf_counter() - start
         log.info("scenario %s took %.0f s", key, self.results["timings_s"][key])
 
@@ -238,6 +237,12 @@ class Bench:
         new, spare = f"a{n:02d}", f"a{n + 1:02d}"
         new_file = Path(manifest.adapters[new].file).name  # relative to the adapter root
         spare_file = Path(manifest.adapters[spare].file).name
+        # The servers serve a view of the package that does not list these two: record their digests
+        # beside them, as an operator does for a file that reaches a server outside its package.
+        for name in (new, spare):
+            entry = manifest.adapters[name]
+            (full / entry.file).with_name(Path(entry.file).name + ".sha256").write_text(
+                f"{entry.sha256}  {Path(entry.file).name}\n")
         peers = [p for name, p in self.peers.items() if name in ("onnxruntime-genai", "pytorch-peft")]
         paths = {"onnxruntime-genai": full / manifest.adapters[new].file, "pytorch-peft": self.art.peft[new]}
         with tqdm(total=len(self.servers) + len(peers), desc="hot load", unit="system") as bar:
@@ -284,8 +289,7 @@ class Bench:
         from bench.edge.runner import EdgeBench
 
         load = os.getloadavg()
-        edge = EdgeBench(OUT_ROOT, quick=self.quick, spin=self.args.spin,
-                         scenarios=tuple(self.args.edge_scenarios.split(",")))
+        edge = EdgeBench(OUT_ROOT, quick=self.quick, scenarios=tuple(self.args.edge_scenarios.split(",")))
         try:
             edge.run(self.bandwidth)
         finally:

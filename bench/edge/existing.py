@@ -68,7 +68,7 @@ class ExistingArtifacts:
 
 class ExistingEdgeBench(EdgeBench):
     def __init__(self, args: argparse.Namespace):
-        super().__init__(args.out, quick=args.quick, spin=args.spin, scenarios=tuple(args.scenarios.split(",")))
+        super().__init__(args.out, quick=args.quick, scenarios=tuple(args.scenarios.split(",")))
         self.args = args
 
     def build(self) -> None:
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--scenarios", default=",".join(s for s in SCENARIOS if s != "accuracy"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--spin", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,12 @@
 fresh-process readings first (memory breakdown, cold start, RSS with 1/2/8/32 adapters), then the
 long-lived systems (single stream with switching, concurrency, accuracy, agreement).
 
-Thread policy, the same on both sides: 2 threads; llama.cpp's OpenMP waits passively and
-loraplex runs its `edge` profile (onnxruntime threads do not spin). `--spin` lets both spin.
+Thread policy, the same on both sides, 2 threads. `default`: every system at its own default and
+best setting for a dedicated device: threads spin (llama.cpp's OpenMP default; onnxruntime's
+`--spin`); checked first for other load on the machine, and not reported when there is (spinning
+threads need their cores). `passive`: threads wait passively on both sides (llama.cpp
+`OMP_WAIT_POLICY=PASSIVE`, loraplex's `edge` profile as it is), what a shared device wants; the
+single-stream and concurrency scenarios run again under it (`results["passive"]`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.edge import scenarios as edge_scenarios
-from bench.measure import roofline
-from bench.measure.results import Prompt
+from bench.measure import machine, roofline
+from bench.measure.results import Prompt, failure_line, guarded
 from bench.systems import llamacpp_build
 from bench.systems.loraplex_server import LoraplexServer, Unavailable
 from bench.workloads import smollm2
@@ -51,7 +55,8 @@ IDLE_S = 2.0
 # Health polled this often at a cold start (both peers): each poll costs the server CPU time, which the
 # cold-start CPU figure would count.
 COLD_POLL_S = 0.02
-SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "accuracy", "agreement")
+SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "accuracy", "agreement", "passive")
+POLICIES = ("default", "passive")
 
 
 def _median(values: list[float]) -> float | None:
@@ -59,16 +64,16 @@ def _median(values: list[float]) -> float | None:
 
 
 class EdgeBench:
-    def __init__(self, out_root: Path, *, quick: bool = False, spin: bool = False,
-                 scenarios: tuple[str, ...] = SCENARIOS):
+    def __init__(self, out_root: Path, *, quick: bool = False, scenarios: tuple[str, ...] = SCENARIOS):
         self.out_root = out_root
         self.workload = smollm2.RealWorkload(eval_records=12, total_adapters=8) if quick \
             else smollm2.RealWorkload()
         self.grid = QUICK_EDGE if quick else EdgeGrid()
-        self.spin = spin
+        self.spin = True  # the default policy; `run_passive` measures again with threads waiting passively
         self.wanted = set(scenarios)
-        self.results: dict[str, Any] = {"workload": {}, "unavailable": {}, "timings_s": {}, "spin": spin,
-                                        "threads": self.grid.threads}
+        self.results: dict[str, Any] = {"workload": {}, "unavailable": {}, "timings_s": {}, "policy": "default",
+                                        "threads": self.grid.threads, "busy": {},
+                                        "busy_threshold": machine.BUSY_SHARE}
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -133,7 +138,7 @@ class EdgeBench:
                                name=f"llama-server {model} -np {parallel}", log_dir=self.log_dir,
                                threads=self.grid.threads, parallel=parallel, spin=self.spin)
         except Exception as exc:
-            self._unavailable(f"llama-server {model}", repr(exc))
+            self._unavailable(f"llama-server {model}", failure_line(exc))
             return None
 
     # --- scenarios -------------------------------------------------------------------------
@@ -145,8 +150,9 @@ class EdgeBench:
         try:
             fn()
         except Exception as exc:
-            log.error("edge scenario %s failed: %s", key, exc, exc_info=True)
-            self.results.setdefault("scenario_errors", {})[key] = repr(exc)
+            log.error("edge scenario %s failed: %s", key, failure_line(exc))
+            log.debug("edge scenario %s failed", key, exc_info=True)
+            self.results.setdefault("scenario_errors", {})[key] = failure_line(exc)
         self.results["timings_s"][key] = time.perf_counter() - start
 
     def run_breakdown(self) -> None:
@@ -243,19 +249,30 @@ class EdgeBench:
             rows.setdefault("llama-cpp-python Q4_1", {})[str(n)] = probe
         self.results["memory"] = rows
 
+    def _check_quiet(self, key: str) -> None:
+        """Before a spinning comparison: record how busy the machine is without the bench."""
+        if self.spin:
+            share = machine.busy_share()
+            self.results.setdefault("busy_share", {})[key] = share
+            if share > machine.BUSY_SHARE:
+                log.warning("%s: other processes use %.0f%% of the CPU; its spinning comparison is not reported",
+                            key, share * 100)
+                self.results["busy"][key] = share
+
     def run_single(self) -> None:
         from bench.systems.llamacpp import LlamaCppPython
 
+        self._check_quiet("single")
         systems = [s for s in (self.loraplex("int4", 2), self.loraplex("int4", 2, engine="genai"),
                                self.loraplex("fp32", 2), self.llama_server("Q4_1", 2)) if s is not None]
         try:
             systems.append(LlamaCppPython(self.llama, self.gguf_models["Q4_1"], self.adapters_gguf(2),
                                           name="llama-cpp-python Q4_1", threads=self.grid.threads, spin=self.spin))
         except Exception as exc:
-            self._unavailable("llama-cpp-python Q4_1", repr(exc))
+            self._unavailable("llama-cpp-python Q4_1", failure_line(exc))
         try:
             for system in systems:  # warm-up, not timed
-                edge_scenarios._guard(system, "warm-up", system.generate, self.prompts[0], self.workload.tasks[0], 4)
+                guarded(system.name, "warm-up", system.generate, self.prompts[0], self.workload.tasks[0], 4)
             self.results["single"] = edge_scenarios.single_switching(
                 systems, self.prompts, tuple(self.workload.tasks[:2]), self.workload.new_tokens, self.grid.single_reps)
         finally:
@@ -265,6 +282,7 @@ class EdgeBench:
     def run_concurrency(self) -> None:
         from bench.systems.llamacpp import LlamaCppPython
 
+        self._check_quiet("concurrency")
         n = self.grid.concurrency_adapters
         adapters = self.workload.adapter_names(n)
         out: dict[str, Any] = {}
@@ -277,10 +295,10 @@ class EdgeBench:
                                               name="llama-cpp-python Q4_1 (serial)", threads=self.grid.threads,
                                               spin=self.spin))
             except Exception as exc:
-                self._unavailable("llama-cpp-python Q4_1", repr(exc))
+                self._unavailable("llama-cpp-python Q4_1", failure_line(exc))
             try:
                 for system in systems:
-                    edge_scenarios._guard(system, "warm-up", system.generate, self.prompts[0], adapters[0], 4)
+                    guarded(system.name, "warm-up", system.generate, self.prompts[0], adapters[0], 4)
                 out[str(len(spread))] = edge_scenarios.concurrency(
                     systems, self.prompts, spread, self.grid.clients, self.grid.concurrency_requests,
                     self.workload.new_tokens, self.grid.serial_measured)
@@ -333,6 +351,19 @@ class EdgeBench:
         self.results["roofline"] = {**sizes, "tokens_per_s": roofline.roofline_tokens_per_s(sizes["per_token"],
                                                                                             bandwidth)}
 
+    def run_passive(self) -> None:
+        """Single stream and concurrency again with threads waiting passively on both sides."""
+        measured = {key: self.results.pop(key) for key in ("single", "concurrency") if key in self.results}
+        self.spin = False
+        try:
+            self.run_single()
+            self.run_concurrency()
+        finally:
+            self.results["passive"] = {key: self.results.pop(key) for key in ("single", "concurrency")
+                                       if key in self.results}
+            self.results.update(measured)
+            self.spin = True
+
     def run(self, bandwidth) -> dict[str, Any]:
         start = time.perf_counter()
         self.build()
@@ -340,7 +371,7 @@ class EdgeBench:
         for key, fn in (("breakdown", self.run_breakdown), ("coldstart", self.run_cold_start),
                         ("memory", self.run_memory), ("single", self.run_single),
                         ("concurrency", self.run_concurrency), ("accuracy", self.run_accuracy),
-                        ("agreement", self.run_agreement)):
+                        ("agreement", self.run_agreement), ("passive", self.run_passive)):
             self._timed(key, fn)
         self.results["timings_s"]["total"] = time.perf_counter() - start
         return self.results

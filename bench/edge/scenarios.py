@@ -26,18 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure.results import Prompt, RequestResult, over, summarize_load
+from bench.measure.results import Prompt, RequestResult, failure_line, guarded, over, summarize_load
 from bench.paths import REPO_ROOT
 
 log = logging.getLogger("bench.edge")
 
 
-def _guard(system: Any, what: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # one system failing must not cost the others' numbers
-        log.error("%s failed in %s: %s", system.name, what, exc, exc_info=True)
-        return exc
 
 
 def single_switching(systems: list[Any], prompts: list[Prompt], adapters: tuple[str, str], new_tokens: int,
@@ -51,7 +45,7 @@ def single_switching(systems: list[Any], prompts: list[Prompt], adapters: tuple[
         for system in systems:
             for kind, adapter in (("switching", adapters[rep % 2]), ("switching", adapters[(rep + 1) % 2]),
                                   ("base", None)):
-                result = _guard(system, "single stream", system.generate, prompts[rep % len(prompts)], adapter,
+                result = guarded(system.name, "single stream", system.generate, prompts[rep % len(prompts)], adapter,
                                 new_tokens)
                 if isinstance(result, RequestResult) and result.ok:
                     runs[system.name][kind].append(result)
@@ -79,9 +73,9 @@ def concurrency(systems: list[Any], prompts: list[Prompt], adapters: list[str], 
     out = {}
     for system in systems:
         kwargs = {"max_measured": serial_measured} if getattr(system, "serial", False) else {}
-        got = _guard(system, "concurrency", system.run_load, load, clients, new_tokens, **kwargs)
+        got = guarded(system.name, "concurrency", system.run_load, load, clients, new_tokens, **kwargs)
         if isinstance(got, Exception):
-            out[system.name] = {"error": repr(got)}
+            out[system.name] = {"error": failure_line(got)}
             continue
         results, wall, note = got
         out[system.name] = {**summarize_load(results, wall), "note": note}
@@ -136,8 +130,8 @@ def agreement(reference: Any, other: Any, prompts: list[Prompt], adapters: list[
     for adapter in adapters:
         verdicts = []
         for prompt in prompts:
-            a = _guard(reference, "agreement", reference.generate, prompt, adapter, new_tokens)
-            b = _guard(other, "agreement", other.generate, prompt, adapter, new_tokens)
+            a = guarded(reference.name, "agreement", reference.generate, prompt, adapter, new_tokens)
+            b = guarded(other.name, "agreement", other.generate, prompt, adapter, new_tokens)
             if isinstance(a, Exception) or isinstance(b, Exception) or not (a.ok and b.ok):
                 verdicts.append("failed")
                 continue

@@ -58,3 +58,25 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+BUSY_SHARE = 0.15  # others using more of the CPU than this: a spinning comparison would measure them
+
+
+def busy_share(seconds: float = 2.0) -> float:
+    """The share of all cores busy over `seconds` (/proc/stat), measured while the bench itself idles:
+    what other processes take. Spinning threads need their cores to themselves, so a comparison of
+    spinning systems measured beside such load says more about the neighbours than about the systems."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total else 0.0

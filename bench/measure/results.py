@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("bench")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,28 @@ class RequestResult:
     start_s: float = 0.0  # relative to the start of its scenario (for closed-loop replays)
     token_ids: list[int] | None = None  # completion, where the system returns it (agreement check)
     server_total_s: float | None = None  # the server's own timing (loraplex): latency minus this = RPC overhead
+
+
+def failure_line(exc: BaseException, limit: int = 160) -> str:
+    """What failed, in one line for a table cell or a log line: the error's type (a gRPC status code
+    for an RPC error) and the first line of its message."""
+    if callable(getattr(exc, "code", None)) and callable(getattr(exc, "details", None)):  # grpc.RpcError
+        kind, message = exc.code().name, exc.details() or ""  # type: ignore[attr-defined]
+    else:
+        kind, message = type(exc).__name__, str(exc)
+    lines = message.strip().splitlines()
+    return f"{kind}: {lines[0] if lines else ''}"[:limit]
+
+
+def guarded(name: str, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | Exception:
+    """Run one measurement of system `name`; a failure is logged in one line and returned, so one
+    system failing never costs the others their numbers (the traceback is logged at debug level)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        log.error("%s failed in %s: %s", name, what, failure_line(exc))
+        log.debug("%s failed in %s", name, what, exc_info=True)
+        return exc
 
 
 def over(deadline: float | None) -> bool:

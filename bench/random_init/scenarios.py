@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.measure.results import Prompt, RequestResult, median, over, summarize_load
+from bench.measure.results import Prompt, RequestResult, failure_line, guarded, median, over, summarize_load
 
 log = logging.getLogger("bench.scenarios")
 
@@ -51,20 +51,13 @@ def _requests(prompts: list[Prompt], adapters: list[str | None], n: int) -> list
     return [(prompts[i % len(prompts)], adapters[i % len(adapters)]) for i in range(n)]
 
 
-def _guarded(system: Any, what: str, fn, *args, **kwargs):
-    """Run one measurement; a failure is recorded for that system, the bench goes on."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        log.error("%s failed in %s: %s", system.name, what, exc, exc_info=True)
-        return exc
 
 
 def warm_up(systems: list[Any], prompt: Prompt, adapter: str | None, new_tokens: int) -> dict[str, list[int] | None]:
     """One request per system (not timed); returns each system's greedy completion ids."""
     tokens = {}
     for system in systems:
-        result = _guarded(system, "warm-up", system.generate, prompt, adapter, new_tokens)
+        result = guarded(system.name, "warm-up", system.generate, prompt, adapter, new_tokens)
         ok = not isinstance(result, Exception) and result.ok
         tokens[system.name] = result.token_ids if ok else None
     return tokens
@@ -102,11 +95,11 @@ def single_stream(
             log.warning("single stream: time budget used up after %d repetitions", rep)
             break
         for system in systems:
-            result = _guarded(
-                system, "single stream", system.generate, prompts[rep % len(prompts)], adapter, new_tokens
+            result = guarded(
+                system.name, "single stream", system.generate, prompts[rep % len(prompts)], adapter, new_tokens
             )
             if isinstance(result, Exception):
-                errors[system.name] = repr(result)
+                errors[system.name] = failure_line(result)
             elif result.ok:
                 runs[system.name].append(result)
             else:
@@ -155,8 +148,8 @@ def adapter_switch(
         for system in systems:
             for pattern, sequence in patterns.items():
                 for i, adapter in enumerate(sequence):
-                    r = _guarded(
-                        system,
+                    r = guarded(
+                        system.name,
                         "adapter switch",
                         system.generate,
                         prompts[(rep + i) % len(prompts)],
@@ -210,8 +203,8 @@ def concurrency(
                     kwargs["max_measured"] = grid.serial_measured
                 if getattr(system, "batched_peer", False):
                     kwargs["max_waves"] = grid.peft_waves
-                got = _guarded(
-                    system,
+                got = guarded(
+                    system.name,
                     f"concurrency {clients}x{n_adapters}",
                     system.run_load,
                     requests,
@@ -221,7 +214,7 @@ def concurrency(
                 )
                 row = {"system": system.name, "adapters": n_adapters, "clients": clients}
                 if isinstance(got, Exception):
-                    row["error"] = repr(got)
+                    row["error"] = failure_line(got)
                 else:
                     results, wall, note = got
                     row.update(summarize_load(results, wall), note=note)
@@ -273,20 +266,20 @@ def hot_load(
                     try:
                         loads[label] = server.load_adapter(name, path)
                     except Exception as exc:
-                        loads[label] = f"failed: {exc}"
+                        loads[label] = f"failed: {failure_line(exc)}"
                     time.sleep(grid.hot_load_delay_s)  # requests run on the new version for a while
             finally:
                 done.set()
 
         thread = threading.Thread(target=admin, daemon=True)
         thread.start()
-        got = _guarded(server, "hot load", server.run_load, requests, grid.hot_load_clients, new_tokens, until=done)
+        got = guarded(server.name, "hot load", server.run_load, requests, grid.hot_load_clients, new_tokens, until=done)
         thread.join()
         row: dict[str, Any] = {"kind": "server, under load"}
         for label, value in loads.items():
             row[f"{label}_ms"] = value * 1000 if isinstance(value, float) else value
         if isinstance(got, Exception):
-            row["error"] = repr(got)
+            row["error"] = failure_line(got)
         else:
             results, wall, _ = got
             row.update(
@@ -294,20 +287,20 @@ def hot_load(
                 failed=sum(not r.ok for r in results),
                 tokens_per_s=sum(r.tokens for r in results if r.ok) / wall,
             )
-        after = _guarded(server, "hot load check", server.generate, prompts[0], new_adapter[0], 2)
+        after = guarded(server.name, "hot load check", server.generate, prompts[0], new_adapter[0], 2)
         row["new_adapter_serves"] = not isinstance(after, Exception) and after.ok
         out[server.name] = row
         if progress:
             progress.update(1)
     for peer in peers:
         name = new_adapter[0]
-        took = _guarded(peer, "hot load", peer.load_adapter, name, peer_paths[peer.name])
+        took = guarded(peer.name, "hot load", peer.load_adapter, name, peer_paths[peer.name])
         row = {"kind": "in process, between requests"}
         if isinstance(took, Exception):
             row["error"] = repr(took)
         else:
             row["load_new_ms"] = took * 1000
-        after = _guarded(peer, "hot load check", peer.generate, prompts[0], name, 2)
+        after = guarded(peer.name, "hot load check", peer.generate, prompts[0], name, 2)
         row["new_adapter_serves"] = not isinstance(after, Exception) and after.ok
         out[peer.name] = row
         if progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench.report.markdown import md_table, num
 
 MIB = 2**20
+POLICY_TITLE = {False: "", True: " (threads waiting passively on both sides)"}
 STEPS = ("python", "imports", "package", "engine", "tokenizer", "adapters", "requests", "idle")
 STEP_TEXT = {
     "python": "Python interpreter",
@@ -48,14 +49,24 @@ def _header(edge: dict) -> list[str]:
         "with the same adapters converted by `loraplex adapters export-gguf` (f32).",
         f"- One adapter file: {num(files.get('onnx_adapter', 0) / 1024, 0)} KiB `.onnx_adapter`, "
         f"{num(files.get('gguf', 0) / 1024, 0)} KiB LoRA GGUF.",
-        f"- Threads: {edge.get('threads')} on both sides; "
-        + ("threads spin on both sides (`--spin`)." if edge.get("spin") else
-           "llama.cpp with `OMP_WAIT_POLICY=PASSIVE`, loraplex with `--profile edge` (onnxruntime threads do not "
-           "spin): the same policy on both sides."),
+        f"- Threads: {edge.get('threads')} on both sides. " + _policy(edge),
         f"- Requests: {wl.get('prompt_tokens')}-token prompts, {wl.get('new_tokens')} new tokens, greedy, EOS ignored "
         "(throughput); accuracy stops at EOS.",
         "",
     ]
+
+
+def _policy(edge: dict) -> str:
+    if edge.get("policy") != "default":  # results of a run before both policies were measured
+        return ("Threads waiting passively on both sides (llama.cpp `OMP_WAIT_POLICY=PASSIVE`, loraplex "
+                "`--profile edge`); llama.cpp's own default lets them spin, which this run did not measure.")
+    return ("Every system runs at its own default and best setting for a dedicated device: threads spin "
+            "(llama.cpp's OpenMP default, loraplex `--profile edge --spin`); llama-server with one slot and with "
+            "one per client, llama-cpp-python in process; each ratio is against the peer's best. Threads waiting "
+            "passively on both sides (llama.cpp `OMP_WAIT_POLICY=PASSIVE`, loraplex `--profile edge`), what a "
+            "shared device wants, are the second table of each scenario. Before each spinning scenario the bench "
+            f"measures the CPU other processes use; above {edge.get('busy_threshold', 0):.0%} its comparison is not "
+            "reported.")
 
 
 def _breakdown(edge: dict) -> list[str]:
@@ -132,7 +143,13 @@ def _memory(edge: dict) -> list[str]:
         ["system", *(f"{c} adapter{'s' if c > 1 else ''}" for c in counts), "MiB per extra adapter"], rows)
 
 
-def _single(edge: dict) -> list[str]:
+def _busy_line(edge: dict, key: str) -> list[str]:
+    share = (edge.get("busy") or {}).get(key)
+    return [f"**Not reported:** other processes used {share:.0%} of the CPU before this scenario; spinning threads "
+            "need their cores, so these figures measure the neighbours too.", ""] if share is not None else []
+
+
+def _single(edge: dict, passive: bool = False) -> list[str]:
     data = edge.get("single") or {}
     if not data:
         return []
@@ -144,15 +161,16 @@ def _single(edge: dict) -> list[str]:
             else ""
         rows.append([name, num(sw.get("tokens_per_s")), num(sw.get("decode_tokens_per_s")), num(sw.get("ttft_ms")),
                      num(base.get("tokens_per_s")), share])
-    lines = ["### Single stream, adapters switching", "",
+    lines = [f"### Single stream, adapters switching{POLICY_TITLE[passive]}", "",
              "One request at a time, two adapters alternating (the trained ones in `make bench`; a switch on "
              "every request), and the base model alone; medians. Roofline share: decode tokens/s over copy "
              f"bandwidth / int4 weight bytes per token ({num(roof)} tok/s).", ""]
+    lines += [] if passive else _busy_line(edge, "single")
     return lines + md_table(["system", "tokens/s", "decode tokens/s", "TTFT (ms)", "base model tokens/s",
                            "of roofline"], rows)
 
 
-def _concurrency(edge: dict) -> list[str]:
+def _concurrency(edge: dict, passive: bool = False) -> list[str]:
     data = (edge.get("concurrency") or {}).get("by_adapters") or {}
     if not data:
         return []
@@ -160,14 +178,15 @@ def _concurrency(edge: dict) -> list[str]:
     for spread, systems in data.items():
         for name, r in systems.items():
             if "error" in r:
-                rows.append([spread, name, "error", r["error"][:80], "", ""])
+                rows.append([spread, name, "failed", "", "", r["error"].splitlines()[0][:100]])
                 continue
             rows.append([spread, name, num(r["tokens_per_s"]), num(r.get("p50_s"), 2), num(r.get("p99_s"), 2),
                          r.get("note", "")])
     clients = edge["concurrency"].get("clients")
-    return ["### Concurrency", "", f"{clients} closed-loop clients, requests round robin over the adapters. "
-            "llama-cpp-python serves one request at a time (measured, replayed as a FIFO queue); llama-server runs "
-            f"`-np {clients}` slots but batches only requests with the same adapter set.", ""] + md_table(
+    return [f"### Concurrency{POLICY_TITLE[passive]}", "", f"{clients} closed-loop clients, requests round robin "
+            "over the adapters. llama-cpp-python serves one request at a time (measured, replayed as a FIFO queue); "
+            f"llama-server runs `-np {clients}` slots but batches only requests with the same adapter set.",
+            ""] + ([] if passive else _busy_line(edge, "concurrency")) + md_table(
         ["adapters", "system", "tokens/s", "p50 (s)", "p99 (s)", "how"], rows)
 
 
@@ -229,14 +248,19 @@ def targets(edge: dict) -> list[list[str]]:
     if cold:
         out.append(["process start to first token, int4", "≤ 1.00 s", f"{cold['median_s']:.2f} s",
                     "met" if cold["median_s"] <= 1.0 else "not met"])
-    single = edge.get("single") or {}
+    busy = edge.get("busy") or {}
+    single = {} if "single" in busy else edge.get("single") or {}
     mine = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("tokens_per_s")
     best = _best({k: v.get("switching", {}).get("tokens_per_s") for k, v in single.items()
                   if k.startswith("llama")}, lowest=False)
+    for key, what in (("single", "single stream"), ("concurrency", "concurrency")):
+        if key in busy:
+            out.append([f"{what} vs llama.cpp", "—", f"not reported: the machine was busy ({busy[key]:.0%} of its "
+                        "CPU used by other processes)", "—"])
     if mine and best:
         out.append(["single stream, adapters switching, vs llama.cpp (its faster)", "≥ 1.20x",
                     f"{mine / best[1]:.2f}x ({best[0]})", "met" if mine / best[1] >= 1.2 else "not met"])
-    conc = ((edge.get("concurrency") or {}).get("by_adapters") or {})
+    conc = {} if "concurrency" in busy else ((edge.get("concurrency") or {}).get("by_adapters") or {})
     spread = max(conc, key=int) if conc else None
     if spread:
         rows = conc[spread]
@@ -280,7 +304,11 @@ def render(edge: dict) -> list[str]:
         load = edge.get("load_average")
         lines += ["### Edge targets", "", f"Load average during this part: {load}." if load else ""]
         lines += md_table(["target", "needs", "measured", "status"], rows)
-    for section in (_single, _concurrency, _memory, _breakdown, _cold, _accuracy, _agreement):
+    for section in (_single, _concurrency):
+        lines += section(edge)
+        if edge.get("passive"):
+            lines += section({**edge, **edge["passive"]}, passive=True)
+    for section in (_memory, _breakdown, _cold, _accuracy, _agreement):
         lines += section(edge)
     if edge.get("unavailable"):
         lines += ["Not available: " + "; ".join(f"{k}: {v[:160]}" for k, v in edge["unavailable"].items()), ""]

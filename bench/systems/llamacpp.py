@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.measure.results import Prompt, RequestResult, replay_serial_queue
+from bench.measure.results import Prompt, RequestResult, failure_line, replay_serial_queue
 from bench.systems.llamacpp_build import LlamaCpp
 from bench.systems.loraplex_server import free_port
 
@@ -112,7 +112,7 @@ class LlamaServer:
                 if chunk.get("stop"):
                     break
         except OSError as exc:
-            return RequestResult(time.perf_counter() - start, ttft, len(ids), ok=False, error=repr(exc))
+            return RequestResult(time.perf_counter() - start, ttft, len(ids), ok=False, error=failure_line(exc))
         finally:
             conn.close()
         return RequestResult(time.perf_counter() - start, ttft, len(ids), token_ids=ids)
