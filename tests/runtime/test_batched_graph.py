@@ -23,8 +23,8 @@ from tests.fixtures.reference import PackageFiles, package_files
 
 
 @pytest.fixture(scope="module")
-def package(tiny_package) -> PackageFiles:
-    return package_files(tiny_package)
+def package(recipe_package) -> PackageFiles:
+    return package_files(recipe_package)
 
 
 def _session(path) -> ort.InferenceSession:
@@ -74,7 +74,10 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
     assert not any(i.name in lora for i in banked.initializer)  # zero-rank defaults gone
     gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
     assert sorted(n.input[0] for n in gathers) == lora
-    assert len(banked.node) == len(original.node) + len(lora) + 3  # + Unsqueeze, GatherND, Unsqueeze
+    layers = sum(1 for i in original.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    # + the Gathers, + Unsqueeze, GatherND, Unsqueeze; per layer q/k/v (3 nodes) and gate/up (2) each
+    # become one MatMul and a Split
+    assert len(banked.node) == len(original.node) + len(lora) + 3 - layers
     head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
     assert head.input[0] == "/lora_bank/logits_rows/rows"
 
@@ -147,3 +150,39 @@ def test_graph_without_lora_inputs_is_refused_with_the_fix(tmp_path):
     onnx.save(model, str(tmp_path / "model.onnx"))
     with pytest.raises(LoraBankError, match="no LoRA inputs.*export the package with at least one adapter"):
         rewrite_for_banks(tmp_path / "model.onnx", tmp_path / "model.batched.onnx")
+
+
+def test_projections_reading_one_input_are_fused_into_one_matmul_and_a_split(package):
+    fused_path, plain_path = (package.model.with_name(f"model.test_{kind}.onnx") for kind in ("fused", "plain"))
+    rewrite_for_banks(package.model, fused_path)
+    rewrite_for_banks(package.model, plain_path, fuse=False)
+    original = onnx.load(str(package.model), load_external_data=False).graph
+    banked = onnx.load(str(fused_path), load_external_data=False).graph
+    fused, plain = _session(fused_path), _session(plain_path)
+    for path in (fused_path, plain_path, fused_path.with_name("model.test_fused.fused.data")):
+        path.unlink()
+    weights = {i.name for i in original.initializer} - {i.name for i in original.input}
+
+    def projections(graph) -> dict[str, list[str]]:
+        """input -> outputs of the base MatMuls reading it (constant weights; not the LM head)"""
+        found: dict[str, list[str]] = {}
+        for n in graph.node:
+            if n.op_type in ("MatMul", "MatMulNBits") and "lm_head" not in n.name and \
+                    (n.input[1] in weights or n.name.startswith("/fused")):
+                found.setdefault(n.input[0], []).extend(n.output)
+        return found
+
+    before, after = projections(original), projections(banked)
+    groups = {tuple(outs) for outs in before.values() if len(outs) > 1}
+    assert sorted(len(g) for g in groups) == sorted([2, 3] * (len(groups) // 2))  # q/k/v and gate/up per layer
+    assert all(len(outs) == 1 for outs in after.values())  # one projection per input now
+    assert {tuple(n.output) for n in banked.node if n.op_type == "Split"} == groups  # the original names, in order
+    # Bit for bit: the base and an adapter in one batch, fused against unfused.
+    rng = np.random.default_rng(1)
+    ids = rng.integers(2, fused.get_outputs()[0].shape[-1], size=(2, 7), dtype=np.int64)
+    weights_a = _adapter(package, package.adapters[sorted(package.adapters)[0]])
+    banks = {name: np.stack([np.zeros_like(w), w]) for name, w in weights_a.items()}
+    feeds = {**_prompt_feeds(package, ids), **banks, SLOT_INPUT: np.array([0, 1]),
+             LOGITS_INDEX_INPUT: np.array([6, 3])}
+    got, want = (s.run(["logits"], feeds)[0] for s in (fused, plain))
+    assert np.array_equal(got, want)

@@ -21,7 +21,10 @@ adapters that adapt that module, and ONNX Runtime's memory planner takes tensors
 share a symbolic dim for equal in size (one shared `lora_r` with banks of different ranks fails
 with "Shape mismatch attempting to re-use buffer").
 
-A second, independent change: the LM head computes one position per row, picked by a new input
+Before that, the base projections that read the same input (q/k/v, gate/up) are fused into one
+MatMul each (`fusion`: exact, and fewer, larger kernels).
+
+A further, independent change: the LM head computes one position per row, picked by a new input
 `logits_index [batch]` (GatherND before the head), so `logits` is `[batch, 1, vocab]`. A
 prefill then needs only each prompt's last position, not `[batch, seq, vocab]`: for a small
 model with a large vocabulary the head is a large share of the prefill's compute and memory.
@@ -42,6 +45,7 @@ import shutil
 from pathlib import Path
 
 from loraplex.adapters.package.lora_inputs import LoraInputs, LoraPair
+from loraplex.runtime.engines.batched.fusion import fuse_shared_input_projections
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +57,10 @@ _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
 RANK_DIM = "lora_r"  # + "_<pair index>": each bank's own rank
 BATCHED_SUFFIX = ".batched.onnx"
+FUSED_DATA_SUFFIX = ".fused.data"  # model.batched.fused.data: the fused projections' weights
 _STAMP_SUFFIX = ".batched.json"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 3
+REWRITE_VERSION = 4
 
 
 class LoraBankError(ValueError):
@@ -83,10 +88,11 @@ def _batch_dim_name(graph) -> str:
     raise LoraBankError("the graph has no input_ids input: is this a decoder exported by loraplex?")
 
 
-def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[LoraPair]:
+def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: bool = True) -> list[LoraPair]:
     """Write the banked version of `model_path` to `out_path`; external data is shared (hard-linked
     into `out_path`'s directory when that is another one), never copied.
 
+    `fuse`: one MatMul for the projections that read the same input (`fusion`; exact).
     Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
     LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
     """
@@ -100,14 +106,27 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path) -> list[Lora
     pairs = _find_pairs(graph)
     batch = _batch_dim_name(graph)
     _check_lora_consumers(graph, pairs)
+    data_name = out_path.name.removesuffix(".onnx") + FUSED_DATA_SUFFIX
+    data_tmp = out_path.with_name(f"{data_name}.{os.getpid()}.tmp")
+    with open(data_tmp, "wb") as data:
+        fused = fuse_shared_input_projections(graph, model_path.parent, data, data_name) \
+            if fuse and _opset(model) >= 13 else 0
     _banks_as_inputs(graph, pairs, batch)
     _gather_before_lora_matmuls(graph, pairs)
     _pick_logits_rows(graph, batch)
     model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
     tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
     onnx.save(model, str(tmp))
+    if fused:
+        os.replace(data_tmp, out_path.with_name(data_name))  # the same bytes whoever writes them
+    else:
+        data_tmp.unlink()
     os.replace(tmp, out_path)
     return pairs
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _lora_names(pairs: list[LoraPair]) -> set[str]:
