@@ -67,6 +67,23 @@ class ServerTLS:
         for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{what} {path} is not a file: give a PEM file")
+        self._check_pem()
+
+    def _check_pem(self) -> None:
+        """Each file holds what it should, and the key is the certificate's: gRPC's own failure says only
+        'Failed to bind to address'."""
+        import ssl
+
+        for what, path, marker in (("--tls-cert", self.cert, "CERTIFICATE-----"),
+                                   ("--tls-key", self.key, "PRIVATE KEY-----"),
+                                   ("--tls-client-ca", self.client_ca, "CERTIFICATE-----")):
+            if path is not None and marker not in Path(path).read_text(errors="replace"):
+                raise ValueError(f"{what} {path} holds no PEM {marker.rstrip('-').lower()}: give a PEM file")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--tls-key {self.key} is not the private key of --tls-cert {self.cert} (or one of "
+                             f"them cannot be read: {exc.reason or exc})") from None
 
     def credentials(self) -> grpc.ServerCredentials:
         client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
@@ -204,10 +221,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    if config.tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, config.tls.credentials())
+    try:  # grpcio returns 0 on some failures and raises RuntimeError ("Failed to bind") on others
+        port = server.add_insecure_port(address) if config.tls is None else \
+            server.add_secure_port(address, config.tls.credentials())
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?)")
     await _set_health(health_servicer, False)

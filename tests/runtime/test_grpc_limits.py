@@ -74,3 +74,19 @@ def test_a_message_of_exactly_4_mib_reaches_the_request_path(server, name):
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert ("--max-prompt-bytes" if field == "prompt" else "1024") in details, details
     still_serving(server)
+
+
+def test_a_port_in_use_fails_the_start_with_a_clear_error(recipe_package):
+    """grpcio raises RuntimeError("Failed to bind ...") for a port in use: the start says which port."""
+    import asyncio
+    import socket
+
+    from loraplex.runtime.server import ServerConfig, start_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(package=recipe_package, port=port, warmup=False)
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} \\(port in use\\?\\)"):
+            asyncio.run(start_server(config))

@@ -176,11 +176,6 @@ def test_a_key_file_serve_may_not_read_fails_the_start_naming_it(recipe_package,
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a TLS file that is not a usable PEM certificate or key (or a key that is not the certificate's) "
-    "passes ServerTLS's is_file check; grpc's add_secure_port then fails and start_server raises "
-    "RuntimeError 'Failed to bind to address 127.0.0.1:0' (no file named), which `loraplex serve` "
-    "does not catch: a traceback and exit status 1"))
 @pytest.mark.parametrize("broken", ["key-not-pem", "cert-not-pem", "key-of-another-certificate"])
 def test_a_tls_file_serve_cannot_use_fails_the_start_naming_it(recipe_package, tls_files, tmp_path, broken):
     garbage = tmp_path / "garbage.pem"
