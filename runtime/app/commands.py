@@ -239,6 +239,9 @@ def _client(args: argparse.Namespace):
 
     token = args.token_file.read_text().strip() if getattr(args, "token_file", None) else None
     tls = None
+    if args.tls_server_name and not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        raise ValueError("--tls-server-name names the certificate of a TLS server: add --tls or --tls-ca "
+                         "(without them the client would connect in plaintext)")
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
     return Client(args.target, token=token, tls=tls, application=args.application)

@@ -98,11 +98,14 @@ def test_tls_server_name_checks_the_certificate_against_that_name(server_factory
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["alpha", "beta", "gamma"]
 
     for refused in (["--tls-ca", str(tls.ca)],  # checked against 127.0.0.1: not in the certificate
-                    ["--tls-ca", str(tls.ca), "--tls-server-name", "other.internal"],
-                    ["--tls-server-name", NAME]):  # a name without --tls / --tls-ca: not a channel that trusts the CA
+                    ["--tls-ca", str(tls.ca), "--tls-server-name", "other.internal"]):
         assert main(generate_args(target, *refused)) == 1, refused
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.startswith("error: UNAVAILABLE"), (refused, captured.err)
+    # A name without --tls / --tls-ca would mean a plaintext channel: refused before connecting.
+    assert main(generate_args(target, "--tls-server-name", NAME)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: --tls-server-name names the certificate")
 
 
 @pytest.mark.parametrize("server_factory", ["batched"], indirect=True)
