@@ -306,3 +306,21 @@ def test_every_tasks_data_is_checked_before_the_first_task_trains(tiny_base, sma
     with pytest.raises(DatasetError, match=r"task 'bad': .*record 0 has no field 'review'.*add 'review' to every"):
         train_tasks(tiny_base, [good, bad], progress=False, summary=False)
     assert not (tmp_path / "good").exists()
+
+
+def test_cli_search_trains_n_trials_and_keeps_the_best(tiny_base, small_data, tmp_path, capsys):
+    """`--search 2` from the command line: two trials in the default space, trial 0 on the task's own values."""
+    from loraplex.runtime.app.cli import main
+
+    out = tmp_path / "searched"
+    assert main(["train", "--base", str(tiny_base), "--task", "mood", "--data", str(small_data),
+                 "--prompt-template", SENTIMENT["prompt_template"], "--completion-template", " {label}",
+                 "--out", str(out), "--search", "2", "--max-steps", "2", "--eval-split", "0.25", "--no-progress",
+                 "--threads", "1"]) == 0  # fmt: skip
+    search = json.loads((out / "mood" / "training.json").read_text())["search"]
+    trials = search["trials"]
+    assert (search["trials_requested"], search["trials_run"], [t["trial"] for t in trials]) == (2, 2, [0, 1])
+    own = TaskConfig(task="mood", data=small_data, **SENTIMENT, out=out)
+    assert (trials[0]["params"]["learning_rate"], trials[0]["params"]["rank"]) == (own.learning_rate, own.rank)
+    assert {p.name for p in (out / "mood" / "search").iterdir()} == {"trial-00", "trial-01"}
+    assert "search: mood (2 of 2 trials" in capsys.readouterr().out
