@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from loraplex.trainer.config import ConfigError, TaskConfig
@@ -101,9 +102,12 @@ def task_settings(config: TaskConfig, space: SearchSpace) -> dict[str, Any]:
 
 def search_task(
     model: Any, tokenizer: Any, config: TaskConfig, identity: dict[str, str], *, trials: int,
-    timeout: float | None = None, progress: bool = True,
+    timeout: float | None = None, progress: bool = True, clock: Callable[[], float] = time.monotonic,
 ) -> Any:
-    """Run the search for one task; returns the best trial's TrainingResult, written to OUT/TASK."""
+    """Run the search for one task; returns the best trial's TrainingResult, written to OUT/TASK.
+
+    `timeout` is measured on `clock` (seconds), for the search and its running trial alike.
+    """
     import optuna
     from loraplex.trainer.base_model import resolve_target_modules
     from loraplex.trainer.record import write_training_json
@@ -111,7 +115,7 @@ def search_task(
 
     check_search(config, trials, timeout)
     started = time.perf_counter()
-    deadline = time.monotonic() + timeout if timeout else None
+    deadline = clock() + timeout if timeout else None
     space = space_of(config)
     for choice in _module_choices(space):  # a module the model lacks fails now, not at trial 5
         resolve_target_modules(_as_options({"target_modules": choice})["target_modules"], identity["model_type"], model)
@@ -133,7 +137,7 @@ def search_task(
         trial_config = dataclasses.replace(config, **_as_options(params), search=None, checkpoint_every=None)
         out = trial_root / f"trial-{trial.number:02d}"
         result = train_task(model, tokenizer, trial_config, identity, progress=progress, data=data, out_dir=out,
-                            deadline=deadline)  # fmt: skip
+                            deadline=deadline, clock=clock)  # fmt: skip
         t = result.training
         row = {"trial": trial.number, "params": params, "metric": t["eval_metrics"][metric],
                "eval_loss": t["final_eval_loss"], "steps": t["steps"], "stop_reason": t["stop_reason"],
@@ -147,7 +151,7 @@ def search_task(
         return _objective(metric, row["metric"], row["eval_loss"])
 
     def stop_at_deadline(study: Any, _trial: Any) -> None:  # one clock for the search and its running trial
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and clock() >= deadline:
             study.stop()
 
     study.optimize(objective, n_trials=trials, callbacks=[stop_at_deadline])

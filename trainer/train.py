@@ -254,11 +254,12 @@ def train_task(
     data: TaskData | None = None,
     out_dir: Path | None = None,
     deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainingResult:
     """Train a fresh LoRA on `model` (left unchanged afterwards), write the adapter and training.json.
 
     `data`: the task prepared by `prepare_task` (search trials share it). `out_dir`: where to write
-    (default OUT/TASK). `deadline` (time.monotonic()): stop training then and keep the best so far.
+    (default OUT/TASK). `deadline` (on `clock`): stop training then and keep the best so far.
     """
     import torch
     from loraplex.trainer.logs import TENSORBOARD_DIR, TrainingLog
@@ -294,7 +295,7 @@ def train_task(
                    disable=None if progress else True, leave=False)  # fmt: skip
         peft_model.train()
         while state.step < total_steps and not state.stopped:
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and clock() >= deadline:
                 state.stop_reason = "timeout"
                 break
             loss = _optimizer_step(peft_model, optimizer, scheduler, params, data.train_set, pad_id, config, state.step)

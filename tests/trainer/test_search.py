@@ -49,15 +49,29 @@ def test_a_search_of_three_trials_keeps_the_best_by_the_metric(loaded_base, tiny
     assert "search: mood (3 of 3 trials" in out and f"*{search['best_trial']}" in out
 
 
+class StepClock:
+    """A clock that moves one second each time it is read: the search reads it once to set its deadline,
+    each trial before each step and the search after each trial, so a trial's steps "take" 1 s each."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def test_the_time_limit_ends_the_search_and_its_running_trial(loaded_base, tiny_base, small_data, tmp_path):
     model, tokenizer = loaded_base
-    # No early stopping and a budget no machine gets through in 2 s: the time limit must end the first trial.
+    # No early stopping and a budget of 100k steps: only the time limit (5 s on the clock) ends the first trial.
     config = TaskConfig(task="mood", data=small_data, **SENTIMENT, out=tmp_path, max_steps=100_000, eval_steps=10,
                         early_stopping_patience=None)  # fmt: skip
-    result = search_task(model, tokenizer, config, base_identity(tiny_base), trials=5, timeout=2, progress=False)
+    result = search_task(model, tokenizer, config, base_identity(tiny_base), trials=5, timeout=5, progress=False,
+                         clock=StepClock())  # fmt: skip
     search = result.training["search"]
     assert search["timed_out"] and search["trials_run"] == 1
-    assert search["trials"][0]["stop_reason"] == "timeout" and 0 < search["trials"][0]["steps"] < 100_000
+    # On this clock: deadline 1 + 5 = 6; steps start at 2, 3, 4, 5; the read at 6 ends the trial.
+    assert search["trials"][0]["stop_reason"] == "timeout" and search["trials"][0]["steps"] == 4
     assert result.training["plateaued"] is not None
 
 
