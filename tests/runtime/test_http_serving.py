@@ -9,7 +9,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 
 import httpx2
 import openai
@@ -18,7 +17,6 @@ import pytest
 from tests.fixtures.http import http_url, openai_client
 from tests.fixtures.serving import EngineBrake, wait_until
 from tests.runtime.test_operations import metric
-from tests.runtime.test_sigterm import SLOW_SERVE
 
 PROMPT = "The weather today"
 
@@ -30,17 +28,18 @@ def cancelled(server, adapter: str) -> float:
 def test_a_client_that_disconnects_mid_stream_frees_its_row(http_server):
     service, registry = http_server.running.service, http_server.running.registry
     before = cancelled(http_server, "beta")
-    with EngineBrake(http_server, delay=0.02), openai_client(http_server) as client:  # 400 tokens: 8 s or more
+    with EngineBrake(http_server) as brake, openai_client(http_server) as client:
+        brake.hold()  # the job stays in the engine, at its first token, until the test releases it
         stream = client.completions.create(model="beta", prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        first = next(iter(stream))
-        assert first.choices[0].text and service.in_flight == 1
+                                           extra_body={"ignore_eos": True})  # returns once the stream has started
+        assert service.in_flight == 1
         stream.close()  # the connection goes away mid-stream
-        started = time.monotonic()
-        wait_until(lambda: service.in_flight == 0, timeout=5, what="the abandoned job to leave the engine")
-        assert time.monotonic() - started < 5
+        wait_until(lambda: all(r.job.stopped for r in service._requests),
+                   what="the job of the client that went away to be stopped")
+        brake.release()
+        wait_until(lambda: service.in_flight == 0, what="the abandoned job to leave the engine")
         assert registry.get("beta").leases == 0
-    assert cancelled(http_server, "beta") == before + 1
+    assert cancelled(http_server, "beta") == before + 1  # stopped, not finished
 
 
 def test_a_client_that_times_out_stops_its_job(http_server):
@@ -120,28 +119,84 @@ def test_auth_scope_all_and_mutual_tls_guard_the_http_port(server_factory, tls_f
         refused.models.list()
 
 
+# `loraplex serve` whose engine takes no job while held: "hold" on stdin holds it (answered "held" on
+# stdout), "release" lets the waiting jobs in. A held request is admitted and in flight (counted,
+# holding its lease) but waits in front of the engine. Only the engine's `submit` is wrapped, so it
+# holds on either engine whatever their token delivery; the start's warm-up runs before any hold.
+GATED_SERVE = """
+import asyncio, sys, threading
+from loraplex.runtime.server import app
+
+gate = threading.Event()
+gate.set()
+
+def control():
+    for line in sys.stdin:
+        if line.strip() == "hold":
+            gate.clear()
+            print("held", flush=True)
+        elif line.strip() == "release":
+            gate.set()
+
+threading.Thread(target=control, daemon=True).start()
+waiting = set()
+build = app.build_engine
+
+def gated_engine(*args, **kwargs):
+    engine = build(*args, **kwargs)
+    submit = engine.submit
+
+    async def submit_when_released(job):
+        await asyncio.to_thread(gate.wait)
+        submit(job)
+
+    def gated_submit(job):
+        if gate.is_set():
+            return submit(job)
+        task = asyncio.get_running_loop().create_task(submit_when_released(job))
+        waiting.add(task)
+        task.add_done_callback(waiting.discard)
+
+    engine.submit = gated_submit
+    return engine
+
+app.build_engine = gated_engine
+from loraplex.runtime.app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _tell(process: subprocess.Popen, command: str) -> None:
+    process.stdin.write(command + "\n")
+    process.stdin.flush()
+
+
 def test_sigterm_drains_the_http_port_too(tiny_package):
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(tiny_package), "--port", "0", "--http-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", GATED_SERVE, "serve", "--package", str(tiny_package), "--port", "0",
+         "--http-port", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert process.stdout.readline().startswith("loraplex serving on ")
         line = process.stdout.readline()
         assert line.startswith("OpenAI-compatible HTTP on "), line + process.stderr.read()
         base_url = line.split()[-1]
+        _tell(process, "hold")
+        assert process.stdout.readline() == "held\n"
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
             stream = client.completions.create(model="beta", prompt=PROMPT, max_tokens=150, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True})  # ~1.5 s
-            chunks = iter(stream)
-            assert next(chunks).choices[0].text
+                                               stream=True, extra_body={"ignore_eos": True})
+            # The stream has started (admitted), and its job cannot run before the release: in flight.
             process.send_signal(signal.SIGTERM)
             wait_until(lambda: httpx2.get(base_url.replace("/v1", "/health")).status_code == 503,
                        what="health to answer 503")
             with pytest.raises(openai.InternalServerError):
                 client.completions.create(model="alpha", prompt="hi", max_tokens=2)
-            rest = list(chunks)
-        assert rest[-1].choices[0].finish_reason == "length"
+            _tell(process, "release")
+            chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices)
+        assert chunks[-1].choices[0].finish_reason == "length"  # drained in full, not cut
         assert process.wait(30) == 0
     finally:
         if process.poll() is None:

@@ -78,21 +78,25 @@ def test_deadline_stops_generation_and_frees_the_slot(server_factory):
 
 
 def test_long_generation_does_not_block_health_or_admin_calls(server_factory, adapter_root):
-    """Decoding runs off the asyncio loop: while a generation is mid-way, other RPCs are answered."""
+    """Decoding runs off the asyncio loop: while a generation is mid-way (its engine thread held at a
+    token until the test releases it), other RPCs are answered."""
     server = server_factory(adapter_root=adapter_root, metrics_port=None)
-    with EngineBrake(server, gil_busy=True), server.client() as client:  # GIL-holding steps, 300 of them
+    with EngineBrake(server) as brake, server.client() as client:
+        brake.hold()
         stream = client.stream("gamma", "The weather today", max_new_tokens=300)
-        next(stream)
+        next(stream)  # admitted: its job is in the engine
+        assert server.running.service.in_flight == 1
         with grpc.insecure_channel(server.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(5):
                 answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
-                assert server.running.service.in_flight == 1  # answered while the generation runs
+                assert server.running.service.in_flight == 1  # answered while the generation is under way
         assert client.load_adapter("delta", "beta.onnx_adapter").name == "delta"
         assert [a.name for a in client.list_adapters()] == ["alpha", "beta", "delta", "gamma"]
         assert client.model_info().engine == server.running.config.engine
         assert server.running.service.in_flight == 1
+        brake.release()
         tokens = [t for chunk in stream for t in chunk.token_ids]
     assert len(tokens) == 300
 
