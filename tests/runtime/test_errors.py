@@ -12,11 +12,11 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def guarded(request, tiny_package, adapter_root, tmp_path_factory):
+def guarded(request, recipe_package, adapter_root, tmp_path_factory):
     """A server with auth on and the test adapter root, on each engine."""
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
-    handle = ServerThread(serving_config(tiny_package, engine=request.param, adapter_root=adapter_root,
+    handle = ServerThread(serving_config(recipe_package, engine=request.param, adapter_root=adapter_root,
                                          auth_token_file=token_file))
     yield handle
     handle.stop()

@@ -95,9 +95,9 @@ def generate_requests(draw) -> generation_pb2.GenerateRequest:
 
 
 @pytest.fixture(scope="module")
-def twins(tiny_package, adapter_root):
+def twins(recipe_package, adapter_root):
     """A server per engine, same package and adapter root; greedy outputs recorded first."""
-    servers = {engine: ServerThread(serving_config(tiny_package, engine=engine, adapter_root=adapter_root,
+    servers = {engine: ServerThread(serving_config(recipe_package, engine=engine, adapter_root=adapter_root,
                                                    metrics_port=None)) for engine in ENGINES}
     baseline = {}
     for engine, server in servers.items():

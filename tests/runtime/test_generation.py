@@ -1,8 +1,8 @@
-"""Generation over a real gRPC server: per-adapter output equals the export's verified tokens."""
+"""Generation over a real gRPC server: per-adapter output equals onnxruntime-genai's greedy tokens on the
+recipe package, alone and concurrently, and on the exported package the tokens export verified."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -11,7 +11,17 @@ from loraplex.adapters.export.parity import GENERIC_PROMPTS
 from loraplex.adapters.package.manifest import Manifest
 from loraplex.v1 import generation_pb2
 
-EOS = 0  # the tiny base's <|endoftext|>
+from tests.fixtures.recipe_package import RecipeShape
+from tests.fixtures.reference import genai_reference, package_files
+
+EOS = 0  # <|endoftext|> of the tiny base and of the recipe
+# Each adapter's task, as its template renders it, and a plain prompt (the base's too).
+TASK_PROMPTS = {
+    "alpha": ["Review: the movie was great\nSentiment:", "Review: dull and far too long\nSentiment:"],
+    "beta": ["Reverse: stone\nOutput:", "Reverse: a fine day\nOutput:"],
+    "gamma": ["Translate: bread\nFrench:", "Translate: house\nFrench:"],
+}
+PLAIN = "The weather today"
 
 
 def expected(tokens: list[int]) -> tuple[list[int], int]:
@@ -22,11 +32,43 @@ def expected(tokens: list[int]) -> tuple[list[int], int]:
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_package) -> Manifest:
+def manifest(recipe_package) -> Manifest:
+    return Manifest.load(recipe_package)
+
+
+@pytest.fixture(scope="module")
+def exported_manifest(tiny_package) -> Manifest:
     return Manifest.load(tiny_package)
 
 
-def test_greedy_output_per_adapter_equals_manifest_parity_tokens(server, manifest):
+def greedy_jobs(client, root) -> list[tuple[str, str, list[int]]]:
+    """(adapter, prompt, onnxruntime-genai's greedy completion ids) for the base and each adapter, 16 tokens."""
+    files = package_files(root)
+    jobs = []
+    for name in ("", *TASK_PROMPTS):
+        for prompt in (PLAIN, *TASK_PROMPTS.get(name, ())):
+            ids = tuple(client.tokenize(name, prompt))
+            jobs.append((name, prompt, genai_reference(files.root, files.adapters.get(name), ids, 16)))
+    return jobs
+
+
+def test_greedy_output_of_the_base_and_each_adapter_equals_onnxruntime_genai(server, manifest, recipe_package):
+    with server.client() as client:
+        jobs = greedy_jobs(client, recipe_package)
+        for name, prompt, want in jobs:
+            response = client.generate(name, prompt, max_new_tokens=16)
+            assert list(response.token_ids) == want, (name, prompt)
+            assert response.finish_reason == (generation_pb2.LENGTH if len(want) == 16 else generation_pb2.EOS)
+            assert response.adapter == name
+            assert response.adapter_version == (manifest.adapters[name].version if name else "base")
+            assert response.usage.completion_tokens == len(want)
+            assert response.usage.prompt_tokens == len(client.tokenize(name, prompt))
+    assert len({tuple(want) for _, prompt, want in jobs if prompt == PLAIN}) == 1 + len(TASK_PROMPTS)
+
+
+def test_greedy_output_per_adapter_equals_manifest_parity_tokens(exported_server, exported_manifest):
+    """Export verified these tokens against PyTorch PEFT: the torch-built package's own record."""
+    server, manifest = exported_server, exported_manifest
     checked = 0
     with server.client() as client:
         for name, entry in manifest.adapters.items():
@@ -42,7 +84,8 @@ def test_greedy_output_per_adapter_equals_manifest_parity_tokens(server, manifes
     assert checked == sum(len(e.parity.prompts) for e in manifest.adapters.values()) >= 9
 
 
-def test_base_model_output_equals_manifest_base_parity(server, manifest):
+def test_base_model_output_equals_manifest_base_parity(exported_server, exported_manifest):
+    server, manifest = exported_server, exported_manifest
     base = manifest.base_parity  # the tiny package is exported with verification: the bare base was checked
     assert base is not None and base.tokens_equal and base.prompts == list(GENERIC_PROMPTS)
     with server.client() as client:
@@ -52,26 +95,26 @@ def test_base_model_output_equals_manifest_base_parity(server, manifest):
 
 
 def test_adapters_change_the_output(server, manifest):
-    prompt = manifest.adapters["alpha"].parity.prompts[0]
+    prompt = TASK_PROMPTS["alpha"][0]
     with server.client() as client:
         names = ["", *manifest.adapters]
         outputs = {name: tuple(client.generate(name, prompt, max_new_tokens=8).token_ids) for name in names}
     assert len(set(outputs.values())) == len(outputs), outputs
 
 
-def test_concurrent_requests_for_different_adapters_get_their_own_output(server, manifest):
-    jobs = [(name, prompt, tokens) for name, e in manifest.adapters.items()
-            for prompt, tokens in zip(e.parity.prompts, e.parity.tokens, strict=True)] * 2
-    with server.client() as client, ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(client.generate, n, p, max_new_tokens=len(t)) for n, p, t in jobs]
-        responses = [f.result() for f in futures]
+def test_concurrent_requests_for_different_adapters_get_their_own_output(server, recipe_package):
+    with server.client() as client:
+        jobs = greedy_jobs(client, recipe_package) * 2
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(client.generate, n, p, max_new_tokens=16) for n, p, _ in jobs]
+            responses = [f.result() for f in futures]
     for (name, _prompt, tokens), response in zip(jobs, responses, strict=True):
         assert response.adapter == name
-        assert list(response.token_ids) == expected(tokens)[0]
+        assert list(response.token_ids) == tokens
 
 
-def test_stream_pieces_add_up_to_the_unary_response(server, manifest):
-    prompt = manifest.adapters["beta"].parity.prompts[1]
+def test_stream_pieces_add_up_to_the_unary_response(server):
+    prompt = TASK_PROMPTS["beta"][1]
     with server.client() as client:
         unary = client.generate("beta", prompt, max_new_tokens=12)
         chunks = list(client.stream("beta", prompt, max_new_tokens=12))
@@ -125,15 +168,14 @@ def test_max_new_tokens_is_honoured(server):
     assert len(response.token_ids) == 5
 
 
-def test_model_info_describes_the_package(server, manifest, tiny_base):
+def test_model_info_describes_the_package(server, manifest):
     with server.client() as client:
         info = client.model_info()
     assert info.engine == server.running.config.engine and info.device == "cpu"
     assert info.architecture == manifest.base.architecture
     assert info.lora_rank == manifest.lora_rank
     assert sorted(info.adapters) == sorted(manifest.adapters)
-    # the tiny base's positions, as the package's genai_config.json carries them to the server
-    assert info.context_length == json.loads((tiny_base / "config.json").read_text())["max_position_embeddings"]
+    assert info.context_length == RecipeShape().context  # the recipe package's context, as built
     assert info.max_batch == 4 and info.max_queue == 16
 
 

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from loraplex.adapters.package.manifest import Manifest
 
+from tests.fixtures.reference import genai_reference, package_files
 from tests.fixtures.serving import EngineBrake, wait_until
 
 
@@ -17,11 +18,16 @@ def swap_server(server_factory, adapter_root):
     return server_factory(adapter_root=adapter_root, max_batch=4, max_queue=64, metrics_port=None)
 
 
-def test_replacing_an_adapter_under_concurrent_load_loses_no_request_and_switches_version(swap_server, tiny_package):
-    manifest = Manifest.load(tiny_package)
-    alpha, beta = manifest.adapters["alpha"], manifest.adapters["beta"]
-    prompt = alpha.parity.prompts[0]
-    want = {alpha.version: alpha.parity.tokens[0], "v2": beta.parity.tokens[0]}  # v2 = beta's weights
+def test_replacing_an_adapter_under_concurrent_load_loses_no_request_and_switches_version(swap_server,
+                                                                                         recipe_package):
+    manifest, files = Manifest.load(recipe_package), package_files(recipe_package)
+    alpha = manifest.adapters["alpha"]
+    prompt = "Review: the movie was great\nSentiment:"
+    with swap_server.client() as client:
+        ids = tuple(client.tokenize("alpha", prompt))
+    want = {alpha.version: genai_reference(files.root, files.adapters["alpha"], ids, 8),
+            "v2": genai_reference(files.root, files.adapters["beta"], ids, 8)}  # v2 = beta's weights
+    assert want[alpha.version] != want["v2"]
     responses, errors = [], []
     stop = threading.Event()
 

@@ -19,10 +19,10 @@ from tests.fixtures.soak import ALLOWED, REPORTS, ServeProcess, run_soak
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_soak_serves_only_documented_codes_and_leaves_nothing_behind(engine, tiny_package, adapter_root, tmp_path,
+def test_soak_serves_only_documented_codes_and_leaves_nothing_behind(engine, recipe_package, adapter_root, tmp_path,
                                                                      pytestconfig):
     requests = pytestconfig.getoption("soak_requests")
-    serve = ServeProcess(tiny_package, engine, adapter_root, tmp_path / "serve.log")
+    serve = ServeProcess(recipe_package, engine, adapter_root, tmp_path / "serve.log")
     try:
         report, before, after = run_soak(serve, engine, requests)
         REPORTS.append(report)

@@ -16,6 +16,8 @@ import pytest
 from loraplex.adapters.package.manifest import Manifest
 from loraplex.v1 import generation_pb2
 
+from tests.fixtures.reference import genai_reference, package_files
+
 PROMPTS = ["Review: the movie was great\nSentiment:", "Reverse: abc\nOutput:", "hello"]
 ADAPTERS = ["", "alpha", "beta", "gamma"]
 CHOICES = ["yes", "no", "maybe so"]
@@ -114,34 +116,40 @@ def test_invalid_specs_are_invalid_argument_naming_the_field(server, kwargs, fie
 
 
 @pytest.fixture(scope="module")
-def contract_package(tmp_path_factory, tiny_package) -> Path:
-    """The tiny package with a choice contract recorded for alpha (as export writes it)."""
+def contract_package(tmp_path_factory, recipe_package) -> Path:
+    """The recipe package with a choice contract recorded for alpha (as export writes it)."""
     root = tmp_path_factory.mktemp("contract") / "package"
-    shutil.copytree(tiny_package, root)
+    shutil.copytree(recipe_package, root)
     data = json.loads((root / "manifest.json").read_text())
     data["adapters"]["alpha"]["output"] = {"kind": "choice", "spec": DEFAULT_CHOICES}
     (root / "manifest.json").write_text(json.dumps(data))
     return root
 
 
-def test_adapter_default_applies_and_opt_out_removes_it(server_factory, contract_package, tiny_package):
+def free_reference(root: Path, client, adapter: str, prompt: str, max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy completion ids for `prompt` on `adapter`, with no constraint."""
+    files = package_files(root)
+    return genai_reference(files.root, files.adapters[adapter], tuple(client.tokenize(adapter, prompt)),
+                           max_new_tokens)
+
+
+def test_adapter_default_applies_and_opt_out_removes_it(server_factory, contract_package, recipe_package):
     server = server_factory(package=contract_package)
-    parity = Manifest.load(tiny_package).adapters["alpha"].parity
+    prompts = [PROMPTS[0], "Review: dull and far too long\nSentiment:", "hello"]
     with server.client() as client:
-        for prompt in parity.prompts:
+        for prompt in prompts:
             for params in GREEDY + SAMPLED:
                 response = client.generate("alpha", prompt, max_new_tokens=8, **params)
                 assert response.text in DEFAULT_CHOICES and response.finish_reason == generation_pb2.STOP
             own = client.generate("alpha", prompt, max_new_tokens=8, regex="[0-9]{1,4}")
             assert re.fullmatch("[0-9]{1,4}", own.text), "the request's own constraint replaces the default"
-        for prompt, tokens in zip(parity.prompts, parity.tokens, strict=True):
-            free = client.generate("alpha", prompt, max_new_tokens=len(tokens), no_default_output=True)
-            assert list(free.token_ids) == completion(tokens)
+        for prompt in prompts:
+            free = client.generate("alpha", prompt, max_new_tokens=12, no_default_output=True)
+            assert list(free.token_ids) == free_reference(recipe_package, client, "alpha", prompt, 12)
             assert free.text not in DEFAULT_CHOICES
         # Other adapters have no contract: their output is free.
-        beta = Manifest.load(tiny_package).adapters["beta"].parity
-        response = client.generate("beta", beta.prompts[0], max_new_tokens=len(beta.tokens[0]))
-        assert list(response.token_ids) == completion(beta.tokens[0])
+        response = client.generate("beta", PROMPTS[1], max_new_tokens=12)
+        assert list(response.token_ids) == free_reference(recipe_package, client, "beta", PROMPTS[1], 12)
         info = client.model_info()
         assert dict(info.outputs) == {"alpha": info.outputs["alpha"]}
         assert list(info.outputs["alpha"].choice.choices) == DEFAULT_CHOICES
@@ -150,13 +158,8 @@ def test_adapter_default_applies_and_opt_out_removes_it(server_factory, contract
         assert not listed["beta"].HasField("output")
 
 
-def completion(parity_tokens: list[int]) -> list[int]:
-    """Parity tokens (which may end in EOS, id 0 in the tiny base) -> the completion ids served."""
-    return parity_tokens[: parity_tokens.index(0)] if 0 in parity_tokens else parity_tokens
-
-
-def test_manifests_without_output_contracts_still_load(tiny_package):
-    data = json.loads((tiny_package / "manifest.json").read_text())
+def test_manifests_without_output_contracts_still_load(recipe_package):
+    data = json.loads((recipe_package / "manifest.json").read_text())
     data["schema_version"] = 2
     for entry in data["adapters"].values():
         entry.pop("output", None)
