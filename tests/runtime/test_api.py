@@ -20,14 +20,14 @@ PROMPTS = ["The weather today", "Review: fine", "Translate: cat", "hello"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def llm(request, tiny_package: Path):
-    with LLM(tiny_package, engine=request.param, max_batch=4, max_queue=16) as handle:
+def llm(request, recipe_package: Path):
+    with LLM(recipe_package, engine=request.param, max_batch=4, max_queue=16) as handle:
         yield handle
 
 
 @pytest.fixture(scope="module")
-def grpc_server(llm, tiny_package: Path):
-    server = ServerThread(serving_config(tiny_package, engine=llm.config.engine, metrics_port=None))
+def grpc_server(llm, recipe_package: Path):
+    server = ServerThread(serving_config(recipe_package, engine=llm.config.engine, metrics_port=None))
     yield server
     server.stop()
 
@@ -129,8 +129,8 @@ def test_async_calls_run_on_the_callers_loop(llm):
     assert [t for c in chunks for t in c.token_ids] == replies[2].token_ids
 
 
-def test_adapters_load_replace_and_unload(llm, tmp_path: Path, tiny_package: Path):
-    copy = shutil.copy(tiny_package / "adapters" / "beta.onnx_adapter", tmp_path / "beta.onnx_adapter")
+def test_adapters_load_replace_and_unload(llm, tmp_path: Path, recipe_package: Path):
+    copy = shutil.copy(recipe_package / "adapters" / "beta.onnx_adapter", tmp_path / "beta.onnx_adapter")
     version = llm.load_adapter("delta", copy, version="v2")
     assert version == "v2" and "delta" in llm.adapters()
     want = llm.generate(PROMPTS[0], adapter="beta", max_new_tokens=8).token_ids

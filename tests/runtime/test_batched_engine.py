@@ -61,8 +61,8 @@ class Collected:
 
 
 @pytest.fixture(scope="module")
-def package(tiny_package) -> PackageFiles:
-    return package_files(tiny_package)
+def package(recipe_package) -> PackageFiles:
+    return package_files(recipe_package)
 
 
 def load(engine: BatchedEngine, package_dir: Path, name: str, version: str, path: Path) -> AdapterHandle:
@@ -255,7 +255,8 @@ def test_greedy_with_repetition_penalty_equals_genai(package, make_engine):
         want = genai_reference(package.root, package.adapters.get(name), tuple(prompt), 16, repetition_penalty=1.3)
         assert sink.wait() == want, name
     assert plain.wait() == reference(package, None, PROMPTS[0], 16)
-    assert plain.tokens != jobs[0][2].tokens  # the penalty changes this output
+    # The penalty changes the output of the rows whose greedy tokens repeat (so equal tokens prove it applied).
+    assert [n for p, n, sink in jobs if sink.tokens != reference(package, n, p, 16)]
 
 
 def test_int4_package_mixed_batch_equals_genai(request, tmp_path):

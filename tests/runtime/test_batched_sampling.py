@@ -43,7 +43,7 @@ def test_same_seed_same_draws():
     assert [a.choose(LOGITS) for _ in range(20)] != [c.choose(LOGITS) for _ in range(20)]
 
 
-def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(tiny_package):
+def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(recipe_package):
     """A constrained row's choice is masked (greedy and sampled), the matcher advances with it, and a
     free row in the same step keeps its plain greedy token."""
     from loraplex.adapters.package.genai_config import GenaiConfig
@@ -52,10 +52,10 @@ def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(tiny_pack
     from loraplex.runtime.engines.guidance import Guidance
     from loraplex.runtime.server.tokenizer import PackageTokenizer
 
-    config = GenaiConfig.load(tiny_package)
+    config = GenaiConfig.load(recipe_package)
     vocab = config.vocab_size
-    guidance = Guidance(tiny_package / "tokenizer.json", vocab, config.eos_token_ids)
-    tokenizer = PackageTokenizer(tiny_package)
+    guidance = Guidance(recipe_package / "tokenizer.json", vocab, config.eos_token_ids)
+    tokenizer = PackageTokenizer(recipe_package)
     rng = np.random.default_rng(0)
     digits = OutputConstraint("regex", "[0-9]{3}")
     for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5), SamplingParams(repetition_penalty=1.5)):
@@ -73,7 +73,7 @@ def test_constrained_rows_choose_only_allowed_tokens_greedy_or_sampled(tiny_pack
     assert isinstance(choose_tokens(nan, [broken])[0], NonFiniteLogits)
 
 
-def test_masks_without_llguidance_slices_equal_the_sliced_ones(tiny_package):
+def test_masks_without_llguidance_slices_equal_the_sliced_ones(recipe_package):
     """The runner's tokenizer leaves llguidance's slices out (memory): every mask along a JSON reply
     equals the one a default (sliced) tokenizer computes."""
     import json
@@ -83,12 +83,12 @@ def test_masks_without_llguidance_slices_equal_the_sliced_ones(tiny_package):
     from loraplex.adapters.package.output import OutputConstraint
     from loraplex.runtime.engines.guidance import Guidance, grammar_of
 
-    config = GenaiConfig.load(tiny_package)
+    config = GenaiConfig.load(recipe_package)
     schema = OutputConstraint("json_schema", json.dumps({
         "type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
         "required": ["name", "n"]}))
-    ours = Guidance(tiny_package / "tokenizer.json", config.vocab_size, config.eos_token_ids).row(schema)
-    sliced_tokenizer = llg.LLTokenizer((tiny_package / "tokenizer.json").read_text(encoding="utf-8"),
+    ours = Guidance(recipe_package / "tokenizer.json", config.vocab_size, config.eos_token_ids).row(schema)
+    sliced_tokenizer = llg.LLTokenizer((recipe_package / "tokenizer.json").read_text(encoding="utf-8"),
                                        n_vocab=config.vocab_size, eos_token=sorted(set(config.eos_token_ids)))
     sliced = llg.LLMatcher(sliced_tokenizer, grammar_of(schema))
     bits = np.zeros((config.vocab_size + 31) // 32, dtype=np.int32)

@@ -39,7 +39,7 @@ def test_known_adapter_limits_are_stated():
     assert PROVIDERS["cuda"].adapter_limit is None
 
 
-def test_server_start_with_missing_provider_fails_with_the_message(tiny_package):
+def test_server_start_with_missing_provider_fails_with_the_message(recipe_package):
     import asyncio
 
     from loraplex.runtime.server import ServerConfig, start_server
@@ -47,4 +47,4 @@ def test_server_start_with_missing_provider_fails_with_the_message(tiny_package)
     if "cuda" in devices.available_providers():
         pytest.skip("cuda is present on this machine")
     with pytest.raises(DeviceUnavailable, match="available: cpu"):
-        asyncio.run(start_server(ServerConfig(package=tiny_package, port=0, device="gpu")))
+        asyncio.run(start_server(ServerConfig(package=recipe_package, port=0, device="gpu")))

@@ -87,12 +87,12 @@ class _Sink:
             self.done.set()
 
 
-def test_genai_job_that_fails_to_start_does_not_keep_its_adapter_in_use(tiny_package):
+def test_genai_job_that_fails_to_start_does_not_keep_its_adapter_in_use(recipe_package):
     """Defect 7: the failed job kept its exception, whose traceback kept the generator, which kept the
     adapter: the next Unload failed with "Adapter still in use" while the registry said unloaded."""
     from loraplex.runtime.engines.genai import GenaiEngine
 
-    package = Package.open(tiny_package)
+    package = Package.open(recipe_package)
     engine = GenaiEngine(package, max_batch=2)
     try:
         weights = read_adapter_file(package.adapter_path("alpha"), package.lora_inputs)

@@ -19,9 +19,9 @@ from tests.runtime.test_batched_engine import PROMPTS, Collected
 
 
 @pytest.fixture
-def package_copy(tiny_package, tmp_path) -> Path:
+def package_copy(recipe_package, tmp_path) -> Path:
     out = tmp_path / "package"
-    shutil.copytree(tiny_package, out, ignore=shutil.ignore_patterns(f"*{CACHE_SUFFIX}*"))
+    shutil.copytree(recipe_package, out, ignore=shutil.ignore_patterns(f"*{CACHE_SUFFIX}*"))
     return out
 
 

@@ -46,9 +46,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(params=ENGINES)
-def serve_process(request, tiny_package):
+def serve_process(request, recipe_package):
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(tiny_package), "--port", "0",
+        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(recipe_package), "--port", "0",
          "--engine", request.param],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -19,30 +19,31 @@ class ByteTokenizer:
 
 
 @pytest.fixture(scope="module", params=["tokenizers", "genai"])
-def package_tokenizer(request, tiny_package):
+def package_tokenizer(request, recipe_package):
     from loraplex.runtime.server.tokenizer import open_tokenizer
 
-    return open_tokenizer(tiny_package, request.param)
+    return open_tokenizer(recipe_package, request.param)
 
 
 TEXTS = ["plain ascii", "héllo wörld", "snow ☃ and 😀 emoji", "日本語のテキスト", "mixed 🇫🇷 flags 👩‍👩‍👧"]
 
 
-def test_the_package_says_which_library_tokenizes_and_both_agree_on_it(tiny_package):
-    """Export checked the `tokenizers` library against onnxruntime-genai's on this tokenizer (the
-    manifest says "tokenizers"); both encode alike, and decode ordinary tokens alike except where
-    onnxruntime-genai's decode stops at an invalid UTF-8 sequence or a NUL (its text is then a prefix
-    of ours). Special tokens decode to nothing (onnxruntime-genai gives U+FFFD for this tokenizer's)."""
+def test_the_package_says_which_library_tokenizes_and_both_agree_on_it(recipe_package):
+    """The manifest says "tokenizers" (export writes it once it has checked that library against
+    onnxruntime-genai's on the package's tokenizer; the recipe writes what export would); both encode
+    alike, and decode ordinary tokens alike except where onnxruntime-genai's decode stops at an
+    invalid UTF-8 sequence or a NUL (its text is then a prefix of ours). Special tokens decode to
+    nothing (onnxruntime-genai gives U+FFFD for this tokenizer's)."""
     import random
 
     from loraplex.adapters.export.tokenizer_check import probe_texts
     from loraplex.adapters.package.manifest import Manifest
     from loraplex.runtime.server.tokenizer import FastTokenizer, PackageTokenizer, open_tokenizer
 
-    assert Manifest.load(tiny_package).tokenizer == "tokenizers"
-    assert isinstance(open_tokenizer(tiny_package, None), FastTokenizer)  # older manifests
-    fast, genai = FastTokenizer(tiny_package), PackageTokenizer(tiny_package)
-    for text in probe_texts(tiny_package / "tokenizer.json", random_texts=200, seed=1):
+    assert Manifest.load(recipe_package).tokenizer == "tokenizers"
+    assert isinstance(open_tokenizer(recipe_package, None), FastTokenizer)  # older manifests
+    fast, genai = FastTokenizer(recipe_package), PackageTokenizer(recipe_package)
+    for text in probe_texts(recipe_package / "tokenizer.json", random_texts=200, seed=1):
         assert fast.encode(text) == genai.encode(text), text
     special = set(fast._tok.get_added_tokens_decoder())
     assert special and all(fast.decode([i]) == "" for i in special)
@@ -56,17 +57,17 @@ def test_the_package_says_which_library_tokenizes_and_both_agree_on_it(tiny_pack
     assert stopped  # the difference exists on this vocabulary: the assertion above is exercised
 
 
-def test_text_after_an_invalid_utf8_sequence_is_not_lost(tiny_package):
+def test_text_after_an_invalid_utf8_sequence_is_not_lost(recipe_package):
     from loraplex.runtime.server.tokenizer import FastTokenizer
 
-    tokenizer = FastTokenizer(tiny_package)
+    tokenizer = FastTokenizer(recipe_package)
     broken = next(i for i in range(tokenizer._tok.get_vocab_size()) if tokenizer.decode([i]) == "\ufffd")
     detok = IncrementalDetokenizer(tokenizer)
     tokens = [broken, *tokenizer.encode(" plain words after it")]
     assert "".join([detok.push(t) for t in tokens] + [detok.flush()]) == "\ufffd plain words after it"
 
 
-def test_chat_prompts_render_through_onnxruntime_genai_made_at_the_first_chat(tiny_package, tmp_path):
+def test_chat_prompts_render_through_onnxruntime_genai_made_at_the_first_chat(recipe_package, tmp_path):
     import shutil
 
     from loraplex.runtime.server.tokenizer import FastTokenizer, PackageTokenizer
@@ -74,7 +75,7 @@ def test_chat_prompts_render_through_onnxruntime_genai_made_at_the_first_chat(ti
     from tests.fixtures.http import CHAT_TEMPLATE
 
     package = tmp_path / "package"
-    shutil.copytree(tiny_package, package)
+    shutil.copytree(recipe_package, package)
     (package / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     fast, genai = FastTokenizer(package), PackageTokenizer(package)
     assert fast._renderer is None
@@ -137,19 +138,19 @@ def test_invalid_values_name_their_field(kwargs, field):
         sampling_params(context_length=512, **kwargs)
 
 
-def test_a_tokenizer_file_with_truncation_and_padding_still_encodes_a_prompt_whole(tiny_package, tmp_path):
+def test_a_tokenizer_file_with_truncation_and_padding_still_encodes_a_prompt_whole(recipe_package, tmp_path):
     import json
     import shutil
 
     from loraplex.runtime.server.tokenizer import FastTokenizer
 
     package = tmp_path / "package"
-    shutil.copytree(tiny_package, package)
+    shutil.copytree(recipe_package, package)
     data = json.loads((package / "tokenizer.json").read_text())
     data["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
     data["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 1,
                        "pad_type_id": 0, "pad_token": "<|pad|>"}
     (package / "tokenizer.json").write_text(json.dumps(data))
     text = "a prompt much longer than four tokens, encoded whole and without padding"
-    assert FastTokenizer(package).encode(text) == FastTokenizer(tiny_package).encode(text)
-    assert len(FastTokenizer(tiny_package).encode(text)) > 4
+    assert FastTokenizer(package).encode(text) == FastTokenizer(recipe_package).encode(text)
+    assert len(FastTokenizer(recipe_package).encode(text)) > 4

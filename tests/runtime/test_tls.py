@@ -90,8 +90,8 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_the_ca_signed(server_
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
-def test_serve_refuses_incomplete_tls_flags(tiny_package, tls_files, capsys):
-    base = ["serve", "--package", str(tiny_package), "--port", "0"]
+def test_serve_refuses_incomplete_tls_flags(recipe_package, tls_files, capsys):
+    base = ["serve", "--package", str(recipe_package), "--port", "0"]
     assert main([*base, "--tls-cert", str(tls_files.server_cert)]) == 2
     assert "--tls-key" in capsys.readouterr().err
     assert main([*base, "--tls-client-ca", str(tls_files.ca)]) == 2
