@@ -63,8 +63,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def catalog(tiny_package: Path, adapter_root: Path, clock: FakeClock) -> AdapterCatalog:
-    return AdapterCatalog(Package.open(tiny_package), adapter_root, heartbeat_s=HEARTBEAT, clock=clock)
+def catalog(tiny_package: Path, cluster_adapter_root: Path, clock: FakeClock) -> AdapterCatalog:
+    return AdapterCatalog(Package.open(tiny_package), cluster_adapter_root, heartbeat_s=HEARTBEAT, clock=clock)
 
 
 def run(coro):
