@@ -9,15 +9,19 @@ Three deployments, one application:
 `serve_cluster` is what the CLI runs: start (or join) Ray, start Serve's proxies with the
 loraplex services, deploy, print the target, and on SIGTERM/SIGINT delete the application, which
 drains every replica (Serve stops routing to it and waits up to `drain_grace` for its requests).
+A Ray it starts itself (no address) is a single node on 127.0.0.1 (`start_local_ray`).
 `app_builder` builds the same application from a Serve config file (`serve run`, KubeRay's
 RayService), where Serve's own `grpc_options` must list `config.GRPC_SERVICERS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from ray.serve.deployment import Application
 log = logging.getLogger(__name__)
 
 FRONT, ENGINE, CATALOG = "LoraplexFront", "LoraplexEngine", "AdapterCatalog"
+LOOPBACK = "127.0.0.1"
 
 
 class CatalogReplica(AdapterCatalog):
@@ -70,7 +75,45 @@ class CatalogReplica(AdapterCatalog):
         return self.serving()
 
 
-def build_application(config: ClusterConfig) -> Application:
+def start_local_ray(**options: Any) -> Any:
+    """Start a single-node Ray whose servers (GCS, raylet, workers, agents) listen on 127.0.0.1 only.
+
+    Ray replaces a loopback node address with the machine's own unless its multi-node support is
+    off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, honoured on every platform despite the name): then
+    the node's address is 127.0.0.1 and Ray's servers bind to it. Each Ray process reads the
+    setting at import, so it is set for the processes `ray.init` starts and in this process's
+    constants, for the start only. No other node can join this Ray: for several nodes, start Ray
+    (`ray start --head`) and pass its address. Returns `ray.init`'s context.
+    """
+    with _single_node():
+        return ray.init(_node_ip_address=LOOPBACK, **options)
+
+
+@contextlib.contextmanager
+def _single_node() -> Iterator[None]:
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_constant = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def _on_loopback(address: str) -> bool:
+    """True for a GCS address `host:port` on 127.0.0.1 (else Ray would look for its node at the machine's address)."""
+    host, _, port = address.rpartition(":")
+    return port.isdigit() and host.strip("[]") in ("127.0.0.1", "localhost", "::1")
+
+
+def build_application(config: ClusterConfig, replica_class: type[EngineReplica] = EngineReplica) -> Application:
+    """The application; `replica_class` is the engine deployment's class (tests pass a subclass)."""
     catalog = serve.deployment(
         CatalogReplica, name=CATALOG, num_replicas=1, max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0},
@@ -94,7 +137,7 @@ def build_application(config: ClusterConfig) -> Application:
         engine_options["num_replicas"] = config.replicas
     else:
         engine_options["autoscaling_config"] = autoscaling
-    engine = serve.deployment(EngineReplica, **engine_options).bind(config.server, catalog, config.slots)
+    engine = serve.deployment(replica_class, **engine_options).bind(config.server, catalog, config.slots)
     front_options: dict[str, Any] = {}
     if config.front_replicas > 1:
         front_options["max_replicas_per_node"] = 1  # one per node: the hop after the node's proxy stays local
@@ -110,15 +153,24 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_application(ClusterConfig.from_options(dict(args)))
 
 
-def deploy(config: ClusterConfig, address: str | None = None) -> None:
+def deploy(config: ClusterConfig, address: str | None = None,
+           replica_class: type[EngineReplica] = EngineReplica) -> None:
     """Join (or start) Ray, start Serve's proxies with the loraplex services, deploy; returns once running."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address is None:  # as Ray decides: no address, a new Ray
+            start_local_ray(include_dashboard=False, logging_level=logging.WARNING)
+        elif _on_loopback(address):  # a Ray on 127.0.0.1 (as `start_local_ray` makes): join it as 127.0.0.1
+            with _single_node():
+                ray.init(address=address, _node_ip_address=LOOPBACK, include_dashboard=False,
+                         logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(
         http_options=HTTPOptions(host=config.http_host, port=config.http_port),
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
     )
-    serve.run(build_application(config), name=config.app_name, route_prefix=f"/{config.app_name}")
+    serve.run(build_application(config, replica_class), name=config.app_name, route_prefix=f"/{config.app_name}")
 
 
 def undeploy(config: ClusterConfig) -> None:

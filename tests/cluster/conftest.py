@@ -1,10 +1,13 @@
-"""A local Ray cluster for the cluster tests: started once per session, in-process, no network.
+"""A local Ray cluster for the cluster tests: started once per session, in-process, on 127.0.0.1.
 
-- `ray_serve`: Ray (2 CPUs, no dashboard) and Serve's proxies on free loopback ports, with the
-  loraplex services registered on the gRPC proxy;
+- `ray_serve`: a single-node Ray on 127.0.0.1 (2 CPUs, no dashboard; `start_local_ray`) and Serve's
+  proxies on free ports, with the loraplex services registered on the gRPC proxy;
 - `cluster`: the loraplex application on `tiny_package` with 2 engine replicas of half a CPU
-  each (batched engine, max_batch 4, 2 adapter slots each: 4 slots for 3 adapters), through
-  Serve's gRPC proxy; session scope: a test that changes its adapters puts them back.
+  each (max_batch 4, 2 adapter slots each: 4 slots for 3 adapters), through Serve's gRPC proxy,
+  on each engine (session scope, parametrized over ENGINES; a module that needs one engine
+  parametrizes `cluster` indirectly): a test that changes its adapters puts them back;
+- `cluster.brake`: holds requests in front of the replicas' engines (`tests.cluster.brake`), so a
+  test keeps them in flight for as long as it needs.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.fixtures.serving import ENGINES
+
+if TYPE_CHECKING:
+    from tests.cluster.brake import ClusterBrake
 
 APP = "loraplex"
 
@@ -37,6 +46,7 @@ class ServePorts:
 class ClusterHandle:
     config: object  # ClusterConfig
     ports: ServePorts
+    brake: ClusterBrake
 
     @property
     def target(self) -> str:
@@ -89,11 +99,12 @@ def wait_for(condition, timeout: float = 60.0, what: str = "condition", every: f
 @pytest.fixture(scope="session")
 def ray_serve():
     import ray
+    from loraplex.runtime.cluster.app import start_local_ray
     from loraplex.runtime.cluster.config import GRPC_SERVICERS
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    context = start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ports = ServePorts(free_port(), free_port(), context.address_info["gcs_address"])
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=ports.http),
                 grpc_options=gRPCOptions(port=ports.grpc, grpc_servicer_functions=list(GRPC_SERVICERS)))
@@ -110,18 +121,21 @@ def cluster_adapter_root(tmp_path_factory, tiny_package: Path) -> Path:
     return make_adapter_root(tmp_path_factory.mktemp("cluster_adapter_root"), tiny_package)
 
 
-@pytest.fixture(scope="session")
-def cluster(ray_serve: ServePorts, tiny_package: Path, cluster_adapter_root: Path):
+@pytest.fixture(scope="session", params=ENGINES)
+def cluster(request, ray_serve: ServePorts, tiny_package: Path, cluster_adapter_root: Path, tmp_path_factory):
     from loraplex.runtime.cluster.app import deploy, undeploy
     from loraplex.runtime.cluster.config import ClusterConfig
     from loraplex.runtime.server import ServerConfig
 
-    server = ServerConfig(package=tiny_package, engine="batched", max_batch=4, max_queue=32, max_slots=2,
+    from tests.cluster.brake import BrakedReplica, ClusterBrake
+
+    brake = ClusterBrake(tmp_path_factory.mktemp(f"brake_{request.param}") / "held")
+    server = ServerConfig(package=tiny_package, engine=request.param, max_batch=4, max_queue=32, max_slots=2,
                           adapter_root=cluster_adapter_root)
     config = ClusterConfig(server=server, app_name=APP, grpc_port=ray_serve.grpc, http_port=ray_serve.http,
-                           replicas=2, replica_cpus=0.5, drain_grace=10.0)
-    deploy(config)
-    handle = ClusterHandle(config, ray_serve)
+                           replicas=2, replica_cpus=0.5, drain_grace=10.0, ray_options=brake.runtime_env())
+    deploy(config, replica_class=BrakedReplica)
+    handle = ClusterHandle(config, ray_serve, brake)
     wait_for(lambda: len(handle.replicas()) == 2, what="both replicas following the catalog")
     yield handle
     undeploy(config)

@@ -1,8 +1,8 @@
 """The single server's gRPC contract tests, run unchanged through Ray Serve's gRPC proxy.
 
 The functions below are the runtime's own tests (imported, so pytest collects them here too),
-given a `server` that is the cluster: a plain `Client` with no routing metadata, the same
-outputs, statuses and messages.
+given a `server` that is the cluster, on each engine: a plain `Client` with no routing metadata,
+the same outputs, statuses and messages.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from tests.runtime.test_errors import (  # noqa: F401
     test_unknown_adapter_is_not_found_naming_the_loaded_ones,
 )
 from tests.runtime.test_generation import (  # noqa: F401
+    exported_manifest,
     manifest,
     test_adapters_change_the_output,
     test_base_model_output_equals_manifest_base_parity,
     test_concurrent_requests_for_different_adapters_get_their_own_output,
+    test_greedy_output_of_the_base_and_each_adapter_equals_onnxruntime_genai,
     test_greedy_output_per_adapter_equals_manifest_parity_tokens,
     test_max_new_tokens_is_honoured,
     test_same_seed_same_output_and_other_seed_differs,
@@ -38,10 +40,21 @@ def server(cluster):
     return cluster
 
 
+@pytest.fixture(scope="module")
+def exported_server(cluster):
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def recipe_package(tiny_package):
+    """The package the runtime tests' `server` serves: here the cluster's, the exported tiny package."""
+    return tiny_package
+
+
 def test_model_info_names_the_engine_and_the_clusters_adapters(cluster, manifest):  # noqa: F811
     with cluster.client() as client:
         info = client.model_info()
-    assert info.engine == "batched" and info.max_batch == 4
+    assert info.engine == cluster.config.server.engine and info.max_batch == 4
     assert list(info.adapters) == sorted(manifest.adapters)
     assert info.context_length > 0 and info.vocab_size > 0
 

@@ -14,6 +14,8 @@ from loraplex.v1 import generation_pb2
 
 APP = "second"
 
+pytestmark = pytest.mark.parametrize("cluster", ["batched"], indirect=True)
+
 
 @pytest.fixture
 def serve_ray(ray_serve, cluster, tiny_package):
