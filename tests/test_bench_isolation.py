@@ -29,10 +29,16 @@ def test_no_test_module_imports_bench_or_llama_cpp():
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def bench_sources(pattern: str = "*.py") -> list[Path]:
+    """The bench's own files (not what a run builds under bench/out, such as llama.cpp's tree)."""
+    out = ROOT / "bench" / "out"
+    return sorted(p for p in (ROOT / "bench").rglob(pattern) if not p.is_relative_to(out))
+
+
 def test_pytest_collects_only_tests_and_make_test_runs_no_bench():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^testpaths = \["tests"\]$', pyproject, re.M)
-    assert not list((ROOT / "bench").rglob("test_*.py")) and not list((ROOT / "bench").rglob("*_test.py"))
+    assert not bench_sources("test_*.py") and not bench_sources("*_test.py")
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^test: .*\n((?:\t.*\n)+)", makefile, re.M)
     assert recipe and "bench" not in recipe.group(1)
@@ -41,7 +47,7 @@ def test_pytest_collects_only_tests_and_make_test_runs_no_bench():
 def test_bench_loads_llama_cpp_only_inside_the_edge_scenarios():
     """The bench's entry point may import the edge part, but `llama_cpp` (the Python bindings, built
     from source) is imported only in functions that run the peer."""
-    paths = sorted((ROOT / "bench").rglob("*.py"))
+    paths = bench_sources()
     assert len(paths) > 20  # the subpackages were searched, not just bench/ itself
     for path in paths:
         top = {name for node in ast.parse(path.read_text()).body if isinstance(node, ast.Import | ast.ImportFrom)
@@ -53,7 +59,7 @@ def test_bench_loads_llama_cpp_only_inside_the_edge_scenarios():
 def _bench_modules() -> dict[str, Path]:
     """Dotted name -> file of every module and package in bench/."""
     modules = {}
-    for path in (ROOT / "bench").rglob("*.py"):
+    for path in bench_sources():
         parts = path.relative_to(ROOT).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules

@@ -4,27 +4,15 @@ completions, chat, streaming, task inputs, errors in OpenAI's shape; greedy text
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
-from pathlib import Path
 
 import httpx2
 import openai
 import pytest
 
-from tests.fixtures.http import CHAT_TEMPLATE, chat_prompt, http_url, openai_client
+from tests.fixtures.http import chat_prompt, http_url, openai_client
 
 PROMPT = "The weather today"
-
-
-@pytest.fixture(scope="module")
-def chat_package(tmp_path_factory, recipe_package: Path) -> Path:
-    """`http_server`'s package here: the recipe package plus a chat template (nothing here needs the
-    exported package, so this module runs without torch)."""
-    out = tmp_path_factory.mktemp("chat_package") / "package"
-    shutil.copytree(recipe_package, out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return out
 
 
 def metric_text(url: str) -> str:
