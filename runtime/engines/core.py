@@ -168,7 +168,12 @@ class EngineCore(Engine):
                 return  # the engine is closed: it holds nothing any more
             self._unloads.append((handle, done))
             self._cv.notify()
-        done.result()
+        while True:
+            try:
+                return done.result(timeout=1.0)
+            except TimeoutError:
+                if not self._thread.is_alive():  # the engine thread is gone: nothing will free it, nor use it
+                    return
 
     def submit(self, job: GenerationJob) -> None:
         check_prompt(job.prompt_ids, self.max_len, self.vocab_size)
