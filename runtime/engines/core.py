@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -171,7 +172,7 @@ class EngineCore(Engine):
         while True:
             try:
                 return done.result(timeout=1.0)
-            except TimeoutError:
+            except futures.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
                 if not self._thread.is_alive():  # the engine thread is gone: nothing will free it, nor use it
                     return
 
