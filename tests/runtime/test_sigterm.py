@@ -15,31 +15,44 @@ from loraplex.v1 import generation_pb2
 
 from tests.fixtures.serving import ENGINES
 
-# `loraplex serve` whose engine delivers each token 10 ms late (its token sinks wrapped), on either
-# engine: a 150-token request takes ~1.5 s, so it is surely still decoding when SIGTERM lands.
-SLOW_SERVE = """
-import sys, time
+# `loraplex serve` whose engine the test can hold through the process's stdin, on either engine:
+# after "hold", the engine thread stops after delivering a job's next tokens until "release" (its
+# token sinks wrapped), so a request is surely still decoding when SIGTERM lands, however fast the
+# machine.
+GATED_SERVE = """
+import sys, threading
 from loraplex.runtime.server import app
 
-class SlowSink:
+gate = threading.Event()
+gate.set()
+
+def control():
+    for line in sys.stdin:
+        (gate.clear if line.strip() == "hold" else gate.set)()
+        print(line.strip() + "-done", flush=True)  # the test waits for it: no race with its next step
+
+threading.Thread(target=control, daemon=True).start()
+
+class GatedSink:
     def __init__(self, sink):
         self.sink = sink
     def on_output(self, output):
-        time.sleep(0.01 * len(output.tokens))
         self.sink.on_output(output)
+        if output.tokens:
+            gate.wait()
 
 build = app.build_engine
 
-def slow_engine(*args, **kwargs):
+def gated_engine(*args, **kwargs):
     engine = build(*args, **kwargs)
     submit = engine.submit
-    def slow_submit(job):
-        job.sink = SlowSink(job.sink)
+    def gated_submit(job):
+        job.sink = GatedSink(job.sink)
         submit(job)
-    engine.submit = slow_submit
+    engine.submit = gated_submit
     return engine
 
-app.build_engine = slow_engine
+app.build_engine = gated_engine
 from loraplex.runtime.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -48,9 +61,9 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(params=ENGINES)
 def serve_process(request, recipe_package):
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SERVE, "serve", "--package", str(recipe_package), "--port", "0",
+        [sys.executable, "-c", GATED_SERVE, "serve", "--package", str(recipe_package), "--port", "0",
          "--engine", request.param],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         line = process.stdout.readline()
@@ -62,12 +75,20 @@ def serve_process(request, recipe_package):
         process.wait(30)
 
 
+def control(process, word: str) -> None:
+    """Hold or release the server's engine; returns once the server has done it."""
+    process.stdin.write(word + "\n")
+    process.stdin.flush()
+    assert process.stdout.readline().strip() == f"{word}-done"
+
+
 def test_sigterm_drains_in_flight_requests_then_exits(serve_process):
     process, target = serve_process
     with Client(target, timeout=60) as client:
-        stream = client.stream("beta", "The weather today", max_new_tokens=150, ignore_eos=True)  # ~1.5 s
+        control(process, "hold")
+        stream = client.stream("beta", "The weather today", max_new_tokens=150, ignore_eos=True)
         assert next(stream).adapter == "beta"
-        before = next(stream)  # a token: the request is decoding
+        before = next(stream)  # a token: the request is decoding, and its engine is held
         assert before.token_ids
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -77,6 +98,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(serve_process):
         with pytest.raises(grpc.RpcError) as err:  # no new work while draining
             client.generate("alpha", "hi", max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        control(process, "release")
         chunks = list(stream)
     assert chunks[-1].finish_reason == generation_pb2.LENGTH
     after = sum(len(c.token_ids) for c in chunks)
