@@ -52,11 +52,14 @@ def recipe_package(tiny_package):
 
 
 def test_model_info_names_the_engine_and_the_clusters_adapters(cluster, manifest):  # noqa: F811
+    from loraplex.adapters.package.reader import Package
+
     with cluster.client() as client:
         info = client.model_info()
     assert info.engine == cluster.config.server.engine and info.max_batch == 4
     assert list(info.adapters) == sorted(manifest.adapters)
-    assert info.context_length > 0 and info.vocab_size > 0
+    config = Package.open(cluster.config.server.package).config
+    assert (info.context_length, info.vocab_size) == (config.context_length, config.vocab_size)
 
 
 def test_reflection_lists_the_loraplex_services(cluster):

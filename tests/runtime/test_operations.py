@@ -35,15 +35,17 @@ def test_metrics_count_requests_and_tokens_by_adapter_and_status(server):
     requests_ok = 'loraplex_requests_total{adapter="beta",status="OK"}'
     tokens_ok = 'loraplex_completion_tokens_total{adapter="beta",status="OK"}'
     not_found = 'loraplex_requests_total{adapter="",status="NOT_FOUND"}'
-    before = metric(server, requests_ok), metric(server, tokens_ok)
+    ttft, gaps = ('loraplex_time_to_first_token_seconds_count{adapter="beta"}',
+                  'loraplex_inter_token_latency_seconds_count{adapter="beta"}')
+    before = metric(server, requests_ok), metric(server, tokens_ok), metric(server, ttft), metric(server, gaps)
     with server.client() as client:
         for _ in range(3):
             client.generate("beta", "The weather today", max_new_tokens=5)
     assert metric(server, requests_ok) == before[0] + 3
     assert metric(server, tokens_ok) == before[1] + 15
     assert metric(server, "loraplex_loaded_adapters") == 3
-    assert metric(server, 'loraplex_time_to_first_token_seconds_count{adapter="beta"}') >= 3
-    assert metric(server, 'loraplex_inter_token_latency_seconds_count{adapter="beta"}') >= 12
+    assert metric(server, ttft) == before[2] + 3  # one first token per request
+    assert metric(server, gaps) == before[3] + 12  # 4 gaps between 5 tokens, per request
     assert metric(server, "loraplex_queue_depth") == 0
     assert metric(server, not_found) == 0  # an unknown adapter never gets a lease, so it is not counted per adapter
 
