@@ -52,3 +52,19 @@ def test_adapters_list_load_unload(server_factory, adapter_root, tmp_path, capsy
     assert ["delta", "version=7"] in listed and len(listed) == 4
     assert main(["adapters", "unload", *target, "--token-file", str(token), "delta"]) == 0
     assert capsys.readouterr().out.startswith("unloaded delta version 7")
+
+
+def test_the_demo_commands_run_the_demos_with_their_options(monkeypatch, tmp_path):
+    """`loraplex demo` (what `make demo` runs; end to end in tests/e2e with the same stages) and
+    `--real` call their jobs with the output folder given, or their defaults."""
+    from pathlib import Path
+
+    from loraplex.runtime.app import demo, demo_real
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out: calls.append(("demo", Path(out))) or 0)
+    monkeypatch.setattr(demo_real, "run_real_demo", lambda out: calls.append(("real", Path(out))) or 0)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo"]) == 0
+    assert main(["demo", "--real"]) == 0
+    assert calls == [("demo", tmp_path), ("demo", Path("artifacts/demo")), ("real", Path("artifacts/demo-real"))]

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.fixtures.http import http_url, openai_client
-from tests.fixtures.serving import EngineBrake, wait_until
+from tests.fixtures.serving import ENGINES, EngineBrake, wait_until
 from tests.runtime.test_operations import metric
 
 PROMPT = "The weather today"
@@ -171,10 +171,11 @@ def _tell(process: subprocess.Popen, command: str) -> None:
     process.stdin.flush()
 
 
-def test_sigterm_drains_the_http_port_too(tiny_package):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_drains_the_http_port_too(recipe_package, engine):
     process = subprocess.Popen(
-        [sys.executable, "-c", GATED_SERVE, "serve", "--package", str(tiny_package), "--port", "0",
-         "--http-port", "0"],
+        [sys.executable, "-c", GATED_SERVE, "serve", "--package", str(recipe_package), "--port", "0",
+         "--http-port", "0", "--engine", engine],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -204,9 +205,9 @@ def test_sigterm_drains_the_http_port_too(tiny_package):
         process.wait(30)
 
 
-def test_serve_without_the_http_extra_says_how_to_install_it(tiny_package, monkeypatch, capsys):
+def test_serve_without_the_http_extra_says_how_to_install_it(recipe_package, monkeypatch, capsys):
     from loraplex.runtime.app.cli import main
 
     monkeypatch.setitem(sys.modules, "loraplex.runtime.http.server", None)  # as if uvicorn were not installed
-    assert main(["serve", "--package", str(tiny_package), "--port", "0", "--http-port", "0"]) == 2
+    assert main(["serve", "--package", str(recipe_package), "--port", "0", "--http-port", "0"]) == 2
     assert "pip install 'loraplex[http]'" in capsys.readouterr().err
