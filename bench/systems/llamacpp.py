@@ -172,12 +172,27 @@ class LlamaServer:
         self._log_file.close()
 
 
+class PolicyFixed(RuntimeError):
+    """llama.cpp is already loaded in this process with the other thread policy."""
+
+
 def import_llama_cpp(llama: LlamaCpp, spin: bool = False):
-    """`llama_cpp` bound to the bench's llama.cpp build (the environment must be set before the
-    library loads: OpenMP reads its wait policy once)."""
+    """`llama_cpp` bound to the bench's llama.cpp build. OpenMP reads its wait policy once, when the
+    library loads: asking for the other policy later in the same process raises PolicyFixed (the
+    fresh-process probes can measure either)."""
+    import sys
+
+    wanted = None if spin else "PASSIVE"
+    if "llama_cpp" in sys.modules:
+        if os.environ.get("OMP_WAIT_POLICY") != wanted:
+            raise PolicyFixed("llama-cpp-python is loaded in this process with the other OpenMP wait policy, "
+                              "which is fixed when the library loads")
+        return sys.modules["llama_cpp"]
     os.environ["LLAMA_CPP_LIB_PATH"] = str(llama.bin_dir)
-    if not spin:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if wanted is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = wanted
     import llama_cpp
 
     return llama_cpp

@@ -13,9 +13,10 @@ It also converts the imported Hugging Face base to an f32 GGUF with that tree's 
 `convert_hf_to_gguf.py` (offline), for token-exact comparisons with loraplex fp32.
 
 Threads: llama.cpp's CPU backend uses OpenMP; its worker threads busy-wait between parallel
-regions, and on a machine shared with other work they then collapse (seconds per token).
-`OMP_WAIT_POLICY=PASSIVE` stops that; the bench runs llama.cpp with it and onnxruntime with
-`session.intra_op.allow_spinning=0`, the same policy on both sides (see `peer_env`).
+regions by default (its users run it so, and on a dedicated device it is llama.cpp's fastest), and
+on a machine shared with other work they then collapse. The bench's headline runs llama.cpp at that
+default and its second table with `OMP_WAIT_POLICY=PASSIVE` (`LlamaCpp.env`), onnxruntime with
+`--spin` and without it to match.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class LlamaCpp:
     def env(self, spin: bool = False) -> dict[str, str]:
         """Environment for a llama.cpp process (llama-server, or Python importing llama_cpp)."""
         env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(self.bin_dir)}
+        env.pop("OMP_WAIT_POLICY", None)  # llama.cpp's own default: threads spin
         if not spin:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         return env

@@ -51,6 +51,26 @@ class GenaiAdapter(AdapterHandle):
     key: str = ""  # its name in the engine's og.Adapters
 
 
+class FairLock:
+    """A lock granted in the order it was asked for."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cv:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cv.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
 @dataclass(eq=False)
 class _Running:
     job: GenerationJob
@@ -73,7 +93,9 @@ class GenaiExecutor(Executor):
         self._scratch = Path(tempfile.mkdtemp(prefix="loraplex-genai-"))
         self.max_batch = max(1, max_batch)
         self._keys = itertools.count()
-        self._og_lock = threading.Lock()  # one onnxruntime-genai call at a time (loads come from other threads)
+        # One onnxruntime-genai call at a time. First come, first served: with a plain Lock the engine
+        # thread, which takes it again right after each token, starved a Load for seconds.
+        self._og_lock = FairLock()
         self._pending: deque[GenerationJob] = deque()
         self._running: dict[GenerationJob, _Running] = {}
 

@@ -265,3 +265,21 @@ def test_unload_returns_once_the_jobs_on_the_adapter_have_ended(make_core):
     sink.hold.set()
     unloading.join(WAIT_S)
     assert not unloading.is_alive() and executor.unloaded == [handle] and j.sink.finish is FinishReason.EOS
+
+
+def test_the_genai_engines_lock_serves_in_order():
+    """The genai engine's thread takes its lock again right after each token: a Load that asked while it
+    held it must come next (a plain Lock let the engine thread win for seconds)."""
+    from loraplex.runtime.engines.genai import FairLock
+
+    lock, order = FairLock(), []
+    with lock:
+        loader = threading.Thread(target=lambda: [lock.__enter__(), order.append("load"), lock.__exit__()])
+        loader.start()
+        from tests.fixtures.serving import wait_until
+
+        wait_until(lambda: lock._next_ticket == 2, what="the loader to ask for the lock")
+    with lock:  # the engine thread, straight back for its next token
+        order.append("engine")
+    loader.join(WAIT_S)
+    assert order == ["load", "engine"]
