@@ -12,7 +12,6 @@ batched engine only.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ from loraplex.runtime.app.cli import main
 from loraplex.runtime.client import Client, ClientTLS
 from loraplex.runtime.server import ServerTLS
 
+from tests.fixtures.tls import make_certificate, make_key
+
 NAME = "loraplex.internal"  # the only name the server certificate holds: not 127.0.0.1, not localhost
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,38 +37,15 @@ class NamedServer:
     key: Path
 
 
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def named_server_tls(tmp_path_factory) -> NamedServer:
     """A CA and a server certificate it signed that names only `NAME`."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     directory = tmp_path_factory.mktemp("named_tls")
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("named test CA", ca_key, "named test CA", ca_key, ca=True)
-    server = _certificate(NAME, server_key, "named test CA", ca_key, ca=False)
+    ca_key, server_key = make_key(), make_key()
+    ca = make_certificate("named test CA", ca_key, "named test CA", ca_key, ca=True)
+    server = make_certificate(NAME, server_key, "named test CA", ca_key, server=True, dns_names=(NAME,))
     paths = NamedServer(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
