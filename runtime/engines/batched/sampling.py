@@ -39,8 +39,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Draw one token from `logits` [vocab] with temperature, then top-k, then top-p."""
+def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled distribution of `logits` [vocab] after temperature, then top-k, then top-p: the
+    candidate ids (by score, ties by id) and their probabilities (summing to 1)."""
     scaled = logits.astype(np.float64) / params.temperature
     if params.top_k > 0 and params.top_k < scaled.size:
         candidates = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
@@ -55,6 +56,12 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         candidates, probs = candidates[:keep], probs[:keep]
         probs = probs / probs.sum()
+    return candidates, probs
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Draw one token from `logits` [vocab] with temperature, then top-k, then top-p."""
+    candidates, probs = distribution(logits, params)
     return int(candidates[rng.choice(candidates.size, p=probs)])
 
 
@@ -73,31 +80,56 @@ class RowSampler:
             self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
 
     def choose(self, logits: np.ndarray) -> int:
+        """The row's next token from its `logits` [vocab]; the row's state advances with it."""
+        scores = self.process(logits)
+        token = int(np.argmax(scores)) if self.greedy else sample_token(scores, self.params, self.rng)
+        return self.take(scores, token)
+
+    def verify(self, logits: np.ndarray, draft: int) -> int:
+        """The row's next token given a proposed one (`draft`, a point mass): greedy rows take their
+        argmax (the draft is accepted when they are equal); sampled rows accept the draft with its
+        probability p(draft) under the row's distribution, else draw from that distribution without
+        the draft, renormalised. Either way the token has exactly the distribution `choose` draws from
+        (the speculative sampling rule), and it is the draft iff the draft is accepted."""
+        scores = self.process(logits)
+        if self.greedy:
+            return self.take(scores, int(np.argmax(scores)))
+        candidates, probs = distribution(scores, self.params)
+        at = np.flatnonzero(candidates == draft)
+        p = float(probs[at[0]]) if at.size else 0.0
+        if p > 0.0 and self.rng.random() < p:
+            return self.take(scores, draft)
+        if at.size:
+            candidates, probs = np.delete(candidates, at[0]), np.delete(probs, at[0])
+            if not candidates.size or probs.sum() <= 0.0:  # p was 1 within rounding: nothing else to draw
+                return self.take(scores, draft)
+            probs = probs / probs.sum()
+        return self.take(scores, int(candidates[self.rng.choice(candidates.size, p=probs)]))
+
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        """The row's scores for its next token: `logits` [vocab] with the repetition penalty over the
+        tokens seen so far, then the constraint's mask. Raises NonFiniteLogits for a broken row (greedy
+        unconstrained rows: checked on the chosen score only, by `take`)."""
         if self.penalize:
             logits = apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty)
         if self.constraint is not None:
-            return self._choose_constrained(logits)
-        if self.greedy:
-            token = int(np.argmax(logits))
-            if not math.isfinite(float(logits[token])):
+            if not np.isfinite(logits).all():  # before masking: the mask's -inf are not the model's fault
                 raise NonFiniteLogits()
-        else:
-            if not np.isfinite(logits).all():
-                raise NonFiniteLogits()
-            token = sample_token(logits, self.params, self.rng)
-        if self.penalize:
-            self.seen[token] = True
-        return token
-
-    def _choose_constrained(self, logits: np.ndarray) -> int:
-        assert self.constraint is not None
-        if not np.isfinite(logits).all():  # before masking: the mask's -inf are not the model's fault
+            logits = self.constraint.mask(logits)
+            if not np.isfinite(logits.max()):
+                raise EngineFailure("the output constraint allows no token here")
+        elif not self.greedy and not np.isfinite(logits).all():
             raise NonFiniteLogits()
-        masked = self.constraint.mask(logits)
-        token = int(np.argmax(masked)) if self.greedy else sample_token(masked, self.params, self.rng)
-        if not math.isfinite(float(masked[token])):
-            raise EngineFailure("the output constraint allows no token here")
-        self.constraint.advance(token)
+        return logits
+
+    def take(self, scores: np.ndarray, token: int) -> int:
+        """Record `token` as the row's next one (the constraint advances, the penalty sees it)."""
+        if not math.isfinite(float(scores[token])):
+            if self.constraint is not None:
+                raise EngineFailure("the output constraint allows no token here")
+            raise NonFiniteLogits()
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.penalize:
             self.seen[token] = True
         return token
