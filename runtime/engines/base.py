@@ -60,6 +60,13 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: every request does the same work
     # Every completion must match it (checked by the server before submit); None = free text.
     constraint: OutputConstraint | None = None
+    # Per completion token: its log-probability and this many most likely alternatives (None: none). From
+    # the distribution the token is chosen from: the model's, after the repetition penalty and the output
+    # constraint's mask, before temperature, top-k and top-p (which only shape the draw).
+    logprobs: int | None = None
+    # Scoring, not generating: the completion is these tokens, each scored (with `logprobs`) under the
+    # model's own distribution (no penalty, no constraint). Label probabilities are computed this way.
+    forced: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -72,6 +79,15 @@ class AdapterHandle:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One completion token's log-probability and the most likely alternatives, (token, logprob) from the
+    most likely down (the token itself among them when it is one of them)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """One step's output for one job: its new completion tokens and, in its last output only, how it
     ended (sent once the job's resources are free)."""
@@ -79,6 +95,7 @@ class StepOutput:
     tokens: tuple[int, ...] = ()
     finish: FinishReason | None = None
     at: float = 0.0  # time.monotonic() when the step ended
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token when the job asked for them (`params.logprobs`)
 
 
 class TokenSink(Protocol):

@@ -34,6 +34,7 @@ from loraplex.runtime.engines.base import (
     FinishReason,
     GenerationJob,
     StepOutput,
+    TokenLogprobs,
     check_prompt,
 )
 from loraplex.runtime.errors import EngineFailure, LoraplexError, ShuttingDown
@@ -52,6 +53,7 @@ class Sample:
     token: int | Exception
     complete: bool = False  # the job's output constraint allows nothing after this token
     full: bool = False  # no room for another token (context, or the generator's length)
+    logprobs: TokenLogprobs | None = None  # the token's, when the job asked for them (`params.logprobs`)
 
 
 @dataclass
@@ -151,6 +153,7 @@ class EngineCore(Engine):
         self._stopped = False  # the loop has ended
         self._produced: dict[GenerationJob, int] = {}  # the executor's jobs -> completion tokens so far
         self._ending: dict[GenerationJob, FinishReason] = {}  # ended by the core, not yet released
+        self._logprobs: dict[GenerationJob, list[TokenLogprobs]] = {}  # of the tokens not delivered yet
         self._release_at: float | None = None
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
         self._thread.start()
@@ -295,6 +298,8 @@ class EngineCore(Engine):
             if output:
                 new.append(sample.token)  # type: ignore[arg-type]
                 self._produced[job] += 1
+                if sample.logprobs is not None:
+                    self._logprobs.setdefault(job, []).append(sample.logprobs)
             if isinstance(sample.token, Exception):
                 log.error("request %s failed: %s", job.request_id, sample.token)
                 job.fail(sample.token)
@@ -323,7 +328,8 @@ class EngineCore(Engine):
 
     def _deliver(self, job: GenerationJob, tokens: list[int], finish: FinishReason | None) -> None:
         try:
-            job.sink.on_output(StepOutput(tuple(tokens), finish, time.monotonic()))
+            logprobs = tuple(self._logprobs.pop(job, ()))
+            job.sink.on_output(StepOutput(tuple(tokens), finish, time.monotonic(), logprobs))
         except Exception as exc:  # the request layer failed: end this job only
             log.exception("the output sink of request %s raised", job.request_id)
             if finish is None and job not in self._ending:
@@ -341,6 +347,7 @@ class EngineCore(Engine):
             self._inbox = []
         self._produced.clear()
         self._ending.clear()
+        self._logprobs.clear()
         for job in jobs:
             job.fail(failure)
             self._deliver(job, [], FinishReason.CANCELLED)
