@@ -21,6 +21,14 @@ FAILED_PRECONDITION rather than ignoring their constraint.
 
 An onnxruntime-genai error while starting or stepping a generator is that job's own: its generator
 is dropped (so its adapter can unload) and the others keep decoding.
+
+Log-probabilities: before each step the generator's logits (`Generator.get_logits`: the model's raw
+scores for the next token, computed then and reused by `generate_next_token`) get the repetition
+penalty (onnxruntime-genai's rule, over the same sequence) and, for a constrained job, the constraint's
+mask from our own llguidance matcher on the package's tokenizer.json (the masks onnxruntime-genai's
+guidance applies: same library, same grammar, same tokenizer), as the batched engine does. A scoring
+job (`params.forced`) appends its given tokens (`append_tokens`) instead of generating, reading the
+logits before each.
 """
 
 from __future__ import annotations
@@ -32,15 +40,19 @@ import shutil
 import tempfile
 import threading
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from loraplex.adapters.package.adapter_file import AdapterWeights, loadable_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import devices
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob, SamplingParams
 from loraplex.runtime.engines.core import EngineCore, Executor, Sample, StepResult
+from loraplex.runtime.engines.guidance import Guidance, RowConstraint
+from loraplex.runtime.engines.logprobs import token_logprobs
 from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, LoraplexError
 
 log = logging.getLogger(__name__)
@@ -75,6 +87,9 @@ class FairLock:
 class _Running:
     job: GenerationJob
     generator: Any  # og.Generator
+    taken: int = 0  # completion tokens so far
+    seen: set[int] = field(default_factory=set)  # the sequence's tokens (repetition penalty of logprobs)
+    constraint: RowConstraint | None = None  # our matcher (logprobs of a constrained job)
 
 
 class GenaiExecutor(Executor):
@@ -98,6 +113,11 @@ class GenaiExecutor(Executor):
         self._og_lock = FairLock()
         self._pending: deque[GenerationJob] = deque()
         self._running: dict[GenerationJob, _Running] = {}
+        self._package_root = package.root
+        self._eos_ids = package.config.eos_token_ids
+        self._guidance: Future[Guidance] | None = None  # loaded at the first constrained job with logprobs
+        self._guidance_lock = threading.Lock()
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genai-guidance")
 
     def _probe_guidance(self) -> str | None:
         """None when this onnxruntime-genai build enforces output constraints, else why not."""
@@ -144,7 +164,27 @@ class GenaiExecutor(Executor):
                 "batched on CPU, a build with guidance, or send the request without `output` (and with "
                 "`no_default_output` for an adapter with a default contract)"
             )
+        if self._needs_matcher(job) and self._guidance is not None and self._guidance.done() \
+                and self._guidance.exception() is not None:
+            why = str(self._guidance.exception()).split("\n", 1)[0][:200]
+            return ConstraintUnsupported(f"log-probabilities of constrained output need llguidance's view of the "
+                                         f"tokenizer, which failed to load ({why}); send the request without logprobs")
         return None
+
+    def prerequisite(self, job: GenerationJob) -> Future | None:
+        """A constrained job that asks for log-probabilities waits for llguidance's tokenizer."""
+        return self._want_guidance() if self._needs_matcher(job) else None
+
+    @staticmethod
+    def _needs_matcher(job: GenerationJob) -> bool:
+        return job.params.constraint is not None and job.params.logprobs is not None
+
+    def _want_guidance(self) -> Future[Guidance]:
+        with self._guidance_lock:
+            if self._guidance is None:
+                self._guidance = self._helper.submit(Guidance, self._package_root / "tokenizer.json",
+                                                     self._vocab_size, self._eos_ids)
+            return self._guidance
 
     def add(self, job: GenerationJob) -> None:
         self._pending.append(job)
@@ -180,6 +220,7 @@ class GenaiExecutor(Executor):
         """onnxruntime-genai keeps its own arenas: nothing to hand back from here."""
 
     def close(self) -> None:
+        self._helper.shutdown(wait=True)
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _start(self, job: GenerationJob) -> bool:
@@ -195,12 +236,18 @@ class GenaiExecutor(Executor):
                 if isinstance(job.adapter, GenaiAdapter):
                     generator.set_active_adapter(self._adapters, job.adapter.key)
                 generator.append_tokens(job.prompt_ids)
+            run = _Running(job, generator)
+            if job.params.logprobs is not None:
+                run.seen.update(job.prompt_ids)
+                if job.params.constraint is not None:
+                    assert self._guidance is not None  # the job's prerequisite
+                    run.constraint = self._guidance.result().row(job.params.constraint)
         except Exception as exc:
             log.exception("request %s failed to start", job.request_id)
-            generator = None  # before the sink hears: the adapter must be free to unload
+            generator = run = None  # before the sink hears: the adapter must be free to unload
             job.fail(exc)
             return False
-        self._running[job] = _Running(job, generator)
+        self._running[job] = run
         return True
 
     def _search_options(self, job: GenerationJob) -> dict[str, Any]:
@@ -226,15 +273,43 @@ class GenaiExecutor(Executor):
         return options
 
     def _advance(self, run: _Running) -> Sample:
+        params = run.job.params
         try:
             with self._og_lock:
-                run.generator.generate_next_token()
-                token = int(run.generator.get_next_tokens()[0])
-                done = run.generator.is_done()
+                scores = None
+                if params.logprobs is not None:  # the logits the next token is chosen from (computed now)
+                    scores = np.array(run.generator.get_logits(), dtype=np.float32).reshape(-1)
+                if params.forced:
+                    token = params.forced[min(run.taken, len(params.forced) - 1)]
+                    if run.taken + 1 < len(params.forced):  # the last one's next logits are never read
+                        run.generator.append_tokens([token])
+                    done = False
+                else:
+                    run.generator.generate_next_token()
+                    token = int(run.generator.get_next_tokens()[0])
+                    done = run.generator.is_done()
+            run.taken += 1
+            logprobs = None if scores is None else token_logprobs(self._processed(run, scores, token), token,
+                                                                  params.logprobs or 0)
         except Exception as exc:
             log.exception("request %s failed while decoding", run.job.request_id)
             return Sample(run.job, exc)
-        return Sample(run.job, token, full=done)
+        return Sample(run.job, token, full=done, logprobs=logprobs)
+
+    def _processed(self, run: _Running, scores: np.ndarray, token: int) -> np.ndarray:
+        """The scores the generator chose from (see the module doc); our matcher advances past the token."""
+        params = run.job.params
+        if params.forced:
+            return scores
+        if params.repetition_penalty != 1.0 and run.seen:
+            seen = np.fromiter(run.seen, dtype=np.int64)
+            values = scores[seen]
+            scores[seen] = np.where(values < 0, values * params.repetition_penalty, values / params.repetition_penalty)
+        if run.constraint is not None:
+            scores = run.constraint.mask(scores)
+            run.constraint.advance(token)
+        run.seen.add(token)
+        return scores
 
 
 class GenaiEngine(EngineCore):

@@ -7,6 +7,8 @@ whatever else shares the batch. A row with an output constraint (`RowConstraint`
 the constraint forbids set to -inf before its choice, greedy or sampled, and the constraint then
 advances with the chosen token; rows without one are untouched. A row whose logits are not finite
 (a corrupt adapter, an extreme penalty) gets an error instead of a token; the other rows of the step are unaffected.
+A row that asked for log-probabilities gets them from the scores its token was chosen from (`take`);
+a scoring row (`params.forced`) takes its given tokens in order instead of choosing.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.base import SamplingParams, TokenLogprobs
 from loraplex.runtime.engines.guidance import RowConstraint
+from loraplex.runtime.engines.logprobs import token_logprobs
 from loraplex.runtime.errors import EngineFailure
 
 
@@ -78,11 +81,23 @@ class RowSampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
         if self.penalize:
             self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+        self.forced = params.forced  # a scoring row's tokens, taken in order
+        self.taken = 0
+        self.logprobs: TokenLogprobs | None = None  # of the last token taken, when the row asked for them
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to apply or record: served by the batch's vectorized argmax."""
+        return (self.greedy and not self.penalize and self.constraint is None and self.params.logprobs is None
+                and not self.forced)
 
     def choose(self, logits: np.ndarray) -> int:
         """The row's next token from its `logits` [vocab]; the row's state advances with it."""
         scores = self.process(logits)
-        token = int(np.argmax(scores)) if self.greedy else sample_token(scores, self.params, self.rng)
+        if self.forced:
+            token = self.forced[min(self.taken, len(self.forced) - 1)]
+        else:
+            token = int(np.argmax(scores)) if self.greedy else sample_token(scores, self.params, self.rng)
         return self.take(scores, token)
 
     def verify(self, logits: np.ndarray, draft: int) -> int:
@@ -132,6 +147,9 @@ class RowSampler:
             self.constraint.advance(token)
         if self.penalize:
             self.seen[token] = True
+        if self.params.logprobs is not None:
+            self.logprobs = token_logprobs(scores, token, self.params.logprobs)
+        self.taken += 1
         return token
 
 
@@ -139,7 +157,7 @@ def choose_tokens(logits: np.ndarray, samplers: list[RowSampler]) -> list[int | 
     """One token (or the row's error) per row of `logits` [rows, vocab]; plain greedy rows share one
     vectorized argmax (argmax returns a NaN's or an inf's position, so checking the chosen score
     finds a broken row without scanning the vocabulary)."""
-    plain = [i for i, s in enumerate(samplers) if s.greedy and not s.penalize and s.constraint is None]
+    plain = [i for i, s in enumerate(samplers) if s.plain]
     tokens: list[int | Exception] = [0] * len(samplers)
     if plain:
         best = np.argmax(logits[plain], axis=-1)

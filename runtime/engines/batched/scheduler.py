@@ -142,8 +142,9 @@ class Scheduler:
             if isinstance(outcome, int):
                 row.last_token = outcome
             constraint = row.sampler.constraint if row.sampler is not None else None
+            logprobs = row.sampler.logprobs if row.sampler is not None and isinstance(outcome, int) else None
             samples.append(Sample(row.job, outcome, complete=constraint is not None and constraint.complete,
-                                  full=row.length + 1 >= self.max_len))
+                                  full=row.length + 1 >= self.max_len, logprobs=logprobs))
         return samples
 
     def clear(self) -> None:
