@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=loraplex_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/loraplex.v1.Generation/Classify',
+                request_serializer=loraplex_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -88,6 +93,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Every label's probability for a prompt, on an adapter whose output contract is a choice of labels
+        (or for the labels the request names). FAILED_PRECONDITION when the adapter has no choice contract
+        and the request names no labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=loraplex_dot_v1_dot_generation__pb2.ModelInfoRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_generation__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=loraplex_dot_v1_dot_generation__pb2.ClassifyRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_generation__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Generation:
             '/loraplex.v1.Generation/ModelInfo',
             loraplex_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
             loraplex_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Generation/Classify',
+            loraplex_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+            loraplex_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
