@@ -99,6 +99,14 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                              "(made at the first start on a machine; later starts map them instead of rebuilding)")
     parser.add_argument("--adapter-root", type=Path, default=None,
                         help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
+    parser.add_argument("--adapter-store", type=Path, action="append", default=[], metavar="DIR",
+                        help="a request's adapter that is not loaded is loaded from DIR/<name>.onnx_adapter on first "
+                             "use, checked as Adapters.Load checks (repeatable; the package's adapters/ comes first)")
+    parser.add_argument("--adapter-cache-mib", type=float, default=None,
+                        help="host memory for adapters not in use, least recently used dropped first and read again "
+                             "from their file on next use (default: a tenth of the machine's memory, at most 2048)")
+    parser.add_argument("--pin", action="append", default=[], metavar="NAME",
+                        help="keep this adapter in host memory, never evicted (repeatable)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="bearer token required by Load/Unload (or by every call: --auth-scope all)")
     parser.add_argument("--auth-scope", choices=["admin", "all"], default="admin",
@@ -194,7 +202,8 @@ def server_config(args: argparse.Namespace, *, listening: bool = True):
         engine=args.engine, profile=args.profile, max_batch=args.max_batch, max_queue=args.max_queue,
         max_slots=args.max_slots or None, intra_op_threads=args.threads, allow_spinning=args.spin,
         memory_arena=args.arena, session_cache=args.session_cache,
-        adapter_root=args.adapter_root, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+        adapter_root=args.adapter_root, adapter_stores=args.adapter_store, adapter_cache_mib=args.adapter_cache_mib,
+        pin=args.pin, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
         max_prompt_bytes=args.max_prompt_bytes, **ports,
     )
 

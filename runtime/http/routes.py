@@ -71,12 +71,14 @@ class HttpState:
             raise ShuttingDown("the server is still loading its model; retry when /health answers 200")
         return self.service
 
-    def adapter(self, model: str) -> str:
-        """The adapter name a `model` id stands for (the base model: BASE_NAME)."""
+    def adapter(self, model: str, resolvable: bool = True) -> str:
+        """The adapter name a `model` id stands for (the base model: BASE_NAME). With `resolvable`, a
+        name the adapter stores may hold passes (the request path resolves it, or says NOT_FOUND)."""
         if model == self.base_id:
             return BASE_NAME
-        names = self.ready().registry.names()
-        if model not in names:
+        registry = self.ready().registry
+        names = registry.names()
+        if model not in names and not (resolvable and registry.may_resolve(model)):
             listed = ", ".join([self.base_id, *names[:20]]) + (" ..." if len(names) > 20 else "")
             raise AdapterNotFound(f"model {quoted(model)} is not served here; models: {listed} (GET /v1/models)")
         return model
@@ -134,7 +136,7 @@ async def _models(state: HttpState, request: Request) -> Response:
 
 async def _model(state: HttpState, request: Request) -> Response:
     model = request.path_params["model"]
-    state.adapter(model)  # NOT_FOUND naming the models
+    state.adapter(model, resolvable=False)  # NOT_FOUND naming the models
     return JSONResponse(next(card for card in _cards(state) if card["id"] == model))
 
 

@@ -118,8 +118,12 @@ class AdapterFiles:
 
     def read(self, name: str, file: Path, version: str | None = None,
              template: PromptTemplate | None = None,
-             output: OutputConstraint | None = None) -> tuple[CheckedAdapter, AdapterWeights]:
+             output: OutputConstraint | None = None,
+             recorded: str | None = None) -> tuple[CheckedAdapter, AdapterWeights]:
         """Verify the file's bytes, check it against the graph, describe it (blocking: reads and hashes).
+
+        `recorded`: the sha256 an adapter store records for the file (it decides instead of
+        `<file>.sha256` or the manifest).
 
         The version is `version`, else the manifest's for this file, else the file's sha256 prefix;
         the template is the manifest's for this file, else `template` (a replacement keeps serving
@@ -128,7 +132,10 @@ class AdapterFiles:
         manifests = self._manifests()
         try:
             sha = file_sha256(file)
-            self._verify_digest(file, sha, [e for m in manifests for e in m.adapters.values()])
+            if recorded is not None:
+                _match_digest(file, sha, recorded.lower(), "the adapter store's record")
+            else:
+                self._verify_digest(file, sha, [e for m in manifests for e in m.adapters.values()])
             weights = read_adapter_file(file, self.package.lora_inputs)
             size = file.stat().st_size
         except AdapterFileError as exc:
@@ -183,11 +190,15 @@ class AdapterFiles:
                     f"{file.name}{DIGEST_SUFFIX}`) or add the adapter to the package with `loraplex adapters add`"
                 )
             expected, source = own.sha256, f"the package manifest (adapter {own.name!r})"
-        if sha != expected:
-            raise AdapterFileUnusable(
-                f"{file.name} does not match the sha256 recorded in {source} (its bytes hash to {sha[:16]}...): "
-                "the file is corrupt or was changed after it was recorded; copy or export it again"
-            )
+        _match_digest(file, sha, expected, source)
+
+
+def _match_digest(file: Path, sha: str, expected: str, source: str) -> None:
+    if sha != expected:
+        raise AdapterFileUnusable(
+            f"{file.name} does not match the sha256 recorded in {source} (its bytes hash to {sha[:16]}...): "
+            "the file is corrupt or was changed after it was recorded; copy or export it again"
+        )
 
 
 def _read_digest(sidecar: Path) -> str:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import build_engine, resolve_engine
 from loraplex.runtime.engines.base import Engine, SamplingParams
 from loraplex.runtime.engines.heap import limit_heap_arenas
+from loraplex.runtime.server.adapter_store import AdapterSource, AdapterStores, DirectoryStore
 from loraplex.runtime.server.auth import AuthScope, BearerAuth
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
@@ -114,6 +116,13 @@ class ServerConfig:
     malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
     session_cache: bool = True  # batched engine: optimized session + prepacked weights cached per machine
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
+    # Where a request's adapter that is not loaded is found on first use (directories, or any
+    # `AdapterSource`); with any, the package's own adapters/ is the first store. Empty: none.
+    adapter_stores: Sequence[Path | str | AdapterSource] = ()
+    pin: Sequence[str] = ()  # adapter names whose versions stay in host memory (never evicted)
+    # Host memory for adapters no request uses (None: a tenth of the machine's memory, at most 2 GiB);
+    # beyond it the least recently used are dropped and read again from their file on next use.
+    adapter_cache_mib: float | None = None
     auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
     auth_scope: AuthScope = "admin"
     metrics_port: int | None = None  # Prometheus HTTP(S) port (0 = any free port, None = off)
@@ -266,6 +275,23 @@ def generation_servicer(config: ServerConfig, package: Package) -> GenerationSer
     return GenerationServicer(package.manifest, package.config.context_length, package.config.vocab_size, info)
 
 
+def adapter_stores(config: ServerConfig, package: Package) -> AdapterStores:
+    """The configured stores, the package's own adapters directory first (none when none are configured)."""
+    if not config.adapter_stores:
+        return AdapterStores([])
+    sources: list[AdapterSource] = []
+    seen: set[Path] = set()
+    for store in [package.adapter_dir, *config.adapter_stores]:
+        if isinstance(store, (str, Path)):
+            root = Path(store).resolve()
+            if root in seen:
+                continue
+            seen.add(root)
+            store = DirectoryStore(root)
+        sources.append(store)
+    return AdapterStores(sources)
+
+
 def max_prompt_bytes(config: ServerConfig, package: Package) -> int:
     return config.max_prompt_bytes or BYTES_PER_CONTEXT_TOKEN * package.config.context_length
 
@@ -295,13 +321,16 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
         for outcome in (built, tokenizer):
             if isinstance(outcome, BaseException):
                 raise outcome
-        registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir))
+        registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir),
+                                   adapter_stores(config, package), set(config.pin))
         service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
                                     max_batch=config.max_batch, max_queue=config.max_queue,
                                     max_prompt_bytes=max_prompt_bytes(config, package))
         if config.load_package_adapters:
             for name, entry in sorted(package.manifest.adapters.items()):
                 await registry.load_file(name, package.adapter_path(name), entry.version)
+        for name in config.pin:  # a pinned adapter is loaded at start, from the stores if not from the package
+            await registry.ensure(name)
         metrics.loaded_adapters.set(len(registry.names()))
         if config.warmup:
             await _warm_up(service, registry.names() if config.warm_adapters else [])

@@ -103,7 +103,7 @@ class GenerationService:
     async def tokenize(self, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None
                        ) -> tuple[str, list[int]]:
         prompt, inputs = prompt_input(prompt, inputs, self.max_prompt_bytes)
-        with self.registry.acquire(adapter) as lease:
+        with await self.registry.lease(adapter) as lease:
             text = self.render(lease.version, prompt, inputs)
         return text, await asyncio.to_thread(self.tokenizer.encode, text)
 
@@ -132,7 +132,7 @@ class GenerationService:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         received = time.monotonic()
         prompt, inputs = prompt_input(request.prompt, request.inputs, self.max_prompt_bytes)
-        lease = self.registry.acquire(request.adapter)
+        lease = await self.registry.lease(request.adapter)
         state: RequestState | None = None
         status = "UNKNOWN"
         try:

@@ -9,6 +9,11 @@ Every request takes a lease on the version current when it arrives and keeps it 
 Names, paths, file bytes (sha256) and the fit to the graph are checked by `AdapterFiles` before
 the engine sees a file, so a bad Load leaves the server serving as before.
 
+With adapter stores (`adapter_store`), a request naming an adapter that is not loaded resolves it
+there (`lease`): the store's file is checked as a Load's is and loaded, then the request proceeds;
+concurrent first requests for one name resolve it once, and a missing or bad entry fails only the
+requests that named it.
+
 The registry lives on the asyncio loop (single-threaded); engine calls run in worker threads.
 """
 
@@ -24,8 +29,9 @@ from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
 from loraplex.runtime.engines.base import AdapterHandle, Engine
-from loraplex.runtime.errors import AdapterBusy, AdapterNotFound, quoted
+from loraplex.runtime.errors import AdapterBusy, AdapterIncompatible, AdapterNotFound, quoted
 from loraplex.runtime.server.adapter_files import AdapterFiles, CheckedAdapter
+from loraplex.runtime.server.adapter_store import NAME, AdapterStores
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +87,19 @@ BASE_NAME = ""
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine, package: Package, adapter_root: Path):
+    def __init__(self, engine: Engine, package: Package, adapter_root: Path, stores: AdapterStores | None = None,
+                 pinned: set[str] | frozenset[str] = frozenset()):
         self.engine = engine
         self.package = package
         self.files = AdapterFiles(package, adapter_root)
         self.adapter_root = self.files.adapter_root
+        self.stores = stores or AdapterStores([])
+        self.pinned = set(pinned)  # names whose versions the engine never evicts from host memory
         self._current: dict[str, AdapterVersion] = {BASE_NAME: AdapterVersion(BASE_NAME, "base", None)}
         self._admin = asyncio.Lock()
         self._unloading: set[asyncio.Task] = set()
+        self._resolving: dict[str, asyncio.Task] = {}
+        self.resolved = 0  # adapters loaded from a store on first use
 
     # -- requests -------------------------------------------------------------------------
     def acquire(self, name: str) -> Lease:
@@ -98,6 +109,45 @@ class AdapterRegistry:
         version.leases += 1
         version.served += 1
         return Lease(self, version)
+
+    async def lease(self, name: str) -> Lease:
+        """`acquire`, first resolving a name that is not loaded in the adapter stores (if any)."""
+        if name not in self._current:
+            await self.ensure(name)
+        return self.acquire(name)
+
+    async def ensure(self, name: str) -> AdapterVersion:
+        """The current version of `name`, resolved in the adapter stores if it is not loaded."""
+        if name not in self._current and self.may_resolve(name):
+            task = self._resolving.get(name)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._resolve(name))
+                self._resolving[name] = task
+                task.add_done_callback(self._resolved)
+            await asyncio.shield(task)
+        return self.get(name)
+
+    def may_resolve(self, name: str) -> bool:
+        """Whether a request for `name`, not loaded, would be looked up in the stores."""
+        return bool(self.stores) and bool(NAME.fullmatch(name))
+
+    def _resolved(self, task: asyncio.Task) -> None:
+        self._resolving = {n: t for n, t in self._resolving.items() if t is not task}
+        if not task.cancelled():
+            task.exception()  # retrieved: its requests got it (or went away before it came)
+
+    async def _resolve(self, name: str) -> None:
+        stored = await asyncio.to_thread(self.stores.fetch, name)
+        base = self.package.manifest.base.sha256
+        if stored.base_sha256 and base and stored.base_sha256 != base:
+            raise AdapterIncompatible(
+                f"adapter {quoted(name)} in {stored.source} was made for another base model (sha256 "
+                f"{stored.base_sha256[:16]}..., this server's is {base[:16]}...)"
+            )
+        await self.load_file(name, stored.file, stored.version, stored.template, stored.output,
+                             recorded=stored.sha256, only_new=True)
+        self.resolved += 1
+        log.info("adapter %s resolved from %s", name, stored.source)
 
     def _release(self, version: AdapterVersion) -> None:
         version.leases -= 1
@@ -132,17 +182,25 @@ class AdapterRegistry:
 
     async def load_file(self, name: str, file: Path, version: str | None = None,
                         template: PromptTemplate | None = None,
-                        output: OutputConstraint | None = None) -> AdapterVersion:
+                        output: OutputConstraint | None = None, *, recorded: str | None = None,
+                        only_new: bool = False, pin: bool = False) -> AdapterVersion:
         """Load (or replace) `name` from a file already resolved and trusted (the package's own).
 
         `template` and `output` (the default output contract) serve when the manifest does not describe
         the file (default: those of the version it replaces, so a replacement keeps serving the same task).
+        `recorded`: the sha256 a store records for the file. `only_new`: keep a version loaded meanwhile.
+        `pin`: the name's versions stay in host memory (as `--pin`).
         """
         async with self._admin:
             current = self._current.get(name)
+            if only_new and current is not None:
+                return current
             fallback = template if template is not None else (current.template if current else None)
             contract = output if output is not None else (current.output if current else None)
-            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract)
+            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract,
+                                                       recorded)
+            if pin:
+                self.pinned.add(name)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)
