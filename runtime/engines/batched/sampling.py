@@ -100,27 +100,6 @@ class RowSampler:
             token = int(np.argmax(scores)) if self.greedy else sample_token(scores, self.params, self.rng)
         return self.take(scores, token)
 
-    def verify(self, logits: np.ndarray, draft: int) -> int:
-        """The row's next token given a proposed one (`draft`, a point mass): greedy rows take their
-        argmax (the draft is accepted when they are equal); sampled rows accept the draft with its
-        probability p(draft) under the row's distribution, else draw from that distribution without
-        the draft, renormalised. Either way the token has exactly the distribution `choose` draws from
-        (the speculative sampling rule), and it is the draft iff the draft is accepted."""
-        scores = self.process(logits)
-        if self.greedy:
-            return self.take(scores, int(np.argmax(scores)))
-        candidates, probs = distribution(scores, self.params)
-        at = np.flatnonzero(candidates == draft)
-        p = float(probs[at[0]]) if at.size else 0.0
-        if p > 0.0 and self.rng.random() < p:
-            return self.take(scores, draft)
-        if at.size:
-            candidates, probs = np.delete(candidates, at[0]), np.delete(probs, at[0])
-            if not candidates.size or probs.sum() <= 0.0:  # p was 1 within rounding: nothing else to draw
-                return self.take(scores, draft)
-            probs = probs / probs.sum()
-        return self.take(scores, int(candidates[self.rng.choice(candidates.size, p=probs)]))
-
     def process(self, logits: np.ndarray) -> np.ndarray:
         """The row's scores for its next token: `logits` [vocab] with the repetition penalty over the
         tokens seen so far, then the constraint's mask. Raises NonFiniteLogits for a broken row (greedy

@@ -1,0 +1,279 @@
+"""Speculative decoding without a draft model: proposals, per-row draft lengths, verification.
+
+A decode step may feed a row its next token plus `k` proposed ("draft") tokens; the graph returns
+the row's logits at each of the `k + 1` positions, and verification keeps the drafts the model
+agrees with plus one token of the model's own, so one step yields 1 to `k + 1` tokens. Drafts come
+from the row itself, never from a second model:
+
+- prompt lookup (`PromptLookup`): the row's last n tokens are looked up in its prompt and output
+  (longest n first, latest occurrence), and the tokens that followed there are proposed, the
+  technique of "prompt lookup decoding" (copy-heavy tasks: extraction, rewriting, correction);
+- the output contract (`contract_drafts`): the tokens an llguidance constraint forces next
+  (its fast-forward tokens, e.g. a JSON schema's keys and punctuation).
+
+Verification (`verify_run`, `choose_runs`) chooses the row's token at each position with its own
+`RowSampler`, exactly as plain decoding would (penalties and the constraint's mask apply per
+position: position j sees drafts 0..j-1 as seen, and the constraint advances only with accepted
+tokens), and keeps going while the chosen token equals the draft. Greedy rows thus accept the
+longest prefix of drafts equal to their argmax, then take the argmax at the first mismatch: their
+output equals plain greedy decoding. Sampled rows draw each token from their processed
+distribution p and accept the draft d iff the draw is d: d is accepted with probability p(d), and
+on rejection the token follows p without d, renormalised, which is the speculative sampling rule
+for a point-mass draft (so the output keeps its distribution). Drawn this way, a sampled row
+consumes its seeded generator exactly as plain decoding does: the same seed gives the same tokens
+with speculation on or off, whatever the drafts.
+
+`DraftBudget` adapts each row's draft length: it grows while drafts are accepted, shrinks on
+rejections, and stops drafting for a while (longer each time) after drafts that were all
+rejected, so a task that copies nothing pays almost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.batched.sampling import NonFiniteLogits, RowSampler
+from loraplex.runtime.engines.guidance import RowConstraint
+
+MODES = ("off", "lookup", "contract", "auto")
+MAX_DRAFT = 6  # drafts per row and step (the verification feeds up to this many more tokens)
+MAX_NGRAM = 3
+MIN_NGRAM = 2  # a single matching token proposes too often, and too often wrongly
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"speculation must be one of {', '.join(MODES)} (got {mode!r})")
+    return mode
+
+
+class PromptLookup:
+    """An n-gram index over a row's tokens (its prompt, then its output as it grows).
+
+    For every n-gram (MIN_NGRAM <= n <= MAX_NGRAM) it keeps where the tokens after its latest
+    occurrence start; the current suffix is indexed only once a token follows it, so a lookup never
+    finds the suffix itself."""
+
+    def __init__(self, tokens: Iterable[int] = (), *, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> start of what followed its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        seq, index = self.tokens, self._next
+        for token in tokens:
+            end = len(seq)  # the n-grams ending just before `token` are followed by it
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                index[tuple(seq[end - n:end])] = end
+            seq.append(int(token))
+
+    def propose(self, k: int) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the longest matching suffix."""
+        seq = self.tokens
+        if k <= 0:
+            return []
+        for n in range(min(self.max_ngram, len(seq)), self.min_ngram - 1, -1):
+            start = self._next.get(tuple(seq[len(seq) - n:]))
+            if start is not None:
+                return seq[start:start + k]
+        return []
+
+
+def contract_drafts(constraint: RowConstraint, k: int) -> list[int]:
+    """Up to `k` tokens the constraint forces next (llguidance's fast-forward tokens)."""
+    if k <= 0 or constraint.complete:
+        return []
+    return list(constraint.matcher.compute_ff_tokens()[:k])
+
+
+def allowed_prefix(constraint: RowConstraint, drafts: list[int]) -> list[int]:
+    """The drafts the constraint accepts in a row (a draft it forbids would be rejected anyway)."""
+    if not drafts:
+        return drafts
+    return drafts[: constraint.matcher.validate_tokens(drafts)]
+
+
+@dataclass
+class DraftBudget:
+    """One row's draft length for one source of drafts.
+
+    `length` grows by half (at least one) when every draft of a step is accepted, becomes one more
+    than the accepted count on a partial acceptance, and halves when none is accepted; after
+    `patience` such misses in a row the source rests for `rest` steps, doubled at each rest (up to
+    `max_rest`) until drafts are accepted again."""
+
+    max_length: int = MAX_DRAFT
+    length: int = 2
+    patience: int = 2
+    rest: int = 4
+    max_rest: int = 256
+    misses: int = 0
+    resting: int = 0
+    _next_rest: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.length = min(self.length, self.max_length)
+        self._next_rest = self.rest
+
+    def take(self) -> int:
+        """The draft length for this step (0 while resting; counts the step)."""
+        if self.resting:
+            self.resting -= 1
+            return 0
+        return self.length
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        if accepted >= drafted:
+            self.length = min(self.max_length, drafted + max(1, drafted // 2))
+            self.misses, self._next_rest = 0, self.rest
+        elif accepted > 0:
+            self.length = min(self.max_length, accepted + 1)
+            self.misses, self._next_rest = 0, self.rest
+        else:
+            self.length = max(1, self.length // 2)
+            self.misses += 1
+            if self.misses >= self.patience:
+                self.resting, self.misses = self._next_rest, 0
+                self._next_rest = min(self.max_rest, self._next_rest * 2)
+
+
+def drafter_for(mode: str, params: SamplingParams, prompt_ids: Sequence[int],
+                constraint: RowConstraint | None) -> RowDrafter | None:
+    """The drafter of a new row, or None when it never drafts: speculation is off, the row scores
+    given tokens, or asked for log-probabilities (reported for one token per step), or `mode` has
+    no source for it (contract drafting for a row without a constraint)."""
+    if mode == "off" or params.forced or params.logprobs is not None:
+        return None
+    drafter = RowDrafter(mode, prompt_ids, constraint)
+    return drafter if drafter.active else None
+
+
+class RowDrafter:
+    """The drafts of one running request: its lookup index, its sources' budgets, its counts."""
+
+    def __init__(self, mode: str, prompt_ids: Sequence[int], constraint: RowConstraint | None,
+                 max_draft: int = MAX_DRAFT):
+        check_mode(mode)
+        self.constraint = constraint
+        self.lookup = PromptLookup(prompt_ids) if mode in ("lookup", "auto") else None
+        self.contract = constraint is not None and mode in ("contract", "auto")
+        self.lookup_budget = DraftBudget(max_draft)
+        self.contract_budget = DraftBudget(max_draft, length=max_draft)
+        self.drafted = 0  # drafts verified so far
+        self.accepted = 0  # of which accepted
+        self._source: DraftBudget | None = None  # the budget this step's drafts came from
+
+    @property
+    def active(self) -> bool:
+        return self.lookup is not None or self.contract
+
+    def propose(self, room: int) -> list[int]:
+        """This step's drafts, at most `room` (what the row may still produce after one token)."""
+        self._source = None
+        if room <= 0:
+            return []
+        if self.contract:
+            assert self.constraint is not None
+            drafts = contract_drafts(self.constraint, min(room, self.contract_budget.take()))
+            if drafts:
+                self._source = self.contract_budget
+                return drafts
+        if self.lookup is not None:
+            drafts = self.lookup.propose(min(room, self.lookup_budget.take()))
+            if drafts and self.constraint is not None:
+                drafts = allowed_prefix(self.constraint, drafts)
+            if drafts:
+                self._source = self.lookup_budget
+                return drafts
+        return []
+
+    def record(self, drafts: Sequence[int], run: Sequence[int]) -> None:
+        """The step's outcome: `run` is the tokens it yielded (accepted drafts, then the model's)."""
+        if drafts:
+            accepted = accepted_count(drafts, run)
+            self.drafted += len(drafts)
+            self.accepted += accepted
+            if self._source is not None:
+                self._source.record(len(drafts), accepted)
+        self._source = None
+        if self.lookup is not None:
+            self.lookup.extend(run)
+
+
+def accepted_count(drafts: Sequence[int], run: Sequence[int]) -> int:
+    """How many drafts `run` kept: its leading tokens equal to the drafts (the model's own token after
+    them never equals the draft it replaces)."""
+    n = 0
+    for draft, token in zip(drafts, run, strict=False):
+        if draft != token:
+            break
+        n += 1
+    return n
+
+
+def verify_run(logits: np.ndarray, sampler: RowSampler, drafts: Sequence[int],
+               stop_ids: Collection[int] = ()) -> list[int]:
+    """The tokens one row yields from its logits at positions 0..len(drafts) ([k + 1, vocab]): the
+    drafts accepted in order, then the model's own token at the first rejection (or after the last
+    draft). The run also ends early at a token in `stop_ids` (EOS) or one that completes the row's
+    constraint: nothing after it could be output. Raises the row's own error (non-finite scores)."""
+    run: list[int] = []
+    for j in range(len(drafts) + 1):
+        token = sampler.choose(logits[j])
+        run.append(token)
+        if j == len(drafts) or token != drafts[j] or token in stop_ids:
+            break
+        if sampler.constraint is not None and sampler.constraint.complete:
+            break
+    return run
+
+
+def choose_runs(logits: np.ndarray, samplers: list[RowSampler], drafts: list[list[int]],
+                stop_ids: Collection[int] = ()) -> list[list[int] | Exception]:
+    """A run of tokens (or the row's error) per row of `logits` [rows, positions, vocab], row i
+    verifying `drafts[i]` (logits at positions 0..len(drafts[i])). Plain greedy rows (no penalty, no
+    constraint) share one vectorized argmax over every position. `stop_ids`: EOS (see `verify_run`;
+    a row that ignores EOS without a constraint continues past it)."""
+    runs: list[list[int] | Exception] = [[] for _ in samplers]
+    plain = [i for i, s in enumerate(samplers) if s.plain]
+    if plain:
+        width = 1 + max(len(drafts[i]) for i in plain)
+        best = np.argmax(logits[plain, :width], axis=-1)  # [plain rows, width]
+        scores = np.take_along_axis(logits[plain, :width], best[..., None], axis=-1)[..., 0]
+        for i, tokens, row_scores in zip(plain, best.tolist(), scores.tolist(), strict=True):
+            runs[i] = _greedy_run(drafts[i], tokens, row_scores, stops_of(samplers[i], stop_ids))
+    plain_set = set(plain)
+    for i, sampler in enumerate(samplers):
+        if i in plain_set:
+            continue
+        try:
+            runs[i] = verify_run(logits[i], sampler, drafts[i], stops_of(sampler, stop_ids))
+        except Exception as exc:  # this row's own failure: it ends this row, never the step
+            runs[i] = exc
+    return runs
+
+
+def stops_of(sampler: RowSampler, eos_ids: Collection[int]) -> Collection[int]:
+    """The tokens that end a row's run: EOS, unless the row ignores it (and has no constraint)."""
+    return () if sampler.params.ignore_eos and sampler.constraint is None else eos_ids
+
+
+def _greedy_run(drafts: Sequence[int], tokens: list[int], scores: list[float],
+                stop_ids: Collection[int]) -> list[int] | Exception:
+    run: list[int] = []
+    for j, token in enumerate(tokens[: len(drafts) + 1]):
+        if not math.isfinite(scores[j]):
+            return NonFiniteLogits()
+        run.append(token)
+        if j == len(drafts) or token != drafts[j] or token in stop_ids:
+            break
+    return run
