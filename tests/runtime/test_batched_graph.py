@@ -64,7 +64,7 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
     out.unlink()
     lora = sorted({i.name for i in original.input if ".lora_" in i.name})
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
-    assert inputs[SLOT_INPUT] == ["batch_size"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size"]
+    assert inputs[SLOT_INPUT] == ["batch_size"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
     assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now banks
     for name in lora:
@@ -75,11 +75,11 @@ def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(packag
     gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
     assert sorted(n.input[0] for n in gathers) == lora
     layers = sum(1 for i in original.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
-    # + the Gathers, + Unsqueeze, GatherND, Unsqueeze; per layer q/k/v (3 nodes) and gate/up (2) each
+    # + the Gathers, + Unsqueeze, GatherND; per layer q/k/v (3 nodes) and gate/up (2) each
     # become one MatMul and a Split
-    assert len(banked.node) == len(original.node) + len(lora) + 3 - layers
+    assert len(banked.node) == len(original.node) + len(lora) + 2 - layers
     head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
-    assert head.input[0] == "/lora_bank/logits_rows/rows"
+    assert head.input[0] == "/lora_bank/logits_rows/gather"
 
 
 def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
@@ -103,11 +103,12 @@ def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
     rows = len(expected)
     batch_feeds = {k: np.repeat(v, rows, axis=0) for k, v in _prompt_feeds(package, ids).items()}
     slots = np.arange(rows, dtype=np.int64)[::-1].copy()  # row i uses slot rows-1-i
-    positions = np.array([8, 0, 5, 8][:rows], dtype=np.int64)  # the one position each row's head computes
+    positions = np.array([[8, 2], [0, 0], [5, 7], [8, 8]][:rows], dtype=np.int64)  # what each row's head computes
     got = banked.run(["logits"], {**batch_feeds, **banks, SLOT_INPUT: slots, LOGITS_INDEX_INPUT: positions})[0]
-    assert got.shape == (rows, 1, expected[0].shape[-1])
-    for row, (slot, position) in enumerate(zip(slots, positions, strict=True)):
-        np.testing.assert_allclose(got[row, 0], expected[slot][position], rtol=0, atol=1e-5)
+    assert got.shape == (rows, 2, expected[0].shape[-1])
+    for row, slot in enumerate(slots):
+        for column, position in enumerate(positions[row]):
+            np.testing.assert_allclose(got[row, column], expected[slot][position], rtol=0, atol=1e-5)
     # Adapters really change the output, so the comparison above can fail.
     assert all(np.abs(expected[k] - expected[0]).max() > 1e-2 for k in range(1, rows))
 
@@ -133,7 +134,7 @@ def test_banked_graph_in_another_directory_shares_the_external_data(package, tmp
     beside = _session(ensure_batched_model(package.model))
     elsewhere = _session(cached)
     ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
-    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([3])}
+    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([[3]])}
     for inp in beside.get_inputs():
         if ".lora_" in inp.name:
             fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 slot (zeros), rank 1
@@ -183,6 +184,6 @@ def test_projections_reading_one_input_are_fused_into_one_matmul_and_a_split(pac
     weights_a = _adapter(package, package.adapters[sorted(package.adapters)[0]])
     banks = {name: np.stack([np.zeros_like(w), w]) for name, w in weights_a.items()}
     feeds = {**_prompt_feeds(package, ids), **banks, SLOT_INPUT: np.array([0, 1]),
-             LOGITS_INDEX_INPUT: np.array([6, 3])}
+             LOGITS_INDEX_INPUT: np.array([[6], [3]])}
     got, want = (s.run(["logits"], feeds)[0] for s in (fused, plain))
     assert np.array_equal(got, want)

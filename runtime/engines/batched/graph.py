@@ -24,10 +24,11 @@ with "Shape mismatch attempting to re-use buffer").
 Before that, the base projections that read the same input (q/k/v, gate/up) are fused into one
 MatMul each (`fusion`: exact, and fewer, larger kernels).
 
-A further, independent change: the LM head computes one position per row, picked by a new input
-`logits_index [batch]` (GatherND before the head), so `logits` is `[batch, 1, vocab]`. A
-prefill then needs only each prompt's last position, not `[batch, seq, vocab]`: for a small
-model with a large vocabulary the head is a large share of the prefill's compute and memory.
+A further, independent change: the LM head computes only the positions each row asks for, picked
+by a new input `logits_index [batch, positions]` (GatherND before the head), so `logits` is
+`[batch, positions, vocab]`. A prefill then needs only each prompt's last position (`positions` = 1),
+not `[batch, seq, vocab]`: for a small model with a large vocabulary the head is a large share of the
+prefill's compute and memory; a step that checks several proposed tokens reads several.
 
 Only `onnx` is needed (no torch, no olive): the batched engine calls `ensure_batched_model` on first
 load and the result is cached next to the package's model (or, for a read-only package, in a
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SLOT_INPUT = "adapter_slot"
 LOGITS_INDEX_INPUT = "logits_index"
+LOGITS_POSITIONS_DIM = "logits_positions"
 LOGITS_OUTPUT = "logits"
 _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
@@ -60,7 +62,7 @@ BATCHED_SUFFIX = ".batched.onnx"
 FUSED_DATA_SUFFIX = ".fused.data"  # model.batched.fused.data: the fused projections' weights
 _STAMP_SUFFIX = ".batched.json"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 4
+REWRITE_VERSION = 5
 
 
 class LoraBankError(ValueError):
@@ -195,7 +197,7 @@ def _gather_before_lora_matmuls(graph, pairs: list[LoraPair]) -> None:
 
 
 def _pick_logits_rows(graph, batch: str) -> None:
-    """Make the LM head compute only position `logits_index[i]` of each row i (see module doc)."""
+    """Make the LM head compute only positions `logits_index[i, :]` of each row i (see module doc)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -210,24 +212,26 @@ def _pick_logits_rows(graph, batch: str) -> None:
         )
     hidden = node.input[0]
     axes = "/lora_bank/logits_rows/axes"
-    graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
-    index_2d, rows, rows_3d = (f"/lora_bank/logits_rows/{n}" for n in ("index", "gather", "rows"))
+    graph.initializer.append(numpy_helper.from_array(np.array([2], dtype=np.int64), axes))
+    index_3d, rows = (f"/lora_bank/logits_rows/{n}" for n in ("index", "gather"))
+    # [batch, positions] -> [batch, positions, 1]; GatherND (batch_dims 1) on [batch, seq, hidden]
+    # gives [batch, positions, hidden].
     new_nodes = [
-        helper.make_node("Unsqueeze", [LOGITS_INDEX_INPUT, axes], [index_2d], name="/lora_bank/logits_rows/Unsqueeze"),
-        helper.make_node("GatherND", [hidden, index_2d], [rows], name="/lora_bank/logits_rows/GatherND", batch_dims=1),
-        helper.make_node("Unsqueeze", [rows, axes], [rows_3d], name="/lora_bank/logits_rows/Unsqueeze_1"),
+        helper.make_node("Unsqueeze", [LOGITS_INDEX_INPUT, axes], [index_3d], name="/lora_bank/logits_rows/Unsqueeze"),
+        helper.make_node("GatherND", [hidden, index_3d], [rows], name="/lora_bank/logits_rows/GatherND", batch_dims=1),
     ]
-    node.input[0] = rows_3d
+    node.input[0] = rows
     position = list(graph.node).index(node)
     for offset, extra in enumerate(new_nodes):
         graph.node.insert(position + offset, extra)
-    graph.input.append(helper.make_tensor_value_info(LOGITS_INDEX_INPUT, TensorProto.INT64, [batch]))
+    graph.input.append(helper.make_tensor_value_info(LOGITS_INDEX_INPUT, TensorProto.INT64,
+                                                     [batch, LOGITS_POSITIONS_DIM]))
     for out in graph.output:
         if out.name == LOGITS_OUTPUT:
             dims = out.type.tensor_type.shape.dim
             if len(dims) == 3:
                 dims[1].Clear()
-                dims[1].dim_value = 1
+                dims[1].dim_param = LOGITS_POSITIONS_DIM
 
 
 def _link_external_data(model, source_dir: Path, out_dir: Path) -> None:

@@ -91,3 +91,15 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for array in buffers:
                 array[dst, :, :length] = array[src, :, :length]
+
+    def read(self, row: int, start: int, stop: int) -> np.ndarray:
+        """A copy of positions `[start, stop)` of `row`: `[2 * layers, kv_heads, stop - start, head]`,
+        every layer's keys, then every layer's values."""
+        return np.stack([array[row, :, start:stop] for array in self.keys + self.values])
+
+    def write(self, row: int, start: int, blocks: list[np.ndarray], length: int) -> None:
+        """Write the first `length` positions of `blocks` (`read`'s arrays, in order) into `row` from
+        position `start` on."""
+        joined = np.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
+        for i, array in enumerate(self.keys + self.values):
+            array[row, :, start:start + length] = joined[i, :, :length]

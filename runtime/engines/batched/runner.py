@@ -1,21 +1,38 @@
 """The batched engine's model runner: runs one scheduled batch through the banked graph.
 
 It owns the ONNX Runtime session, the adapter weight banks and the KV cache, and makes no policy
-decision: the scheduler says which rows run in which KV rows with which slots. A prefill writes
-the new rows' prompts (right-padded to the longest) straight into their rows of the shared KV
-buffer; a decode step feeds every running row its last token. Either way the graph computes the
-LM head for one position per row (`logits_index`) and each row's token is chosen by its own
+decision: the scheduler says which rows run in which KV rows with which slots. Every run is a
+`forward` of `RowInput`s: each row's KV row already holds `past` tokens and gets `tokens` more,
+written in place at positions `[past, past + len(tokens))`, and the LM head computes only the
+positions each row `read`s (`logits_index`). A prefill feeds the new rows' prompts (after the
+part a cached prefix already put in the row); a decode step feeds every running row its last
+token. Each row's token is chosen by its own
 sampler (which masks the logits of a row with an output constraint, through llguidance; its view of
 the package's tokenizer.json is built on a helper thread when first needed, and the constrained
 rows' masks are computed on that thread while the session runs, both without the GIL).
 InferenceSession.run releases the GIL, so the asyncio server keeps serving during a step.
 See `kv` for the cache layout and why padding cannot change any row's result.
+
+How `forward` maps onto GroupQueryAttention's CPU kernel (onnxruntime 1.32), which derives each
+row's positions (rotary and causal mask) from `seqlens_k` = ReduceSum(attention_mask) - 1 and
+`total_sequence_length` = the mask's width, and distinguishes three kinds of run:
+- one new token per row (token generation): any batch, any pasts; the mask is at least 2 wide so
+  a row with an empty past is not taken for a prompt;
+- several new tokens and no past (first prompt, width = sequence length): any batch, rows
+  right-padded to the longest;
+- several new tokens after a past ("subsequent prompt"): the kernel refuses a batch of more than
+  one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), so each
+  such row runs alone on its KV row `[i, i + 1)`, with past = seqlens_k + 1 - sequence length.
+`forward` splits a step into those runs (rows with no past side by side, each row with a past
+alone) and returns the logits of all of them, bit for bit what a plain prefill computes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +47,18 @@ from loraplex.runtime.engines.guidance import Guidance, RowConstraint
 from loraplex.runtime.engines.heap import release_free_heap
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One row of a `ModelRunner.forward` run: its KV row holds `past` tokens already; `tokens` are fed
+    (written at positions `past`, `past + 1`, ...); the logits of `read` (offsets into `tokens`,
+    negative from the end) are returned."""
+
+    slot: int  # the adapter's bank slot (0: the base model)
+    past: int
+    tokens: Sequence[int]
+    read: Sequence[int] = (-1,)
 
 
 class ModelRunner:
@@ -47,6 +76,7 @@ class ModelRunner:
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._bindings_stamp = (-1, -1)
+        self._positions: dict[tuple[int, int], int] = {}  # logits positions each binding's output was made for
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
         self._package_root = package.root
         self._guidance: Future[Guidance] | None = None
@@ -116,6 +146,7 @@ class ModelRunner:
             else:
                 logits = self._decode(batch.rows, batch.start,
                                       batch.start + len(batch.rows) if keep is None else keep)
+            logits = logits[:, 0, :]
         finally:
             if masks is not None:
                 masks.result()  # the matchers are the engine thread's again
@@ -132,36 +163,80 @@ class ModelRunner:
         """Nothing runs: hand the heap's free memory back to the system (see `runtime.engines.heap`)."""
         release_free_heap()
 
-    def _prefill(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
-        lengths = np.array([row.length for row in rows], dtype=np.int64)
-        width = int(lengths.max())
-        self.kv.ensure(width, rows=keep)
-        ids = np.full((len(rows), width), self.config.pad_token_id, dtype=np.int64)
+    def forward(self, start: int, rows: Sequence[RowInput], keep: int) -> np.ndarray:
+        """Feed each row its new tokens on KV rows `[start, start + len(rows))`, in place.
+
+        Returns logits `[rows, positions, vocab]`: row i's at its `read` offsets, in order (a row
+        that reads fewer than the most has its last one repeated). The array may be the session's
+        output buffer, which the next run over the same KV rows overwrites: copy what must outlive it.
+        KV rows `[0, max(keep, start + len(rows)))` keep their contents if the cache grows. Rows of
+        several new tokens after a past run one by one (see the module doc)."""
+        if not rows:
+            raise ValueError("forward needs at least one row")
+        if any(not row.tokens for row in rows):
+            raise ValueError("every row feeds at least one token")
+        self.kv.ensure(max(row.past + len(row.tokens) for row in rows), rows=max(keep, start + len(rows)))
+        width = max(len(row.read) for row in rows)
+        if max(len(row.tokens) for row in rows) == 1:
+            return self._run_rows(start, rows, width)
+        parts, i = [], 0
+        while i < len(rows):  # no-past rows side by side, each row with a past alone
+            j = i + 1
+            if rows[i].past == 0:
+                while j < len(rows) and rows[j].past == 0:
+                    j += 1
+            parts.append(self._run_rows(start + i, rows[i:j], width))
+            i = j
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _run_rows(self, start: int, rows: Sequence[RowInput], width: int) -> np.ndarray:
+        """One session run: every row has no past, or one token each, or the run has one row."""
+        lengths = np.array([len(row.tokens) for row in rows], dtype=np.int64)
+        pasts = np.array([row.past for row in rows], dtype=np.int64)
+        new = int(lengths.max())
+        ids = np.full((len(rows), new), self.config.pad_token_id, dtype=np.int64)
+        index = np.empty((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
-            ids[i, : row.length] = row.job.prompt_ids
-        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return self._run(ids, mask, rows, start, lengths - 1)
+            ids[i, : lengths[i]] = row.tokens
+            offsets = [o if o >= 0 else lengths[i] + o for o in row.read]
+            if not all(0 <= o < lengths[i] for o in offsets):
+                raise ValueError(f"read offsets {list(row.read)} outside the row's {lengths[i]} new tokens")
+            index[i] = offsets + [offsets[-1]] * (width - len(offsets))
+        totals = pasts + lengths
+        # GQA reads only each mask row's sum (its total length) and the mask's width.
+        span = max(int(totals.max()), 2) if new == 1 else int(totals.max())
+        mask = (np.arange(span)[None, :] < totals[:, None]).astype(np.int64)
+        return self._run(ids, mask, rows, start, index)
+
+    def _prefill(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
+        self.kv.ensure(max(row.length for row in rows), rows=keep)
+        for i, row in enumerate(rows):
+            if row.cached:
+                self.kv.write(start + i, 0, row.prefix, row.cached)
+        inputs = [RowInput(row.slot, row.cached, row.job.prompt_ids[row.cached:]) for row in rows]
+        return self.forward(start, inputs, keep)
 
     def _decode(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
-        ids = np.array([[row.last_token] for row in rows], dtype=np.int64)
-        totals = np.array([row.length + 1 for row in rows], dtype=np.int64)
-        # Each row's mask sums to its own total length (GQA reads only the sum); the width is the
-        # longest row's, and must exceed 1 so GQA does not take a one-token step for a prompt.
-        width = max(int(totals.max()), 2)
-        self.kv.ensure(int(totals.max()), rows=keep)
-        mask = (np.arange(width)[None, :] < totals[:, None]).astype(np.int64)
-        return self._run(ids, mask, rows, start, np.zeros(len(rows), dtype=np.int64))
+        return self.forward(start, [RowInput(row.slot, row.length, (row.last_token,)) for row in rows], keep)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: list[Row], start: int, last: np.ndarray) -> np.ndarray:
-        """One session run over KV rows [start, start + len(rows)); logits [rows, vocab] at `last`."""
+    def _run(self, ids: np.ndarray, mask: np.ndarray, rows: Sequence[RowInput], start: int,
+             index: np.ndarray) -> np.ndarray:
+        """One session run over KV rows [start, start + len(rows)); logits [rows, positions, vocab] at
+        `index` [rows, positions] (a 1-D index: one position per row)."""
         config = self.config
+        if index.ndim == 1:
+            index = index[:, None]
         binding = self._binding(start, start + len(rows))
-        binding.bind_cpu_input(LOGITS_INDEX_INPUT, last)
+        if self._positions.get((start, start + len(rows))) != index.shape[1]:
+            # The output kept from the last run has the last run's shape: a new width needs a new one.
+            binding.bind_output(config.logits_name)
+            self._positions[(start, start + len(rows))] = index.shape[1]
+        binding.bind_cpu_input(LOGITS_INDEX_INPUT, index)
         binding.bind_cpu_input(config.input_ids_name, ids)
         binding.bind_cpu_input(config.attention_mask_name, mask)
         binding.bind_cpu_input(SLOT_INPUT, np.array([row.slot for row in rows], dtype=np.int64))
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()[:, 0, :]
+        return binding.get_outputs()[0].numpy()
 
     def _binding(self, start: int, stop: int) -> ort.IOBinding:
         """An IOBinding of KV rows [start, stop) with the banks and the cache views already bound.
@@ -174,6 +249,7 @@ class ModelRunner:
         stamp = (self.bank.generation, self.kv.generation)
         if stamp != self._bindings_stamp:
             self._bindings.clear()
+            self._positions.clear()
             self._bindings_stamp = stamp
         binding = self._bindings.get((start, stop))
         if binding is None:

@@ -52,6 +52,8 @@ class Row:
     last_token: int = -1
     ending: bool = False  # the core ended its job: retire at the next schedule
     sampler: RowSampler | None = None  # made by the runner at prefill
+    cached: int = 0  # prompt tokens a cached prefix puts in the KV row before its prefill
+    prefix: list = field(default_factory=list)  # that prefix's blocks (`prefix_cache`), copied by the runner
 
 
 @dataclass
