@@ -8,6 +8,9 @@ in exactly one place:
   engine's llguidance tokenizer), off the executor's queue, so running rows keep decoding;
 - the per-token finish policy (`finish_reason`): error, stop request, EOS, output contract complete,
   length; and the count of tokens each job has produced;
+- a step may yield several tokens of one job (the batched engine's speculative decoding): one
+  `Sample` each, in order, the policy applied to each; those after the one that ends the job are
+  dropped (an EOS, a stop, the length reached inside an accepted run);
 - delivery: once per step per job, one `StepOutput` with the job's new tokens and, once its
   resources are free, its finish reason. A sink that raises ends its own job only.
 
@@ -93,7 +96,7 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def step(self) -> StepResult:
-        """Run one step of the jobs that are ready."""
+        """Run one step of the jobs that are ready (a job may have several samples: its tokens in order)."""
 
     @property
     @abc.abstractmethod
@@ -293,6 +296,8 @@ class EngineCore(Engine):
             self._finish(job, [])
         for sample in result.samples:
             job = sample.job
+            if job in self._ending:  # a later token of the same step (speculative decoding): never output
+                continue
             output, reason = finish_reason(sample, self.eos_ids, self._produced[job])
             new = tokens.setdefault(job, [])
             if output:

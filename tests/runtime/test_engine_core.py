@@ -23,7 +23,8 @@ WAIT_S = 30
 
 class Script(Executor):
     """Each job's samples come from `script[request_id]`, one per step: a token, an Exception, or
-    (token, complete, full). `release_later`: ended running jobs are released one step later, as
+    (token, complete, full), or a list of those (several tokens in one step, as speculative decoding
+    yields). `release_later`: ended running jobs are released one step later, as
     the batched engine's rows are."""
 
     def __init__(self, script: dict[str, list], release_later: bool = False):
@@ -81,8 +82,9 @@ class Script(Executor):
         samples = []
         for job in self.running:
             item = self.script[job.request_id].pop(0)
-            token, complete, full = item if isinstance(item, tuple) else (item, False, False)
-            samples.append(Sample(job, token, complete=complete, full=full))
+            for part in item if isinstance(item, list) else [item]:  # a list: several tokens in one step
+                token, complete, full = part if isinstance(part, tuple) else (part, False, False)
+                samples.append(Sample(job, token, complete=complete, full=full))
         return StepResult(samples, released)
 
     def drop_all(self):
@@ -169,6 +171,23 @@ def test_the_finish_policy_of_every_engine(make_core, samples, params, tokens, r
     j = job("r", **params)
     core.submit(j)
     assert j.sink.finish is reason and j.sink.tokens == tokens and j.error is None
+
+
+@pytest.mark.parametrize(("samples", "params", "outputs", "reason"), [
+    ([[5, 6], [7, EOS, 8]], {}, [(5, 6), (7,)], FinishReason.EOS),
+    ([[5, 6, 7, 8]], {"max_new_tokens": 3}, [(5, 6, 7)], FinishReason.LENGTH),
+    ([[5, (6, True, False), 9]], {"constraint": CHOICE}, [(5, 6)], FinishReason.STOP),
+    ([[5, EOS, 7]], {"max_new_tokens": 3, "ignore_eos": True}, [(5, EOS, 7)], FinishReason.LENGTH),
+    ([[5, RuntimeError("row broke"), 7]], {}, [(5,)], FinishReason.CANCELLED),
+])
+def test_several_tokens_of_a_job_in_one_step(make_core, samples, params, outputs, reason):
+    """Each token of a step's run meets the finish policy in order; tokens after the one that ends the
+    job are never output; the step's tokens reach the sink in one output."""
+    core, _ = make_core({"r": samples})
+    j = job("r", **params)
+    core.submit(j)
+    assert j.sink.finish is reason
+    assert [o.tokens for o in j.sink.outputs if o.tokens] == outputs
 
 
 def test_finish_reason_alone():
