@@ -66,6 +66,16 @@ def test_several_tokens_after_a_past_in_one_row_read_at_each_position(runner):
     np.testing.assert_allclose(got[0], want, rtol=0, atol=ATOL)
 
 
+def test_rows_of_one_token_run_beside_rows_of_several(runner):
+    a, b, c = _sequences(runner)
+    want = [_plain(runner, 1, a, [-1]), _plain(runner, 2, b, [-3, -2, -1]), _plain(runner, 0, c, [-1])]
+    runner.forward(0, [RowInput(1, 0, a[:-1]), RowInput(2, 0, b[:-3]), RowInput(0, 0, c[:-1])], keep=0)
+    got = runner.forward(0, [RowInput(1, 39, a[-1:]), RowInput(2, 22, b[-3:], [0, 1, 2]), RowInput(0, 29, c[-1:])],
+                         keep=3)
+    for row, logits in enumerate(want):
+        np.testing.assert_allclose(got[row, :len(logits)], logits, rtol=0, atol=ATOL)
+
+
 def test_a_row_without_tokens_or_reading_outside_its_tokens_is_refused(runner):
     with pytest.raises(ValueError, match="at least one token"):
         runner.forward(0, [RowInput(0, 0, [])], keep=0)

@@ -23,8 +23,9 @@ row's positions (rotary and causal mask) from `seqlens_k` = ReduceSum(attention_
 - several new tokens after a past ("subsequent prompt"): the kernel refuses a batch of more than
   one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), so each
   such row runs alone on its KV row `[i, i + 1)`, with past = seqlens_k + 1 - sequence length.
-`forward` splits a step into those runs (rows with no past side by side, each row with a past
-alone) and returns the logits of all of them, bit for bit what a plain prefill computes.
+`forward` splits a step into those runs (neighbouring rows of one new token side by side, and of
+no past; each row of several tokens after a past alone) and returns the logits of all of them,
+what a plain prefill computes (bit for bit where the run has the same shape).
 """
 
 from __future__ import annotations
@@ -177,12 +178,13 @@ class ModelRunner:
             raise ValueError("every row feeds at least one token")
         self.kv.ensure(max(row.past + len(row.tokens) for row in rows), rows=max(keep, start + len(rows)))
         width = max(len(row.read) for row in rows)
-        if max(len(row.tokens) for row in rows) == 1:
-            return self._run_rows(start, rows, width)
         parts, i = [], 0
-        while i < len(rows):  # no-past rows side by side, each row with a past alone
+        while i < len(rows):  # neighbours of one token each side by side, and of no past; others alone
             j = i + 1
-            if rows[i].past == 0:
+            if len(rows[i].tokens) == 1:
+                while j < len(rows) and len(rows[j].tokens) == 1:
+                    j += 1
+            elif rows[i].past == 0:
                 while j < len(rows) and rows[j].past == 0:
                     j += 1
             parts.append(self._run_rows(start + i, rows[i:j], width))
