@@ -8,12 +8,15 @@ One `schedule()` per engine step:
    `[0, n)` and a step never computes an empty row (the moves are handed to the runner);
 2. queued jobs are admitted while there are free rows, the padded prefill stays under
    `max_prefill_tokens`, and their adapter has (or gets) a bank slot; a job whose adapter finds
-   every slot busy waits (later jobs may pass it) and one busy slot is drained for it;
-3. the step's batch is the admitted jobs' prefill if there are any, else one decode step of
-   every running row.
+   every slot busy waits (later jobs may pass it) and one busy slot is drained for it; with a
+   prefix cache (`prefix_cache`), a job whose prompt begins with cached blocks of its adapter's
+   namespace starts from them (`Row.cached` tokens, which its prefill does not compute);
+3. the step's batch is the admitted jobs' prefill if there are any (those without a cached prefix
+   first, so they share one run), else one decode step of every running row.
 
-`postprocess` then records each row's token in the row (its KV length, the token to feed next) and
-returns the step's samples; deciding which jobs are done is the core's (`core.finish_reason`).
+`postprocess` then records each row's token in the row (its KV length, the token to feed next;
+several tokens when a decode step verified drafts) and returns the step's samples; deciding which
+jobs are done is the core's (`core.finish_reason`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import TYPE_CHECKING, Literal
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
+from loraplex.runtime.engines.batched.prefix_cache import BASE, PrefixCache, adapter_namespace
 from loraplex.runtime.engines.batched.slots import SlotTable
 from loraplex.runtime.engines.core import Sample
 from loraplex.runtime.errors import EngineFailure
 
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.sampling import RowSampler
+    from loraplex.runtime.engines.batched.speculation import RowDrafter
 
 
 @dataclass(eq=False)
@@ -40,6 +45,16 @@ class BatchedAdapter(AdapterHandle):
     `bank.WeightBank`); `weights.ranks` always says which modules it adapts at which rank."""
 
     weights: AdapterWeights | None = None
+    digest: str = ""  # sha256 of its weights: its prefix cache namespace ("": none, nothing cached)
+
+
+def prefix_namespace(adapter: AdapterHandle | None) -> str | None:
+    """A job's prefix cache namespace: the base model's, or its adapter's weights' (never a name);
+    None when the adapter has no digest (its prompts are not cached)."""
+    if adapter is None:
+        return BASE
+    digest = getattr(adapter, "digest", "")
+    return adapter_namespace(digest) if digest else None
 
 
 @dataclass(eq=False)
@@ -52,6 +67,8 @@ class Row:
     last_token: int = -1
     ending: bool = False  # the core ended its job: retire at the next schedule
     sampler: RowSampler | None = None  # made by the runner at prefill
+    drafter: RowDrafter | None = None  # its speculative drafts (`speculation`), made with the sampler
+    generated: int = 0  # tokens chosen so far
     cached: int = 0  # prompt tokens a cached prefix puts in the KV row before its prefill
     prefix: list = field(default_factory=list)  # that prefix's blocks (`prefix_cache`), copied by the runner
 
@@ -85,7 +102,8 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, *, max_batch: int, max_slots: int, max_len: int, max_prefill_tokens: int = 4096):
+    def __init__(self, *, max_batch: int, max_slots: int, max_len: int, max_prefill_tokens: int = 4096,
+                 prefix: PrefixCache | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
         self.max_batch = max_batch
@@ -95,6 +113,7 @@ class Scheduler:
         self.waiting: deque[GenerationJob] = deque()
         self.running: list[Row] = []
         self.stats = SchedulerStats()
+        self.prefix = prefix
 
     @property
     def has_work(self) -> bool:
@@ -122,6 +141,7 @@ class Scheduler:
         moves, released = self._retire()
         new, fills, dropped = self._admit()
         if new:
+            new.sort(key=lambda row: row.cached > 0)  # rows without a past share one prefill run
             start = len(self.running)
             self.running.extend(new)
             batch: Batch | None = Batch("prefill", new, start, fills)
@@ -135,18 +155,24 @@ class Scheduler:
             self.stats.max_rows = max(self.stats.max_rows, batch.start + len(batch.rows))
         return Plan(batch, moves, released + dropped, idle=not self.running)
 
-    def postprocess(self, batch: Batch, outcomes: list[int | Exception]) -> list[Sample]:
-        """Record each row's token (the next one to feed) and return the step's samples."""
+    def postprocess(self, batch: Batch, outcomes: list[int | list[int] | Exception]) -> list[Sample]:
+        """Record each row's tokens (the last is the next one to feed) and return the step's samples:
+        one per token, in order. A decode row's outcome may be a run of several tokens (speculative
+        decoding: the accepted drafts, which were fed with its last token, then the model's)."""
         samples = []
         for row, outcome in zip(batch.rows, outcomes, strict=True):
-            if batch.kind == "decode":
-                row.length += 1  # the token fed this step is now in the cache
-            if isinstance(outcome, int):
-                row.last_token = outcome
+            run = outcome if isinstance(outcome, list) else [outcome]
             constraint = row.sampler.constraint if row.sampler is not None else None
-            logprobs = row.sampler.logprobs if row.sampler is not None and isinstance(outcome, int) else None
-            samples.append(Sample(row.job, outcome, complete=constraint is not None and constraint.complete,
-                                  full=row.length + 1 >= self.max_len, logprobs=logprobs))
+            for j, token in enumerate(run):
+                if batch.kind == "decode":
+                    row.length += 1  # the token fed before this one is now in the cache
+                if isinstance(token, int):
+                    row.last_token = token
+                    row.generated += 1
+                last = j == len(run) - 1
+                logprobs = row.sampler.logprobs if last and row.sampler is not None and isinstance(token, int) else None
+                samples.append(Sample(row.job, token, complete=last and constraint is not None and constraint.complete,
+                                      full=row.length + 1 >= self.max_len, logprobs=logprobs))
         return samples
 
     def clear(self) -> None:
@@ -191,7 +217,8 @@ class Scheduler:
                                        "request started"))
                 ended.append(job)
                 continue
-            longest_if = max(longest, len(job.prompt_ids))
+            cached, prefix = self._cached_prefix(job)
+            longest_if = max(longest, len(job.prompt_ids) - cached)
             if len(new) >= free or (new and longest_if * (len(new) + 1) > self.max_prefill_tokens):
                 kept.append(job)
                 continue
@@ -206,7 +233,21 @@ class Scheduler:
                 fills.append((grant.slot, adapter))
             longest = longest_if
             job.mark_started()
-            new.append(Row(job=job, slot=grant.slot, length=len(job.prompt_ids)))
+            new.append(Row(job=job, slot=grant.slot, length=len(job.prompt_ids), cached=cached, prefix=prefix))
+            if self.prefix is not None:
+                self.prefix.record(len(job.prompt_ids), cached)
         self.waiting = kept
         return new, fills, ended
 
+    def _cached_prefix(self, job: GenerationJob) -> tuple[int, list]:
+        """How many prompt tokens the prefix cache holds for `job` (at most all but the last, whose
+        logits the prefill must compute) and the payloads of the blocks that hold them."""
+        namespace = prefix_namespace(job.adapter) if self.prefix is not None else None
+        if namespace is None:
+            return 0, []
+        blocks = self.prefix.match(namespace, job.prompt_ids)  # type: ignore[union-attr]
+        size = self.prefix.block_tokens  # type: ignore[union-attr]
+        cached = min(len(blocks) * size, len(job.prompt_ids) - 1)
+        if cached <= 0:
+            return 0, []
+        return cached, [block.payload for block in blocks[: -(-cached // size)]]
