@@ -39,11 +39,14 @@ def generate_request(
     grammar: str | None = None,
     choice: Sequence[str] | None = None,
     no_default_output: bool = False,
+    logprobs: int | None = None,
+    n: int = 0,
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest from plain values (0 = the server's default, see generation.proto).
 
     At most one of `regex`, `json_schema` (JSON text), `grammar` (Lark) and `choice` sets the
-    output constraint; `no_default_output` opts out of the adapter's default one.
+    output constraint; `no_default_output` opts out of the adapter's default one. `logprobs`: each
+    token's log-probability and this many alternatives; `n`: samples of the prompt.
     """
     if (prompt is None) == (inputs is None):
         raise ValueError("pass exactly one of prompt= or inputs=")
@@ -59,6 +62,8 @@ def generate_request(
     )
     if seed is not None:
         params.seed = seed
+    if logprobs is not None:
+        params.logprobs = logprobs
     kinds = {"regex": regex, "json_schema": json_schema, "grammar": grammar}
     given = [k for k, v in kinds.items() if v is not None] + (["choice"] if choice is not None else [])
     if len(given) > 1:
@@ -67,7 +72,7 @@ def generate_request(
         params.output.choice.choices.extend(choice)
     elif given:
         setattr(params.output, given[0], kinds[given[0]])
-    request = generation_pb2.GenerateRequest(adapter=adapter, params=params, request_id=request_id)
+    request = generation_pb2.GenerateRequest(adapter=adapter, params=params, request_id=request_id, n=n)
     if prompt is not None:
         request.prompt = prompt
     else:
@@ -119,6 +124,19 @@ class _CallOptions:
         return {"timeout": self.timeout if timeout is ... else timeout, "metadata": self.metadata or None}
 
 
+def classify_request(adapter: str = "", prompt: str | None = None, inputs: Mapping[str, str] | None = None,
+                     labels: Sequence[str] = (), request_id: str = "") -> generation_pb2.ClassifyRequest:
+    """A ClassifyRequest (no `labels`: the adapter's choice contract)."""
+    if (prompt is None) == (inputs is None):
+        raise ValueError("pass exactly one of prompt= or inputs=")
+    request = generation_pb2.ClassifyRequest(adapter=adapter, labels=list(labels), request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.inputs.fields.update(dict(inputs or {}))
+    return request
+
+
 def _tokenize_request(adapter: str, prompt: str | None, inputs: Mapping[str, str] | None):
     request = generation_pb2.TokenizeRequest(adapter=adapter)
     if inputs is not None:
@@ -152,6 +170,11 @@ class Client:
     def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> Iterator:
         options = self.options(timeout=params.pop("timeout", self.timeout))
         return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), **options)
+
+    def classify(self, adapter: str = "", prompt: str | None = None, inputs=None, labels: Sequence[str] = (),
+                 **options) -> generation_pb2.ClassifyResponse:
+        call = self.options(timeout=options.pop("timeout", self.timeout))
+        return self.generation.Classify(classify_request(adapter, prompt, inputs, labels, **options), **call)
 
     def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
         response = self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), **self.options())
@@ -209,6 +232,11 @@ class AsyncClient:
     def stream(self, adapter: str = "", prompt: str | None = None, inputs=None, **params) -> AsyncIterator:
         options = self.options(timeout=params.pop("timeout", self.timeout))
         return self.generation.GenerateStream(generate_request(adapter, prompt, inputs, **params), **options)
+
+    async def classify(self, adapter: str = "", prompt: str | None = None, inputs=None, labels: Sequence[str] = (),
+                       **options) -> generation_pb2.ClassifyResponse:
+        call = self.options(timeout=options.pop("timeout", self.timeout))
+        return await self.generation.Classify(classify_request(adapter, prompt, inputs, labels, **options), **call)
 
     async def tokenize(self, adapter: str = "", prompt: str | None = None, inputs=None) -> list[int]:
         response = await self.generation.Tokenize(_tokenize_request(adapter, prompt, inputs), **self.options())

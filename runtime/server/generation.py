@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from loraplex.adapters.package.template import TemplateError
-from loraplex.runtime.engines.base import Engine, FinishReason, SamplingParams
+from loraplex.runtime.engines.base import Engine, FinishReason, SamplingParams, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, LoraplexError, Overloaded, ShuttingDown
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
@@ -53,6 +53,7 @@ class GenerationResult:
     token_ids: list[int]
     started: Started
     finished: Finished
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when asked for
 
 
 class GenerationService:
@@ -115,6 +116,7 @@ class GenerationService:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         pieces: list[str] = []
         ids: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         started = finished = None
         async for event in self.stream(request):
             if isinstance(event, Started):
@@ -122,10 +124,11 @@ class GenerationService:
             elif isinstance(event, TextPiece):
                 pieces.append(event.text)
                 ids.extend(event.token_ids)
+                logprobs.extend(event.logprobs)
             else:
                 finished = event
         assert started is not None and finished is not None
-        return GenerationResult("".join(pieces), ids, started, finished)
+        return GenerationResult("".join(pieces), ids, started, finished, logprobs)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Started | TextPiece | Finished]:
         if self.draining:

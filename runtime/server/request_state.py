@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams, StepOutput
+from loraplex.runtime.engines.base import FinishReason, GenerationJob, SamplingParams, StepOutput, TokenLogprobs
 from loraplex.runtime.errors import EngineFailure
 from loraplex.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.runtime.server.metrics import ServerMetrics
@@ -37,6 +37,7 @@ class Started:
 class TextPiece:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when asked for
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RequestState:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(params.stop)
         self._held: list[int] = []  # tokens whose text is not released yet
+        self._held_logprobs: list[TokenLogprobs] = []  # theirs, when the request asked for them
         self._first: float | None = None
         self._last = 0.0
         self._loop = asyncio.get_running_loop()
@@ -83,11 +85,11 @@ class RequestState:
     # -- the loop --------------------------------------------------------------------------
     def _process(self, output: StepOutput) -> None:
         if output.tokens and not self._stops.stopped:
-            self._on_tokens(output.tokens, output.at)
+            self._on_tokens(output.tokens, output.at, output.logprobs)
         if output.finish is not None:
             self._on_finish(output.finish, output.at)
 
-    def _on_tokens(self, tokens: tuple[int, ...], at: float) -> None:
+    def _on_tokens(self, tokens: tuple[int, ...], at: float, logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         gaps = len(tokens)  # the wait since the last token, shared by the tokens a step made together
         if self._first is None:
             self._first = self._last = at
@@ -97,21 +99,23 @@ class RequestState:
             self._metrics.token_latency.labels(self.adapter).observe((at - self._last) / len(tokens))
         self._last = at
         text = ""
-        for token in tokens:
+        for i, token in enumerate(tokens):
             self._held.append(token)
+            if i < len(logprobs):
+                self._held_logprobs.append(logprobs[i])
             text += self._stops.feed(self._detokenizer.push(token))
             if self._stops.stopped:
                 self.job.stop(FinishReason.STOP)
                 break
         if text:
-            self._events.put_nowait(TextPiece(text, self._held))
-            self._held = []
+            self._events.put_nowait(TextPiece(text, self._held, self._held_logprobs))
+            self._held, self._held_logprobs = [], []
 
     def _on_finish(self, reason: FinishReason, now: float) -> None:
         stopped = self._stops.stopped
         tail = "" if stopped else self._stops.feed(self._detokenizer.flush()) + self._stops.flush()
         if tail or self._held:
-            self._events.put_nowait(TextPiece(tail, self._held))
+            self._events.put_nowait(TextPiece(tail, self._held, self._held_logprobs))
         completion = len(self._detokenizer.tokens)
         started = self.job.started_at or now
         timings = Timings(

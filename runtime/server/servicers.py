@@ -15,9 +15,10 @@ from typing import Any
 
 from loraplex.adapters.package.manifest import Accuracy, Manifest
 from loraplex.adapters.package.output import OutputConstraint
-from loraplex.runtime.engines.base import FinishReason
+from loraplex.runtime.engines.base import FinishReason, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, ShuttingDown, status_name
-from loraplex.runtime.server.generation import GenerationRequest, GenerationService
+from loraplex.runtime.server import fanout
+from loraplex.runtime.server.generation import GenerationRequest, GenerationResult, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import AdapterVersion
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
@@ -25,6 +26,7 @@ from loraplex.runtime.server.validation import (
     adapter_version,
     output_constraint,
     request_id,
+    samples,
     sampling_params,
     text,
 )
@@ -74,6 +76,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             repetition_penalty=p.repetition_penalty,
             stop=list(p.stop),
             ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs if p.HasField("logprobs") else None,
             context_length=self.context_length,
         )
         if p.HasField("output"):
@@ -83,31 +86,58 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
                                  request_id=request_id(request.request_id), default_output=not p.no_default_output)
 
     async def Generate(self, request, context):
-        result = await self.ready().generate(self._request(request))
+        n = samples(request.n)
+        generation = self._request(request)
+        results = await fanout.generate_samples(self.ready(), generation, n)
+        result = results[0]
         s, f = result.started, result.finished
-        return generation_pb2.GenerateResponse(
+        response = generation_pb2.GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
             finish_reason=FINISH_REASONS[f.reason],
-            usage=_usage(f),
+            usage=generation_pb2.Usage(prompt_tokens=f.prompt_tokens,
+                                       completion_tokens=sum(r.finished.completion_tokens for r in results)),
             adapter=s.adapter,
             adapter_version=s.adapter_version,
             timings=_timings(f),
             request_id=s.request_id,
+            logprobs=logprob_messages(result.token_ids, result.logprobs),
         )
+        if n > 1:
+            response.samples.extend(_sample(i, r) for i, r in enumerate(results))
+        return response
 
     async def GenerateStream(self, request, context):
-        async for event in self.ready().stream(self._request(request)):
+        n = samples(request.n)
+        async for index, event in fanout.samples(self.ready(), self._request(request), n):
             if isinstance(event, Started):
-                yield generation_pb2.GenerateChunk(
-                    adapter=event.adapter, adapter_version=event.adapter_version, request_id=event.request_id
-                )
+                if index == 0:
+                    yield generation_pb2.GenerateChunk(
+                        adapter=event.adapter, adapter_version=event.adapter_version, request_id=event.request_id
+                    )
             elif isinstance(event, TextPiece):
-                yield generation_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids)
+                yield generation_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids, index=index,
+                                                   logprobs=logprob_messages(event.token_ids, event.logprobs))
             elif isinstance(event, Finished):
                 yield generation_pb2.GenerateChunk(
-                    finish_reason=FINISH_REASONS[event.reason], usage=_usage(event), timings=_timings(event)
+                    finish_reason=FINISH_REASONS[event.reason], usage=_usage(event), timings=_timings(event),
+                    index=index,
                 )
+
+    async def Classify(self, request, context):
+        adapter, prompt, inputs = self._input(request)
+        result = await fanout.classify(self.ready(), adapter, prompt, inputs, list(request.labels),
+                                       request_id(request.request_id))
+        s = result.started
+        return generation_pb2.ClassifyResponse(
+            labels=[generation_pb2.LabelProbability(label=x.label, probability=x.probability, logprob=x.logprob,
+                                                    tokens=x.tokens) for x in result.labels],
+            adapter=s.adapter,
+            adapter_version=s.adapter_version,
+            request_id=s.request_id,
+            usage=generation_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.scored_tokens),
+            timings=generation_pb2.Timings(queue_ms=result.queue_ms, total_ms=result.total_ms),
+        )
 
     async def Tokenize(self, request, context):
         rendered, ids = await self.ready().tokenize(*self._input(request))
@@ -214,6 +244,19 @@ def output_message(constraint: OutputConstraint) -> adapters_pb2.OutputConstrain
     if constraint.kind == "choice":
         return adapters_pb2.OutputConstraint(choice=adapters_pb2.Choice(choices=list(constraint.spec)))
     return adapters_pb2.OutputConstraint(**{constraint.kind: str(constraint.spec)})
+
+
+def logprob_messages(token_ids: list[int], logprobs: list[TokenLogprobs]) -> list[generation_pb2.TokenLogprob]:
+    return [generation_pb2.TokenLogprob(token_id=t, logprob=lp.logprob,
+                                        top=[generation_pb2.TopLogprob(token_id=i, logprob=v) for i, v in lp.top])
+            for t, lp in zip(token_ids, logprobs, strict=False)]
+
+
+def _sample(index: int, result: GenerationResult) -> generation_pb2.Sample:
+    return generation_pb2.Sample(index=index, text=result.text, token_ids=result.token_ids,
+                                 finish_reason=FINISH_REASONS[result.finished.reason],
+                                 completion_tokens=result.finished.completion_tokens,
+                                 logprobs=logprob_messages(result.token_ids, result.logprobs))
 
 
 def _usage(f: Finished) -> generation_pb2.Usage:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from loraplex.adapters.package.output import OutputConstraint, OutputSpecError
 from loraplex.runtime.engines.base import SamplingParams
 from loraplex.runtime.engines.guidance import check_constraint
+from loraplex.runtime.engines.logprobs import MAX_TOP_LOGPROBS
 from loraplex.runtime.errors import InvalidRequest, quoted
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -35,7 +36,8 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # or 0: the default, 1.0 (no penalty)
 # Each sampling field as the request names it: the gRPC contract's names (a front end with other
 # names, such as the OpenAI HTTP API's `max_tokens`, passes its own to `sampling_params`).
 GRPC_FIELDS = {name: f"params.{name}" for name in
-               ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")}
+               ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "logprobs")}
+MAX_SAMPLES = 16  # `n`: samples of one prompt per request
 
 
 def sampling_params(
@@ -48,6 +50,7 @@ def sampling_params(
     repetition_penalty: float = 0.0,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
     context_length: int,
     fields: Mapping[str, str] = GRPC_FIELDS,
 ) -> SamplingParams:
@@ -74,6 +77,10 @@ def sampling_params(
         if not s or len(s) > MAX_STOP_LENGTH:
             raise InvalidRequest(f"{name}[{i}] must be 1..{MAX_STOP_LENGTH} characters, got {len(s)}", field=name)
         text(f"{name}[{i}]", s)
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        name = fields.get("logprobs", "logprobs")
+        raise InvalidRequest(f"{name} is {logprobs}; use 0..{MAX_TOP_LOGPROBS} (the alternatives listed per token)",
+                             field=name)
     return SamplingParams(
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=float(temperature),
@@ -83,7 +90,15 @@ def sampling_params(
         repetition_penalty=float(repetition_penalty) or 1.0,
         stop=tuple(stop),
         ignore_eos=bool(ignore_eos),
+        logprobs=logprobs,
     )
+
+
+def samples(n: int, field: str = "n") -> int:
+    """How many samples of one prompt a request asks for (0 = 1)."""
+    if not 0 <= n <= MAX_SAMPLES:
+        raise InvalidRequest(f"{field} is {n}; use 1..{MAX_SAMPLES} (0 = 1)", field=field)
+    return n or 1
 
 
 def output_constraint(kind: str, spec: str | Sequence[str], field: str) -> OutputConstraint:

@@ -20,7 +20,7 @@ def test_contract_names_match_the_issue():
     from loraplex.v1 import adapters_pb2, generation_pb2
 
     generation = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
-    assert [m.name for m in generation.methods] == ["Generate", "GenerateStream", "Tokenize", "ModelInfo"]
+    assert [m.name for m in generation.methods] == ["Generate", "GenerateStream", "Tokenize", "ModelInfo", "Classify"]
     adapters = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"]
     assert [m.name for m in adapters.methods] == ["List", "Load", "Unload"]
     request = generation_pb2.GenerateRequest.DESCRIPTOR
@@ -31,6 +31,7 @@ def test_contract_names_match_the_issue():
         "max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop",
         "ignore_eos",  # an extension for benchmarks: every request does the same work
         "output", "no_default_output",  # structured output
+        "logprobs",  # scores
     }
     constraint = adapters_pb2.OutputConstraint.DESCRIPTOR
     assert [f.name for f in constraint.oneofs_by_name["kind"].fields] == ["regex", "json_schema", "grammar", "choice"]
