@@ -14,13 +14,20 @@ row, each row alone on its own KV row, so only the rows that fail alone end (wit
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
+from loraplex.runtime.engines.batched.prefix_cache import (
+    DEFAULT_MIB,
+    PrefixCache,
+    adapter_namespace,
+    weights_digest,
+)
 from loraplex.runtime.engines.batched.runner import ModelRunner
-from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler
+from loraplex.runtime.engines.batched.scheduler import Batch, BatchedAdapter, Scheduler, prefix_namespace
 from loraplex.runtime.engines.batched.session import SessionSettings
 from loraplex.runtime.engines.core import EngineCore, Executor, StepResult
 from loraplex.runtime.errors import (
@@ -34,27 +41,66 @@ from loraplex.runtime.errors import (
 log = logging.getLogger(__name__)
 
 CPU_PROVIDERS = (None, "", "cpu", "CPUExecutionProvider")
+MIB = 1 << 20
 
 
 class BatchedExecutor(Executor):
     """Per-row adapters on onnxruntime's CPU execution provider: a scheduler and a model runner."""
 
-    def __init__(self, package: Package, *, max_batch: int, max_slots: int, session: SessionSettings):
+    def __init__(self, package: Package, *, max_batch: int, max_slots: int,
+                 session: SessionSettings, prefix_cache_bytes: int = 0):
         config = package.config
-        self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots, max_len=config.context_length)
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._digests: dict[str, int] = {}  # loaded adapter versions per weights digest (their prefixes' namespace)
+        self._digests_lock = threading.Lock()  # loads run on the registry's threads, unloads on the engine's
+        self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots, max_len=config.context_length,
+                                   prefix=self.prefix)
         self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots, session=session)
 
     # ----- adapters -----
 
     def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> BatchedAdapter:
-        return BatchedAdapter(name=name, version=version, path=weights.path, weights=weights)
+        return BatchedAdapter(name=name, version=version, path=weights.path, weights=weights,
+                                digest=self._digest(weights))
 
     def unload_adapter(self, handle: AdapterHandle) -> bool:
         assert isinstance(handle, BatchedAdapter)
         if not self.scheduler.forget(handle):
             return False
+        self._forget_prefixes(handle)
         handle.weights = None
         return True
+
+    def _digest(self, weights: AdapterWeights) -> str:
+        """The prefix cache namespace of a version being loaded: its weights' sha256 (none without a cache)."""
+        if self.prefix is None:
+            return ""
+        digest = weights_digest(weights.tensors)
+        with self._digests_lock:
+            self._digests[digest] = self._digests.get(digest, 0) + 1
+        return digest
+
+    def _forget_prefixes(self, handle: BatchedAdapter) -> None:
+        """An unloaded version's cached prefixes go, unless another loaded version has the same weights."""
+        if self.prefix is None or not handle.digest:
+            return
+        with self._digests_lock:
+            left = self._digests.pop(handle.digest, 1) - 1
+            if left:
+                self._digests[handle.digest] = left
+        if not left:
+            self.prefix.drop(adapter_namespace(handle.digest))
+        handle.digest = ""
+
+    def _store_prefixes(self, batch: Batch, outcomes: list) -> None:
+        """Keep the full prompt blocks of a prefill's rows that ran (the blocks not cached yet)."""
+        if self.prefix is None or batch.kind != "prefill":
+            return
+        for i, (row, outcome) in enumerate(zip(batch.rows, outcomes, strict=True)):
+            namespace = prefix_namespace(row.job.adapter)
+            if namespace is not None and not isinstance(outcome, Exception):
+                self.prefix.store(namespace, row.job.prompt_ids,
+                                  lambda a, b, kv_row=batch.start + i: self.runner.kv.read(kv_row, a, b))
 
     # ----- jobs -----
 
@@ -85,7 +131,9 @@ class BatchedExecutor(Executor):
         self.runner.compact(plan.moves, idle=plan.idle)
         if plan.batch is None:
             return StepResult([], plan.released)
-        return StepResult(self.scheduler.postprocess(plan.batch, self._run(plan.batch)), plan.released)
+        outcomes = self._run(plan.batch)
+        self._store_prefixes(plan.batch, outcomes)
+        return StepResult(self.scheduler.postprocess(plan.batch, outcomes), plan.released)
 
     def drop_all(self) -> None:
         self.scheduler.clear()
@@ -130,6 +178,8 @@ class BatchedEngine(EngineCore):
         waits for a slot). Slots are allocated as adapters arrive, and an adapter's weights live in
         its slot or, once swapped out, in a compact host copy: more slots cost no memory until used;
         a step gathers one slot per row whatever the bank size.
+    prefix_cache_bytes: the prefix cache's bound (`prefix_cache`: prompt prefixes' KV kept across requests,
+        per adapter version's weights; 0 = off).
     intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
         `session.SessionSettings`; the cache is made at the first start on a machine).
     """
@@ -138,15 +188,18 @@ class BatchedEngine(EngineCore):
 
     def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 16,
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
-                 memory_arena: bool = True, session_cache: bool = True):
+                 memory_arena: bool = True, session_cache: bool = True,
+                 prefix_cache_bytes: int = DEFAULT_MIB * MIB):
         if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
             raise DeviceUnavailable(
                 f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
                 f"provider={provider!r}); use --engine genai for accelerators"
             )
         settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
-        executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch, session=settings)
+        executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch,
+                                   session=settings, prefix_cache_bytes=prefix_cache_bytes)
         self.scheduler, self.runner = executor.scheduler, executor.runner
+        self.prefix_cache = executor.prefix  # None when off
         config = package.config
         super().__init__(executor, max_len=config.context_length, vocab_size=config.vocab_size,
                          eos_ids=config.eos_token_ids, thread_name="loraplex-batched")
