@@ -16,18 +16,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import llguidance as llg
 import numpy as np
 from loraplex.adapters.package.output import OutputConstraint
 from loraplex.runtime.errors import EngineFailure, InvalidRequest
 
+if TYPE_CHECKING:
+    import llguidance as llg
+
 MAX_MESSAGE = 300  # characters of a compiler message quoted back
+
+
+def _llg():
+    """llguidance, imported at the first constraint (a server that never sees one does not load it)."""
+    import llguidance
+
+    return llguidance
 
 
 def grammar_of(constraint: OutputConstraint) -> str:
     """The llguidance grammar of a constraint (not checked: see `check_constraint`)."""
     kind, data = constraint.guidance()
+    llg = _llg()
     if kind == "regex":
         return llg.LLMatcher.grammar_from_regex(data)
     if kind == "lark_grammar":
@@ -40,7 +51,7 @@ def grammar_of(constraint: OutputConstraint) -> str:
 
 def check_constraint(constraint: OutputConstraint, field: str) -> OutputConstraint:
     """The constraint if it compiles; else InvalidRequest naming `field` and the compiler's message."""
-    error = llg.LLMatcher.validate_grammar(grammar_of(constraint))
+    error = _llg().LLMatcher.validate_grammar(grammar_of(constraint))
     if error:
         message = " ".join(error.split())[:MAX_MESSAGE]
         raise InvalidRequest(f"{field} is not a valid {constraint.kind}: {message}", field=field)
@@ -56,11 +67,11 @@ class Guidance:
         # No "slices" (llguidance's precomputed token subsets that speed up masks): on a 49k vocabulary
         # they hold 14 MiB (33 vs 19 MiB) and save ~0.06 ms per mask (0.03 vs 0.1 ms for a JSON schema's
         # strings), nothing against a decode step's milliseconds. Masks are the same either way.
-        self.tokenizer = llg.LLTokenizer(Path(tokenizer_json).read_text(encoding="utf-8"), n_vocab=vocab_size,
+        self.tokenizer = _llg().LLTokenizer(Path(tokenizer_json).read_text(encoding="utf-8"), n_vocab=vocab_size,
                                          eos_token=eos or None, slices=[])
 
     def row(self, constraint: OutputConstraint) -> RowConstraint:
-        matcher = llg.LLMatcher(self.tokenizer, grammar_of(constraint))
+        matcher = _llg().LLMatcher(self.tokenizer, grammar_of(constraint))
         if matcher.is_error():  # checked at request time: a bug or an llguidance limit
             raise EngineFailure(f"the output constraint did not compile: {matcher.get_error()[:MAX_MESSAGE]}")
         return RowConstraint(matcher, self.vocab_size)

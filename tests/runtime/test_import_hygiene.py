@@ -57,3 +57,15 @@ def test_a_server_start_registers_only_the_runtime_commands_and_parses_them_alik
     from loraplex.runtime.app.cli import build_parser
 
     assert vars(build_parser(serving_only=True).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+def test_a_plain_server_imports_no_llguidance_until_a_constraint():
+    """llguidance (and the importlib.metadata it pulls in) loads at the first output constraint, not with
+    the server or the batched engine's modules; checking a constraint loads it."""
+    start = ("import loraplex.runtime.server.app, loraplex.runtime.engines.batched.executor\n"
+             "import loraplex.runtime.app.cli\n")
+    assert imported_after(start, ("llguidance",)) == ""
+    check = (start + "from loraplex.adapters.package.output import OutputConstraint\n"
+             "from loraplex.runtime.engines.guidance import check_constraint\n"
+             "check_constraint(OutputConstraint('regex', 'a+'), 'output')\n")
+    assert imported_after(check, ("llguidance",)) == "llguidance"

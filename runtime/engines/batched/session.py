@@ -55,7 +55,8 @@ class SessionSettings:
 
 
 def cpu_signature() -> str:
-    """What decides which kernels (and so which prepacked layouts) onnxruntime uses on this CPU."""
+    """What decides which kernels (and so which prepacked layouts) onnxruntime uses on this CPU. (The cache
+    key also names the architecture: under user-mode emulation /proc/cpuinfo can be the host's.)"""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
@@ -67,7 +68,7 @@ def cpu_signature() -> str:
 def cache_path(model: Path) -> Path:
     """Where the cached session of `model` goes (beside it), its name keyed to this machine and model."""
     st = model.stat()
-    key = f"{CACHE_VERSION}|{ort.__version__}|{cpu_signature()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{CACHE_VERSION}|{ort.__version__}|{platform.machine()}|{cpu_signature()}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return model.with_name(f"{model.name.removesuffix('.onnx')}.{digest}{CACHE_SUFFIX}")
 
