@@ -27,15 +27,18 @@ def resolve_engine(engine: str, device: str) -> EngineName:
 
 def build_engine(package: Package, engine: EngineName, *, device: str, provider: str | None, max_batch: int,
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
-                 memory_arena: bool = True, session_cache: bool = True) -> Engine:
+                 memory_arena: bool = True, session_cache: bool = True,
+                 adapter_cache_bytes: int | None = None) -> Engine:
     """The named engine on `package` (blocking: loads the model). The thread and arena options are the
-    batched engine's (onnxruntime-genai takes its session options from the package's genai_config.json)."""
+    batched engine's (onnxruntime-genai takes its session options from the package's genai_config.json);
+    `adapter_cache_bytes` bounds both engines' host copies of adapters (None: `adapter_cache.default_budget`)."""
     if engine == "genai":
         from loraplex.runtime.engines.genai import GenaiEngine
 
-        return GenaiEngine(package, device=device, provider=provider, max_batch=max_batch)
+        return GenaiEngine(package, device=device, provider=provider, max_batch=max_batch,
+                           adapter_cache_bytes=adapter_cache_bytes)
     from loraplex.runtime.engines.batched import BatchedEngine
 
     return BatchedEngine(package, device=device, provider=provider, max_batch=max_batch, max_slots=max_slots,
                          intra_op_threads=intra_op_threads, allow_spinning=allow_spinning, memory_arena=memory_arena,
-                         session_cache=session_cache)
+                         session_cache=session_cache, adapter_cache_bytes=adapter_cache_bytes)

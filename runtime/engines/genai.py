@@ -49,6 +49,7 @@ import numpy as np
 from loraplex.adapters.package.adapter_file import AdapterWeights, loadable_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import devices
+from loraplex.runtime.engines.adapter_cache import DISK, HostCache, JobHolds, reread
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob, SamplingParams
 from loraplex.runtime.engines.core import EngineCore, Executor, Sample, StepResult
 from loraplex.runtime.engines.guidance import Guidance, RowConstraint
@@ -93,7 +94,8 @@ class _Running:
 
 
 class GenaiExecutor(Executor):
-    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8):
+    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8,
+                 adapter_cache_bytes: int | None = None):
         import onnxruntime_genai as og
 
         self._og = og
@@ -113,6 +115,10 @@ class GenaiExecutor(Executor):
         self._og_lock = FairLock()
         self._pending: deque[GenerationJob] = deque()
         self._running: dict[GenerationJob, _Running] = {}
+        # An og.Adapters entry is the host tier (memory-mapped from its file on CPU): dropped when the
+        # cache is over budget, loaded again when a job needs it.
+        self.cache = HostCache(adapter_cache_bytes, reload=self._reload, drop=self._drop)
+        self.holds = JobHolds(self.cache)
         self._package_root = package.root
         self._eos_ids = package.config.eos_token_ids
         self._guidance: Future[Guidance] | None = None  # loaded at the first constrained job with logprobs
@@ -135,9 +141,18 @@ class GenaiExecutor(Executor):
         limit = self.provider.adapter_limit
         if self.provider.name == "dml":
             raise AdapterIncompatible(limit)
+        key, size = self._og_load(name, version, weights)
+        handle = GenaiAdapter(name=name, version=version, path=weights.path, key=key)
+        self.cache.register(handle, size)
+        return handle
+
+    def _og_load(self, name: str, version: str, weights: AdapterWeights) -> tuple[str, int]:
+        """Load into og.Adapters under a new key; (key, bytes of the file it maps)."""
+        limit = self.provider.adapter_limit
         key = f"{name}@{version}#{next(self._keys)}"
         file = loadable_file(weights, self._inputs, self._scratch)
         try:
+            size = file.stat().st_size
             with self._og_lock:
                 self._adapters.load(str(file), key)
         except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
@@ -146,18 +161,49 @@ class GenaiExecutor(Executor):
         finally:
             if file != weights.path:
                 file.unlink(missing_ok=True)  # onnxruntime-genai holds it open (or has read it)
-        return GenaiAdapter(name=name, version=version, path=weights.path, key=key)
+        return key, size
 
     def unload_adapter(self, handle: AdapterHandle) -> bool:
         assert isinstance(handle, GenaiAdapter)
         if any(run.job.adapter is handle for run in self._running.values()):
             return False
-        with self._og_lock:
-            self._adapters.unload(handle.key)
+        with self.cache.lock:
+            state = self.cache.residency(handle)
+            loaded = state is None or state.tier != DISK  # a dropped entry is already unloaded
+            self.cache.forget(handle)
+        if loaded:
+            with self._og_lock:
+                self._adapters.unload(handle.key)
         return True
+
+    def _reload(self, handle: AdapterHandle) -> int:
+        """(I/O thread) load a dropped adapter into og.Adapters again, under a new key."""
+        assert isinstance(handle, GenaiAdapter)
+        key, size = self._og_load(handle.name, handle.version, reread(handle, self.cache, self._inputs))
+        with self.cache.lock:
+            current = self.cache.registered(handle)
+            if current:
+                handle.key = key
+        if not current:  # unloaded meanwhile
+            with self._og_lock:
+                self._adapters.unload(key)
+        return size
+
+    def _drop(self, handle: AdapterHandle):
+        """(Under the cache's lock) unload an entry no job holds, once the lock is released."""
+        assert isinstance(handle, GenaiAdapter)
+        key = handle.key
+
+        def unload() -> None:
+            with self._og_lock:
+                self._adapters.unload(key)
+
+        return unload
 
     # -- jobs -----------------------------------------------------------------------------
     def refusal(self, job: GenerationJob) -> LoraplexError | None:
+        if (failed := self.holds.refusal(job)) is not None:
+            return failed  # type: ignore[return-value]
         if job.params.constraint is not None and self.guidance is not None:
             return ConstraintUnsupported(
                 f"this onnxruntime-genai build cannot enforce output constraints ({self.guidance}); use --engine "
@@ -172,8 +218,9 @@ class GenaiExecutor(Executor):
         return None
 
     def prerequisite(self, job: GenerationJob) -> Future | None:
-        """A constrained job that asks for log-probabilities waits for llguidance's tokenizer."""
-        return self._want_guidance() if self._needs_matcher(job) else None
+        """A constrained job that asks for log-probabilities waits for llguidance's tokenizer; a job whose
+        adapter was dropped from og.Adapters waits for it to be loaded again (`adapter_cache`)."""
+        return self.holds.prerequisite(job, self._want_guidance() if self._needs_matcher(job) else None)
 
     @staticmethod
     def _needs_matcher(job: GenerationJob) -> bool:
@@ -197,9 +244,10 @@ class GenaiExecutor(Executor):
         run = self._running.pop(job, None)
         if run is None:
             self._pending.remove(job)
-            return True
-        with self._og_lock:
-            run.generator = None  # frees the KV cache and the adapter binding before the sink hears
+        else:
+            with self._og_lock:
+                run.generator = None  # frees the KV cache and the adapter binding before the sink hears
+        self.cache.release_job(job)
         return True
 
     def step(self) -> StepResult:
@@ -208,10 +256,12 @@ class GenaiExecutor(Executor):
             job = self._pending.popleft()
             if not self._start(job):
                 result.released.append(job)
+                self.cache.release_job(job)
         result.samples = [self._advance(run) for run in list(self._running.values())]
         return result
 
     def drop_all(self) -> None:
+        self.holds.release([*self._running, *self._pending])
         with self._og_lock:
             self._running.clear()
         self._pending.clear()
@@ -317,8 +367,10 @@ class GenaiEngine(EngineCore):
 
     name = "genai"
 
-    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8):
+    def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 8,
+                 adapter_cache_bytes: int | None = None):
         config = package.config
-        executor = GenaiExecutor(package, device=device, provider=provider, max_batch=max_batch)
+        executor = GenaiExecutor(package, device=device, provider=provider, max_batch=max_batch,
+                                 adapter_cache_bytes=adapter_cache_bytes)
         super().__init__(executor, max_len=config.context_length, vocab_size=config.vocab_size,
                          eos_ids=config.eos_token_ids, thread_name="genai-engine")

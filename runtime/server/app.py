@@ -53,6 +53,7 @@ SERVICE_NAMES = (
 )
 
 
+MIB = 1 << 20
 BYTES_PER_CONTEXT_TOKEN = 16  # a prompt longer than this per context token cannot fit the context anyway
 
 
@@ -150,6 +151,8 @@ class ServerConfig:
             raise ValueError("max_slots must be >= 1 (or None: one per batch row)")
         if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
             raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
+        if self.adapter_cache_mib is not None and self.adapter_cache_mib < 0:
+            raise ValueError("adapter_cache_mib must be >= 0 (0: no host copies of adapters no request uses)")
         if self.intra_op_threads < 0:
             raise ValueError("intra_op_threads must be >= 0 (0: one per physical core)")
 
@@ -157,7 +160,8 @@ class ServerConfig:
         """The keyword arguments `build_engine` takes from this configuration."""
         return dict(device=self.device, provider=self.provider, max_batch=self.max_batch, max_slots=self.max_slots,
                     intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning,
-                    memory_arena=self.memory_arena, session_cache=self.session_cache)
+                    memory_arena=self.memory_arena, session_cache=self.session_cache,
+                    adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from loraplex.adapters.package.manifest import Accuracy
 from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
 from loraplex.adapters.package.template import PromptTemplate
+from loraplex.runtime.engines.adapter_cache import HostCache, Residency
 from loraplex.runtime.engines.base import AdapterHandle, Engine
 from loraplex.runtime.errors import AdapterBusy, AdapterIncompatible, AdapterNotFound, quoted
 from loraplex.runtime.server.adapter_files import AdapterFiles, CheckedAdapter
@@ -86,6 +87,17 @@ class Lease:
 BASE_NAME = ""
 
 
+def adapter_cache(engine: Engine) -> HostCache | None:
+    """The host tier of an engine's adapters (both engines have one), through a test's proxy too."""
+    return getattr(getattr(engine, "executor", None), "cache", None)
+
+
+def residency(engine: Engine, version: AdapterVersion) -> Residency | None:
+    """Where a loaded version's weights are (None: the base model, or an engine without a cache)."""
+    cache = adapter_cache(engine)
+    return None if cache is None or version.handle is None else cache.residency(version.handle)
+
+
 class AdapterRegistry:
     def __init__(self, engine: Engine, package: Package, adapter_root: Path, stores: AdapterStores | None = None,
                  pinned: set[str] | frozenset[str] = frozenset()):
@@ -95,6 +107,8 @@ class AdapterRegistry:
         self.adapter_root = self.files.adapter_root
         self.stores = stores or AdapterStores([])
         self.pinned = set(pinned)  # names whose versions the engine never evicts from host memory
+        if (cache := adapter_cache(engine)) is not None:
+            cache.pinned_names = self.pinned  # one set: a version is pinned from its load on
         self._current: dict[str, AdapterVersion] = {BASE_NAME: AdapterVersion(BASE_NAME, "base", None)}
         self._admin = asyncio.Lock()
         self._unloading: set[asyncio.Task] = set()
@@ -175,10 +189,11 @@ class AdapterRegistry:
         )
 
     # -- admin ----------------------------------------------------------------------------
-    async def load(self, name: str, path: str | Path, version: str | None = None) -> AdapterVersion:
-        """Load (or replace) `name` from a file under the adapter root."""
+    async def load(self, name: str, path: str | Path, version: str | None = None, pin: bool = False
+                   ) -> AdapterVersion:
+        """Load (or replace) `name` from a file under the adapter root; `pin`: never evict its versions."""
         self.files.check_name(name)
-        return await self.load_file(name, self.resolve(path), version)
+        return await self.load_file(name, self.resolve(path), version, pin=pin)
 
     async def load_file(self, name: str, file: Path, version: str | None = None,
                         template: PromptTemplate | None = None,
@@ -202,6 +217,8 @@ class AdapterRegistry:
             if pin:
                 self.pinned.add(name)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
+            if (cache := adapter_cache(self.engine)) is not None:
+                cache.record_sha256(handle, checked.sha256)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)
             self._current[name] = new

@@ -25,6 +25,7 @@ this class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,9 @@ class WeightBank:
         self.arrays: dict[str, np.ndarray] = {}
         self.ortvalues: dict[str, ort.OrtValue] = {}
         self._by_module = {pair.module: pair for pair in pairs}
+        # Told when an adapter's only copy moves into a slot / out of it into host memory (its bytes).
+        self.on_fill: Callable[[BatchedAdapter], None] = lambda adapter: None
+        self.on_park: Callable[[BatchedAdapter, int], None] = lambda adapter, nbytes: None
         self._allocate(1, self.ranks)
 
     @property
@@ -84,6 +88,7 @@ class WeightBank:
                 b[slot, : tensor_b.shape[0], :] = tensor_b
         self.owner[slot] = adapter
         adapter.weights = replace(weights, tensors={})  # the slot is the copy now
+        self.on_fill(adapter)
 
     def _park(self, slot: int, adapter: BatchedAdapter) -> None:
         """Copy `adapter` out of `slot` into a compact host copy (its own modules at its own ranks)."""
@@ -94,6 +99,7 @@ class WeightBank:
             tensors[pair.a.name] = self.arrays[pair.a.name][slot, :, :rank].copy()
             tensors[pair.b.name] = self.arrays[pair.b.name][slot, :rank, :].copy()
         adapter.weights = replace(adapter.weights, tensors=tensors)
+        self.on_park(adapter, sum(t.nbytes for t in tensors.values()))
 
     def _allocate(self, capacity: int, ranks: dict[str, int]) -> None:
         """(Re)allocate the banks at `capacity` slots and per-module `ranks`, keeping what the slots hold."""

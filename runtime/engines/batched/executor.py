@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.adapter_cache import HostCache, JobHolds, reread
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
 from loraplex.runtime.engines.batched.prefix_cache import (
     DEFAULT_MIB,
@@ -48,7 +50,8 @@ class BatchedExecutor(Executor):
     """Per-row adapters on onnxruntime's CPU execution provider: a scheduler and a model runner."""
 
     def __init__(self, package: Package, *, max_batch: int, max_slots: int,
-                 session: SessionSettings, prefix_cache_bytes: int = 0):
+                 session: SessionSettings, prefix_cache_bytes: int = 0,
+                 adapter_cache_bytes: int | None = None):
         config = package.config
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._digests: dict[str, int] = {}  # loaded adapter versions per weights digest (their prefixes' namespace)
@@ -56,20 +59,44 @@ class BatchedExecutor(Executor):
         self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots, max_len=config.context_length,
                                    prefix=self.prefix)
         self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots, session=session)
+        self._inputs = package.lora_inputs
+        self.cache = HostCache(adapter_cache_bytes, reload=self._reload, drop=self._drop)
+        self.holds = JobHolds(self.cache)
+        self.runner.bank.on_fill = self.cache.in_slot
+        self.runner.bank.on_park = self.cache.parked
 
     # ----- adapters -----
 
     def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> BatchedAdapter:
-        return BatchedAdapter(name=name, version=version, path=weights.path, weights=weights,
+        handle = BatchedAdapter(name=name, version=version, path=weights.path, weights=weights,
                                 digest=self._digest(weights))
+        self.cache.register(handle, weights.nbytes)
+        return handle
 
     def unload_adapter(self, handle: AdapterHandle) -> bool:
         assert isinstance(handle, BatchedAdapter)
         if not self.scheduler.forget(handle):
             return False
         self._forget_prefixes(handle)
-        handle.weights = None
+        with self.cache.lock:
+            handle.weights = None
+            self.cache.forget(handle)
         return True
+
+    def _reload(self, handle: AdapterHandle) -> int:
+        """(I/O thread) the host copy of an adapter whose copy was dropped, read again from its file."""
+        assert isinstance(handle, BatchedAdapter)
+        weights = reread(handle, self.cache, self._inputs)
+        with self.cache.lock:
+            if self.cache.registered(handle) and handle.weights is not None:
+                handle.weights = weights
+        return weights.nbytes
+
+    def _drop(self, handle: AdapterHandle) -> None:
+        """(Under the cache's lock) drop a host copy no job holds: its file has the weights."""
+        assert isinstance(handle, BatchedAdapter)
+        if handle.weights is not None:
+            handle.weights = replace(handle.weights, tensors={})
 
     def _digest(self, weights: AdapterWeights) -> str:
         """The prefix cache namespace of a version being loaded: its weights' sha256 (none without a cache)."""
@@ -105,6 +132,8 @@ class BatchedExecutor(Executor):
     # ----- jobs -----
 
     def refusal(self, job: GenerationJob) -> LoraplexError | None:
+        if (failed := self.holds.refusal(job)) is not None:
+            return failed  # type: ignore[return-value]
         if isinstance(job.adapter, BatchedAdapter) and job.adapter.weights is None:
             return InvalidRequest(f"adapter {job.adapter.name}@{job.adapter.version} was unloaded")
         if job.params.constraint is not None and (why := self.runner.guidance_error()):
@@ -113,14 +142,19 @@ class BatchedExecutor(Executor):
         return None
 
     def prerequisite(self, job: GenerationJob) -> Future | None:
-        """A constrained job waits for llguidance's tokenizer (loaded when first needed)."""
-        return self.runner.want_guidance() if job.params.constraint is not None else None
+        """A constrained job waits for llguidance's tokenizer (loaded when first needed); a job whose
+        adapter's host copy was dropped waits for its file to be read again (see `adapter_cache`)."""
+        guidance = self.runner.want_guidance() if job.params.constraint is not None else None
+        return self.holds.prerequisite(job, guidance)
 
     def add(self, job: GenerationJob) -> None:
         self.scheduler.add(job)
 
     def end(self, job: GenerationJob) -> bool:
-        return self.scheduler.end(job)
+        if self.scheduler.end(job):
+            self.cache.release_job(job)
+            return True
+        return False
 
     @property
     def has_work(self) -> bool:
@@ -128,6 +162,7 @@ class BatchedExecutor(Executor):
 
     def step(self) -> StepResult:
         plan = self.scheduler.schedule()
+        self.holds.release(plan.released)
         self.runner.compact(plan.moves, idle=plan.idle)
         if plan.batch is None:
             return StepResult([], plan.released)
@@ -136,6 +171,7 @@ class BatchedExecutor(Executor):
         return StepResult(self.scheduler.postprocess(plan.batch, outcomes), plan.released)
 
     def drop_all(self) -> None:
+        self.holds.release([row.job for row in self.scheduler.running] + list(self.scheduler.waiting))
         self.scheduler.clear()
 
     def release_memory(self) -> None:
@@ -143,6 +179,7 @@ class BatchedExecutor(Executor):
 
     def close(self) -> None:
         self.runner.close()
+        self.cache.close()
 
     def _run(self, batch: Batch) -> list[int | Exception]:
         """A token (or the row's error) per row. If the session run fails for the whole batch, each
@@ -189,7 +226,7 @@ class BatchedEngine(EngineCore):
     def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 16,
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
                  memory_arena: bool = True, session_cache: bool = True,
-                 prefix_cache_bytes: int = DEFAULT_MIB * MIB):
+                 prefix_cache_bytes: int = DEFAULT_MIB * MIB, adapter_cache_bytes: int | None = None):
         if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
             raise DeviceUnavailable(
                 f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
@@ -197,7 +234,8 @@ class BatchedEngine(EngineCore):
             )
         settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
         executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch,
-                                   session=settings, prefix_cache_bytes=prefix_cache_bytes)
+                                   session=settings, prefix_cache_bytes=prefix_cache_bytes,
+                                   adapter_cache_bytes=adapter_cache_bytes)
         self.scheduler, self.runner = executor.scheduler, executor.runner
         self.prefix_cache = executor.prefix  # None when off
         config = package.config
