@@ -97,6 +97,12 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="batched engine: cache the optimized session and prepacked weights beside the package "
                              "(made at the first start on a machine; later starts map them instead of rebuilding)")
+    parser.add_argument("--prefix-cache-mib", type=float, default=None,
+                        help="batched engine: memory for the KV of prompt prefixes kept across requests, per "
+                             "adapter version, least recently used dropped first (default 64; the genai engine "
+                             "has no prefix cache and ignores it)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="batched engine: keep no prompt prefixes across requests (same as --prefix-cache-mib 0)")
     parser.add_argument("--adapter-root", type=Path, default=None,
                         help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
     parser.add_argument("--adapter-store", type=Path, action="append", default=[], metavar="DIR",
@@ -202,6 +208,7 @@ def server_config(args: argparse.Namespace, *, listening: bool = True):
         engine=args.engine, profile=args.profile, max_batch=args.max_batch, max_queue=args.max_queue,
         max_slots=args.max_slots or None, intra_op_threads=args.threads, allow_spinning=args.spin,
         memory_arena=args.arena, session_cache=args.session_cache,
+        prefix_cache_mib=0 if args.no_prefix_cache else args.prefix_cache_mib,
         adapter_root=args.adapter_root, adapter_stores=args.adapter_store, adapter_cache_mib=args.adapter_cache_mib,
         pin=args.pin, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
         max_prompt_bytes=args.max_prompt_bytes, **ports,

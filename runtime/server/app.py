@@ -116,6 +116,9 @@ class ServerConfig:
     warm_adapters: bool | None = None  # warm every adapter at start, else the base only (default yes; edge no)
     malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
     session_cache: bool = True  # batched engine: optimized session + prepacked weights cached per machine
+    # Batched engine: MiB for the KV of prompt prefixes kept across requests (per adapter version's weights;
+    # 0 = off, None = 64). The genai engine has no prefix cache: a value given there is ignored (logged).
+    prefix_cache_mib: float | None = None
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     # Where a request's adapter that is not loaded is found on first use (directories, or any
     # `AdapterSource`); with any, the package's own adapters/ is the first store. Empty: none.
@@ -153,6 +156,8 @@ class ServerConfig:
             raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
         if self.adapter_cache_mib is not None and self.adapter_cache_mib < 0:
             raise ValueError("adapter_cache_mib must be >= 0 (0: no host copies of adapters no request uses)")
+        if self.prefix_cache_mib is not None and self.prefix_cache_mib < 0:
+            raise ValueError("prefix_cache_mib must be >= 0 (0: no prefix cache)")
         if self.intra_op_threads < 0:
             raise ValueError("intra_op_threads must be >= 0 (0: one per physical core)")
 
@@ -161,6 +166,7 @@ class ServerConfig:
         return dict(device=self.device, provider=self.provider, max_batch=self.max_batch, max_slots=self.max_slots,
                     intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning,
                     memory_arena=self.memory_arena, session_cache=self.session_cache,
+                    prefix_cache_bytes=None if self.prefix_cache_mib is None else int(self.prefix_cache_mib * 2**20),
                     adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB))
 
 
@@ -336,6 +342,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
         for name in config.pin:  # a pinned adapter is loaded at start, from the stores if not from the package
             await registry.ensure(name)
         metrics.loaded_adapters.set(len(registry.names()))
+        metrics.watch_prefix_cache(getattr(engine, "prefix_cache", None))
         if config.warmup:
             await _warm_up(service, registry.names() if config.warm_adapters else [])
     except BaseException:

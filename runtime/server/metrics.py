@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
+    from loraplex.runtime.engines.batched.prefix_cache import PrefixCache
     from loraplex.runtime.server.app import ServerTLS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -63,6 +65,11 @@ class ServerMetrics:
             registry=r,
         )
 
+    def watch_prefix_cache(self, cache: PrefixCache | None) -> None:
+        """Export the batched engine's prefix cache counters (nothing when it has none)."""
+        if cache is not None:
+            self.registry.register(_PrefixCacheCollector(cache))
+
     def serve(self, port: int, host: str = "127.0.0.1", tls: ServerTLS | None = None):
         """Start the HTTP(S) exporter; returns (server, bound port)."""
         secure = {}
@@ -72,3 +79,30 @@ class ServerMetrics:
                 secure.update(client_cafile=str(tls.client_ca), client_auth_required=True)
         server, _thread = start_http_server(port, addr=host, registry=self.registry, **secure)
         return server, server.server_port
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's counters, read at each scrape (the engine thread writes them)."""
+
+    def __init__(self, cache: PrefixCache):
+        self._cache = cache
+
+    def collect(self):
+        stats, cache = self._cache.stats, self._cache
+        for name, doc, value in (
+            ("loraplex_prefix_cache_lookups", "Requests admitted with the prefix cache on", stats.lookups),
+            ("loraplex_prefix_cache_hits", "Requests that started from a cached prompt prefix", stats.hits),
+            ("loraplex_prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache",
+             stats.tokens_reused),
+            ("loraplex_prefix_cache_prompt_tokens", "Prompt tokens of the requests looked up", stats.prompt_tokens),
+            ("loraplex_prefix_cache_evicted_blocks", "Blocks evicted to stay within the byte bound",
+             stats.evicted_blocks),
+            ("loraplex_prefix_cache_dropped_blocks", "Blocks dropped with their unloaded adapter",
+             stats.dropped_blocks),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("loraplex_prefix_cache_hit_rate", "Share of looked-up requests that hit",
+                                value=stats.hits / stats.lookups if stats.lookups else 0.0)
+        yield GaugeMetricFamily("loraplex_prefix_cache_bytes", "Bytes of KV the prefix cache holds", value=cache.bytes)
+        yield GaugeMetricFamily("loraplex_prefix_cache_capacity_bytes", "The prefix cache's byte bound",
+                                value=cache.max_bytes)

@@ -1,0 +1,99 @@
+"""The prefix cache through the server, on both engines: greedy tokens equal a cache-off server's (mixed
+adapters, concurrent), the second request of a template reuses its KV (metrics), a replaced adapter
+never starts from the old version's prefixes and an unloaded one's are dropped. The genai engine has
+no prefix cache: a size given to it is ignored with a logged note, and it exports no prefix metrics."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from loraplex.runtime.api import LLM
+
+from tests.fixtures.serving import wait_until
+
+TEMPLATE = ("Instructions: read the text below with care, keep every name as written, answer in one short line "
+            "and never add facts that the text does not state. ")
+NAMES = ("", "alpha", "beta", "gamma")  # "" = the base model
+
+
+def metric(server, name: str) -> float | None:
+    return server.running.metrics.registry.get_sample_value(name)
+
+
+def generate_all(server, requests, max_new_tokens: int = 8) -> list[list[int]]:
+    """Every (adapter, prompt) at once, from as many clients (they share the engine's batch)."""
+    def one(request):
+        with server.client() as client:
+            return list(client.generate(request[0], request[1], max_new_tokens=max_new_tokens,
+                                        ignore_eos=True).token_ids)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def test_tokens_equal_a_cache_off_server_and_a_template_s_second_request_reuses_its_prefix(server_factory, caplog):
+    caplog.set_level(logging.INFO, logger="loraplex.runtime.engines")
+    on = server_factory(prefix_cache_mib=16, warmup=False)
+    off = server_factory(prefix_cache_mib=0, warmup=False)
+    with on.client() as client:
+        assert len(client.tokenize("", TEMPLATE)) >= 32  # two blocks at least
+    first = [(name, TEMPLATE + f"Text {i}: the river runs north.") for i, name in enumerate(NAMES)]
+    assert generate_all(on, first) == generate_all(off, first)
+    second = [(name, TEMPLATE + f"Text {i}: a bird sang at noon, then twice more.") for i, name in enumerate(NAMES)]
+    second.append(("alpha", "Another task entirely, no shared words at all here."))
+    assert generate_all(on, second) == generate_all(off, second)
+    if on.config.engine == "batched":
+        assert metric(on, "loraplex_prefix_cache_lookups_total") == 9
+        assert metric(on, "loraplex_prefix_cache_hits_total") == 4  # the template's second requests
+        assert metric(on, "loraplex_prefix_cache_reused_tokens_total") >= 4 * 32
+        assert metric(on, "loraplex_prefix_cache_hit_rate") == 4 / 9
+        assert 0 < metric(on, "loraplex_prefix_cache_bytes") <= metric(on, "loraplex_prefix_cache_capacity_bytes")
+        assert metric(on, "loraplex_prefix_cache_capacity_bytes") == 16 * 2**20
+        assert metric(off, "loraplex_prefix_cache_lookups_total") is None  # off: no cache, no metrics
+    else:
+        assert metric(on, "loraplex_prefix_cache_lookups_total") is None
+        assert any("no prefix cache" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_a_replaced_adapter_never_starts_from_the_old_version_s_prefixes_and_unloading_drops_them(
+        server_factory, adapter_root):
+    on = server_factory(adapter_root=adapter_root, prefix_cache_mib=16, warmup=False)
+    off = server_factory(adapter_root=adapter_root, prefix_cache_mib=0, warmup=False)
+    batched = on.config.engine == "batched"
+    prompt = TEMPLATE + "Text: the lamp was left on all night."
+    with on.client() as a, off.client() as b:
+        old = a.generate("alpha", prompt, max_new_tokens=8, ignore_eos=True).token_ids
+        hits = metric(on, "loraplex_prefix_cache_hits_total")
+        # The same name, other weights (alpha's scaled by a half): its own prefixes only.
+        for client in (a, b):
+            assert client.load_adapter("alpha", "alpha_half.onnx_adapter", version="v2").version == "v2"
+        new = a.generate("alpha", prompt, max_new_tokens=8, ignore_eos=True)
+        assert new.adapter_version == "v2"
+        want = b.generate("alpha", prompt, max_new_tokens=8, ignore_eos=True).token_ids
+        assert list(new.token_ids) == list(want) and list(want) != list(old)  # the versions differ
+        if batched:
+            assert metric(on, "loraplex_prefix_cache_hits_total") == hits  # v1's blocks were not used
+            wait_until(lambda: metric(on, "loraplex_prefix_cache_dropped_blocks_total") > 0,
+                       what="v1's blocks dropped once it is unloaded")
+            dropped = metric(on, "loraplex_prefix_cache_dropped_blocks_total")
+        again = a.generate("alpha", prompt, max_new_tokens=8, ignore_eos=True).token_ids
+        assert list(again) == list(want)
+        if batched:
+            assert metric(on, "loraplex_prefix_cache_hits_total") == hits + 1  # v2's own prefix
+        a.unload_adapter("alpha")
+        if batched:
+            assert metric(on, "loraplex_prefix_cache_dropped_blocks_total") > dropped
+
+
+def test_the_in_process_api_takes_the_prefix_cache_size(recipe_package):
+    prompt = TEMPLATE + "Text: two boats."
+    with LLM(recipe_package, engine="batched", prefix_cache_mib=0) as off:
+        assert off._core.engine.prefix_cache is None
+        want = [off.generate(prompt, adapter="beta", max_new_tokens=8).token_ids for _ in range(2)]
+    with LLM(recipe_package, engine="batched", prefix_cache_mib=4) as on:
+        cache = on._core.engine.prefix_cache
+        assert cache.max_bytes == 4 * 2**20
+        got = [on.generate(prompt, adapter="beta", max_new_tokens=8).token_ids for _ in range(2)]
+        assert cache.stats.hits == 1
+    assert got == want
