@@ -18,10 +18,13 @@ from loraplex.runtime.engines.batched.speculation import (
     DraftBudget,
     PromptLookup,
     RowDrafter,
+    StepCost,
     accepted_count,
     check_mode,
     choose_runs,
     drafter_for,
+    expected_run,
+    session_runs,
     verify_run,
 )
 
@@ -357,3 +360,27 @@ def test_drafter_records_runs_and_counts_acceptance():
     assert drafter.propose(room=1) == [3]  # the room caps the draft
     drafter.record([3], [5])
     assert (drafter.drafted, drafter.accepted) == (3, 2)
+
+
+def test_expected_run_and_session_runs():
+    assert expected_run(0.5, 2) == pytest.approx(1.75)
+    assert expected_run(1.0, 3) == 4.0
+    assert expected_run(0.9, 0) == 1.0
+    assert session_runs([0, 0, 3, 0, 2, 2, 0]) == 6  # neighbours without drafts share a run
+    assert session_runs([0] * 5) == 1
+
+
+def test_step_cost_keeps_drafts_that_pay_and_learns_the_machine():
+    cost = StepCost(per_run=6e-3, per_token=1e-3)
+    assert cost.plan([(8, 0.9)]) == [8]  # one row, drafts likely right: verify them all
+    assert cost.plan([(8, 0.1)]) == [0]  # unlikely: a plain step is faster
+    assert 0 < cost.plan([(8, 0.6)])[0] < 8  # only the first few are worth their cost
+    # In a batch, a row with drafts runs alone (its own session run): seldom worth it.
+    assert cost.plan([(0, 0.0)] * 3 + [(6, 0.9)] + [(0, 0.0)] * 4) == [0] * 8
+    assert cost.plan([(0, 0.0), (4, 0.999)]) == [0, 4]  # at the end of the batch it costs one run
+    # Measured steps move the model: a machine where tokens are expensive and runs cheap.
+    for _ in range(200):
+        for runs, tokens in ((1, 1), (1, 5), (2, 9), (3, 12)):
+            cost.observe(runs, tokens, runs * 1e-3 + tokens * 4e-3)
+    assert cost.per_run == pytest.approx(1e-3, rel=0.1) and cost.per_token == pytest.approx(4e-3, rel=0.1)
+    assert cost.plan([(8, 0.6)]) == [0]

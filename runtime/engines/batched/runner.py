@@ -6,7 +6,8 @@ decision: the scheduler says which rows run in which KV rows with which slots. E
 written in place at positions `[past, past + len(tokens))`, and the LM head computes only the
 positions each row `read`s (`logits_index`). A prefill feeds the new rows' prompts (after the
 part a cached prefix already put in the row); a decode step feeds every running row its last
-token. Each row's token is chosen by its own
+token, and the drafts it verifies if any (`speculation`: rows with drafts run alone, see below).
+Each row's token is chosen by its own
 sampler (which masks the logits of a row with an output constraint, through llguidance; its view of
 the package's tokenizer.json is built on a helper thread when first needed, and the constrained
 rows' masks are computed on that thread while the session runs, both without the GIL).
@@ -44,6 +45,7 @@ from loraplex.runtime.engines.batched.kv import KVCache
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
 from loraplex.runtime.engines.batched.session import SessionSettings, create_session
+from loraplex.runtime.engines.batched.speculation import Speculator, choose_runs, timed
 from loraplex.runtime.engines.guidance import Guidance, RowConstraint
 from loraplex.runtime.engines.heap import release_free_heap
 
@@ -66,11 +68,14 @@ class ModelRunner:
     """`session`: onnxruntime's threads (0 = one per physical core); whether its idle threads busy-wait
     between parallel sections (lower latency on dedicated cores; on cores shared with other work it
     takes their time); its CPU arena, which keeps the largest activations it ever held (off: memory
-    goes back after each run); and the per-machine session cache (`session`)."""
+    goes back after each run); and the per-machine session cache (`session`). `speculation`: which
+    drafts decode steps verify (`speculation.MODES`; "off": one token per row and step)."""
 
-    def __init__(self, package: Package, *, max_batch: int, max_slots: int, session: SessionSettings | None = None):
+    def __init__(self, package: Package, *, max_batch: int, max_slots: int, session: SessionSettings | None = None,
+                 speculation: str = "auto"):
         config = package.config
         self.config = config
+        self.speculator = Speculator(speculation, config.context_length)
         banked = ensure_batched_model(package.model_path)
         self.session = create_session(banked, session or SessionSettings())
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots)
@@ -130,9 +135,10 @@ class ModelRunner:
 
         return self._masks.submit(prepare)
 
-    def run(self, batch: Batch, keep: int | None = None) -> list[int | Exception]:
-        """One session run for `batch`: a token, or the row's own error, per row. `keep`: how many KV
-        rows must keep their contents if the cache grows (default: the rows running before it)."""
+    def run(self, batch: Batch, keep: int | None = None) -> list[int | list[int] | Exception]:
+        """One step for `batch`: a token, or the row's own error, per row; in a decode step where rows
+        verify drafts (`speculation`), a run of tokens per row. `keep`: how many KV rows must keep
+        their contents if the cache grows (default: the rows running before it)."""
         for slot, adapter in batch.fills:
             self.bank.fill(slot, adapter)
         if batch.kind == "prefill":
@@ -140,18 +146,24 @@ class ModelRunner:
                 if row.sampler is None:  # a prefill re-run row by row keeps its sampler
                     row.sampler = RowSampler(row.job.params, row.job.prompt_ids, self.config.vocab_size,
                                              self.constraint_of(row))
+                self.speculator.start(row)
+        drafts = self.speculator.propose(batch.rows) if batch.kind == "decode" else None  # before the masks
         masks = self._prepare_masks(batch.rows)
+        seconds = None
         try:
             if batch.kind == "prefill":
                 logits = self._prefill(batch.rows, batch.start, batch.start if keep is None else keep)
             else:
-                logits = self._decode(batch.rows, batch.start,
-                                      batch.start + len(batch.rows) if keep is None else keep)
-            logits = logits[:, 0, :]
+                logits, seconds = timed(lambda: self._decode(batch.rows, batch.start, drafts,
+                                                             batch.start + len(batch.rows) if keep is None else keep))
         finally:
             if masks is not None:
                 masks.result()  # the matchers are the engine thread's again
-        return choose_tokens(logits, [row.sampler for row in batch.rows])  # type: ignore[misc]
+        samplers = [row.sampler for row in batch.rows]
+        outcomes: list = choose_tokens(logits[:, 0, :], samplers) if drafts is None else \
+            choose_runs(logits, samplers, drafts, self.config.eos_token_ids)  # type: ignore[arg-type]
+        self.speculator.record(batch.rows, drafts, outcomes, seconds)
+        return outcomes
 
     def compact(self, moves: list[tuple[int, int, int]], idle: bool) -> None:
         """Apply the scheduler's KV row moves; give memory back when nothing runs."""
@@ -218,8 +230,12 @@ class ModelRunner:
         inputs = [RowInput(row.slot, row.cached, row.job.prompt_ids[row.cached:]) for row in rows]
         return self.forward(start, inputs, keep)
 
-    def _decode(self, rows: list[Row], start: int, keep: int) -> np.ndarray:
-        return self.forward(start, [RowInput(row.slot, row.length, (row.last_token,)) for row in rows], keep)
+    def _decode(self, rows: list[Row], start: int, drafts: list[list[int]] | None, keep: int) -> np.ndarray:
+        """Every row's last token, then its drafts if it has any (logits at each of them)."""
+        if drafts is None:
+            return self.forward(start, [RowInput(row.slot, row.length, (row.last_token,)) for row in rows], keep)
+        return self.forward(start, [RowInput(row.slot, row.length, (row.last_token, *d), tuple(range(1 + len(d))))
+                                    for row, d in zip(rows, drafts, strict=True)], keep)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, rows: Sequence[RowInput], start: int,
              index: np.ndarray) -> np.ndarray:

@@ -31,18 +31,27 @@ rejected, so a task that copies nothing pays almost nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from loraplex.runtime.engines.base import SamplingParams
 from loraplex.runtime.engines.batched.sampling import NonFiniteLogits, RowSampler
 from loraplex.runtime.engines.guidance import RowConstraint
 
+if TYPE_CHECKING:
+    from loraplex.runtime.engines.batched.scheduler import Row
+
+# (adapter name or "" for the base model, drafts verified, drafts accepted), once per step and adapter
+Observer = Callable[[str, int, int], None]
+
 MODES = ("off", "lookup", "contract", "auto")
 MAX_DRAFT = 6  # drafts per row and step (the verification feeds up to this many more tokens)
 MAX_NGRAM = 3
 MIN_NGRAM = 2  # a single matching token proposes too often, and too often wrongly
+RATE_DECAY = 0.9  # weight of a row's older drafts in its acceptance estimate, per step
 
 
 def check_mode(mode: str) -> str:
@@ -116,6 +125,8 @@ class DraftBudget:
     max_rest: int = 256
     misses: int = 0
     resting: int = 0
+    hits: float = 1.0  # recent accepted drafts (decayed), with a prior of one
+    stops: float = 1.0  # recent rejections (decayed), with a prior of one
     _next_rest: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,9 +140,17 @@ class DraftBudget:
             return 0
         return self.length
 
+    @property
+    def rate(self) -> float:
+        """The estimated chance that the next draft is accepted (drafts as independent trials: the
+        accepted ones are successes, a rejection ends the trials)."""
+        return self.hits / (self.hits + self.stops)
+
     def record(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
+        self.hits = RATE_DECAY * self.hits + accepted
+        self.stops = RATE_DECAY * self.stops + (accepted < drafted)
         if accepted >= drafted:
             self.length = min(self.max_length, drafted + max(1, drafted // 2))
             self.misses, self._next_rest = 0, self.rest
@@ -167,7 +186,7 @@ class RowDrafter:
         self.lookup = PromptLookup(prompt_ids) if mode in ("lookup", "auto") else None
         self.contract = constraint is not None and mode in ("contract", "auto")
         self.lookup_budget = DraftBudget(max_draft)
-        self.contract_budget = DraftBudget(max_draft, length=max_draft)
+        self.contract_budget = DraftBudget(max_draft, length=max_draft, hits=4.0)  # forced tokens: mostly right
         self.drafted = 0  # drafts verified so far
         self.accepted = 0  # of which accepted
         self._source: DraftBudget | None = None  # the budget this step's drafts came from
@@ -175,6 +194,11 @@ class RowDrafter:
     @property
     def active(self) -> bool:
         return self.lookup is not None or self.contract
+
+    @property
+    def rate(self) -> float:
+        """The acceptance estimate of the source of this step's drafts (0 without drafts)."""
+        return self._source.rate if self._source is not None else 0.0
 
     def propose(self, room: int) -> list[int]:
         """This step's drafts, at most `room` (what the row may still produce after one token)."""
@@ -277,3 +301,158 @@ def _greedy_run(drafts: Sequence[int], tokens: list[int], scores: list[float],
         if j == len(drafts) or token != drafts[j] or token in stop_ids:
             break
     return run
+
+
+def expected_run(rate: float, drafts: int) -> float:
+    """Tokens a step yields on average with `drafts` drafts each accepted with chance `rate` (in
+    order, up to the first rejection), the model's own token included."""
+    if drafts <= 0:
+        return 1.0
+    if rate >= 1.0:
+        return drafts + 1.0
+    return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
+
+
+class StepCost:
+    """What a decode step costs and which rows' drafts pay for themselves.
+
+    A step is one or more session runs; its time is modelled as `per_run` per run (reading every
+    weight once, fixed overheads) plus `per_token` per token fed, fitted by least squares over recent
+    steps (older ones weigh less) with a weak prior (`per_run` = 6 `per_token`, as measured on a
+    small model on two cores), so the model follows the machine and the model it serves. Rows that
+    verify drafts run alone (GroupQueryAttention's CPU kernel takes several new tokens after a past
+    for one row only), rows without drafts share runs with their neighbours: `plan` keeps the drafts
+    that raise the step's expected tokens per second, and only as many of each row's as are worth
+    their cost."""
+
+    def __init__(self, per_run: float = 6e-3, per_token: float = 1e-3, decay: float = 0.98):
+        self.decay = decay
+        self._gram = np.zeros((2, 2))
+        self._rhs = np.zeros(2)
+        self._prior = [(1.0, 1.0, per_run + per_token), (1.0, 9.0, per_run + 9 * per_token)]
+        self.per_run, self.per_token = per_run, per_token
+
+    def observe(self, runs: int, tokens: int, seconds: float) -> None:
+        x = np.array([runs, tokens], dtype=np.float64)
+        self._gram = self.decay * self._gram + np.outer(x, x)
+        self._rhs = self.decay * self._rhs + x * seconds
+        gram, rhs = self._gram.copy(), self._rhs.copy()
+        for r, t, y in self._prior:  # weight 1 each, never decayed: the fit is never singular
+            p = np.array([r, t])
+            gram += np.outer(p, p)
+            rhs += p * y
+        per_run, per_token = np.linalg.solve(gram, rhs)
+        self.per_token = max(float(per_token), 1e-6)
+        self.per_run = max(float(per_run), 1e-6)
+
+    def time(self, runs: int, tokens: int) -> float:
+        return self.per_run * runs + self.per_token * tokens
+
+    def plan(self, proposals: Sequence[tuple[int, float]]) -> list[int]:
+        """How many drafts each row verifies (0: none) given its proposal (draft count, acceptance
+        estimate), rows in KV order."""
+        n = len(proposals)
+        keep = [0] * n
+        if not any(k for k, _ in proposals):
+            return keep
+        baseline = n / self.time(1, n)  # tokens per second without drafts
+        # Trim each proposal to the drafts whose chance beats their cost at the baseline rate.
+        trimmed = []
+        for k, rate in proposals:
+            useful = 0
+            while useful < k and rate ** (useful + 1) > self.per_token * baseline:
+                useful += 1
+            trimmed.append(useful)
+        order = sorted((i for i in range(n) if trimmed[i]), key=lambda i: -expected_run(proposals[i][1], trimmed[i]))
+        best = baseline
+        for i in order:
+            keep[i] = trimmed[i]
+            rate = self.rate_of(proposals, keep)
+            if rate > best:
+                best = rate
+            else:
+                keep[i] = 0
+        return keep
+
+    def rate_of(self, proposals: Sequence[tuple[int, float]], keep: Sequence[int]) -> float:
+        """Expected tokens per second of a step in which row i verifies keep[i] drafts."""
+        tokens = sum(expected_run(rate, k) for (_, rate), k in zip(proposals, keep, strict=True))
+        return tokens / self.time(session_runs(keep), len(keep) + sum(keep))
+
+
+def session_runs(drafts: Sequence[int]) -> int:
+    """Session runs of a step whose row i verifies drafts[i] drafts: one per row with drafts, one per
+    group of neighbouring rows without (see `ModelRunner.forward`)."""
+    runs, grouped = 0, False
+    for k in drafts:
+        if k:
+            runs, grouped = runs + 1, False
+        elif not grouped:
+            runs, grouped = runs + 1, True
+    return runs
+
+
+class Speculator:
+    """The runner's side of speculative decoding: a drafter per new row, each decode step's drafts
+    (`StepCost.plan` keeps those that pay), the outcome recorded (drafters, cost model, counts)."""
+
+    def __init__(self, mode: str, max_len: int, observer: Observer | None = None):
+        self.mode = check_mode(mode)
+        self.max_len = max_len
+        self.cost = StepCost()
+        self.observer = observer
+        self.drafted = 0  # drafts verified, all rows
+        self.accepted = 0
+
+    def start(self, row: Row) -> None:
+        """Give a row starting its prefill (its sampler made) its drafter, if it may draft."""
+        if row.drafter is None and row.sampler is not None:
+            row.drafter = drafter_for(self.mode, row.job.params, row.job.prompt_ids, row.sampler.constraint)
+
+    def propose(self, rows: Sequence[Row]) -> list[list[int]] | None:
+        """Each row's drafts for this decode step, or None when no row drafts."""
+        if self.mode == "off":
+            return None
+        proposals: list[list[int]] = []
+        for row in rows:
+            drafter = row.drafter
+            # Room: a run never passes max_new_tokens, and its last token is the first that fills the context.
+            room = min(row.job.params.max_new_tokens - row.generated - 1, self.max_len - row.length - 2)
+            proposals.append(drafter.propose(room) if drafter is not None else [])
+        if not any(proposals):
+            return None
+        keep = self.cost.plan([(len(p), row.drafter.rate if p and row.drafter else 0.0)
+                               for p, row in zip(proposals, rows, strict=True)])
+        drafts = [p[:k] for p, k in zip(proposals, keep, strict=True)]
+        return drafts if any(drafts) else None
+
+    def record(self, rows: Sequence[Row], drafts: list[list[int]] | None,
+               outcomes: Sequence[int | list[int] | Exception], seconds: float | None = None) -> None:
+        """A step's outcome: every drafter sees its row's new tokens; a decode step's time (`seconds`)
+        teaches the cost model."""
+        counts: dict[str, list[int]] = {}
+        fed = 0
+        for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
+            row_drafts = drafts[i] if drafts is not None else []
+            fed += 1 + len(row_drafts)
+            if row.drafter is None or isinstance(outcome, Exception):
+                continue
+            run = outcome if isinstance(outcome, list) else [outcome]
+            row.drafter.record(row_drafts, run)
+            if row_drafts:
+                count = counts.setdefault(row.job.adapter.name if row.job.adapter is not None else "", [0, 0])
+                count[0] += len(row_drafts)
+                count[1] += accepted_count(row_drafts, run)
+        if seconds is not None:
+            self.cost.observe(session_runs([len(d) for d in drafts] if drafts else [0] * len(rows)), fed, seconds)
+        for name, (drafted, accepted) in counts.items():
+            self.drafted += drafted
+            self.accepted += accepted
+            if self.observer is not None:
+                self.observer(name, drafted, accepted)
+
+
+def timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - start
