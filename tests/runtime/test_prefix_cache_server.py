@@ -97,3 +97,17 @@ def test_the_in_process_api_takes_the_prefix_cache_size(recipe_package):
         got = [on.generate(prompt, adapter="beta", max_new_tokens=8).token_ids for _ in range(2)]
         assert cache.stats.hits == 1
     assert got == want
+
+
+def test_serve_flags_set_the_prefix_cache(recipe_package):
+    from loraplex.runtime.app.cli import build_parser
+    from loraplex.runtime.app.commands import server_config
+
+    def config(*flags: str):
+        return server_config(build_parser().parse_args(["serve", "--package", str(recipe_package), *flags]))
+
+    assert config().prefix_cache_mib is None  # the engine's default (64 MiB on the batched engine)
+    assert config("--prefix-cache-mib", "8").prefix_cache_mib == 8
+    assert config("--no-prefix-cache").prefix_cache_mib == 0
+    assert config("--no-prefix-cache").engine_options()["prefix_cache_bytes"] == 0
+    assert config("--prefix-cache-mib", "0.5").engine_options()["prefix_cache_bytes"] == 2**19
