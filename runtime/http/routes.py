@@ -3,6 +3,7 @@
     GET  /v1/models, /v1/models/{id}     the base model (`HttpState.base_id`) and every loaded adapter
     POST /v1/completions                 prompt (or the `inputs` extension) -> text
     POST /v1/chat/completions            messages, rendered with the package's chat template -> text
+    POST /v1/classify                    prompt (or `inputs`) -> every label's probability (loraplex's own)
     GET  /health                         200 while serving, 503 while loading or draining
     GET  /metrics                        the server's Prometheus registry (the one --metrics-port serves)
 
@@ -28,6 +29,7 @@ from typing import Any
 from loraplex.runtime.errors import AdapterNotFound, InvalidRequest, LoraplexError, ShuttingDown, quoted
 from loraplex.runtime.http import translation
 from loraplex.runtime.http.errors import error_body, error_response
+from loraplex.runtime.server import fanout
 from loraplex.runtime.server.auth import BearerAuth
 from loraplex.runtime.server.generation import GenerationResult, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 1024 * 1024  # what gRPC accepts in one message
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
-Events = AsyncIterator[Started | TextPiece | Finished]
+Events = AsyncIterator[tuple[int, Started | TextPiece | Finished]]  # tagged with the sample's index
 
 
 @dataclass
@@ -90,6 +92,7 @@ def build_app(state: HttpState) -> Starlette:
         Route("/v1/models/{model:path}", _route(state, _model), methods=["GET"]),
         Route("/v1/completions", _route(state, _generation("completion")), methods=["POST"]),
         Route("/v1/chat/completions", _route(state, _generation("chat")), methods=["POST"]),
+        Route("/v1/classify", _route(state, _classify), methods=["POST"]),
         Route("/health", _route(state, _health), methods=["GET"]),
         Route("/metrics", _route(state, _metrics), methods=["GET"]),
     ]
@@ -159,22 +162,22 @@ def _generation(kind: translation.Kind) -> Handler:
         call.request.adapter = state.adapter(call.model)
         if call.messages is not None:
             call.request.prompt = await _chat_prompt(state, call.messages)
-        events = service.stream(call.request)
+        events = _events(service, call)
         streaming = False
         try:
-            started = await anext(events)  # admitted: refusals (queue full, draining, prompt too long) raise here
+            _, started = await anext(events)  # admitted: refusals (queue full, draining, prompt too long) raise here
             assert isinstance(started, Started)
             headers = {"x-request-id": started.request_id}
             if call.stream:
                 streaming = True
-                return EventStream(call, started, events, headers)  # which closes `events` when sent
-            result = await _until_disconnected(_collect(started, events), request.receive)
+                return EventStream(call, started, events, headers, _token_bytes(service))  # closes `events`
+            results = await _until_disconnected(_collect(call.n, started, events), request.receive)
         finally:
             if not streaming:
                 await events.aclose()
-        if result is None:  # the client went away: the job is stopped, nobody reads an answer
+        if results is None:  # the client went away: the job is stopped, nobody reads an answer
             return Response(status_code=499)
-        return _json(translation.response(call, result), headers)
+        return _json(translation.response(call, results, _token_bytes(service)), headers)
 
     return handle
 
@@ -211,20 +214,73 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-async def _collect(started: Started, events: Events) -> GenerationResult:
-    """The whole completion. Reads `events` to its end: a stream left at its last yield would
-    count the request as cancelled."""
-    pieces: list[str] = []
-    ids: list[int] = []
-    finished = None
-    async for event in events:
-        if isinstance(event, TextPiece):
-            pieces.append(event.text)
-            ids.extend(event.token_ids)
+def _events(service: GenerationService, call: translation.OpenAICall) -> Events:
+    """The call's events tagged with their sample's index (one sample: the request's own stream)."""
+    return fanout.samples(service, call.request, call.n) if call.n > 1 else _tagged(service.stream(call.request))
+
+
+async def _tagged(events: AsyncIterator[Started | TextPiece | Finished]) -> Events:
+    try:
+        async for event in events:
+            yield 0, event
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _token_bytes(service: GenerationService) -> translation.TokenBytes:
+    tokenizer = service.tokenizer
+    own = getattr(tokenizer, "token_bytes", None)
+    return own if own is not None else (lambda token: tokenizer.decode([token]).encode("utf-8"))
+
+
+async def _collect(n: int, started: Started, events: Events) -> list[GenerationResult]:
+    """Every sample's whole completion. Reads `events` to its end: a stream left at its last yield
+    would count the request as cancelled."""
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list] = [[] for _ in range(n)]
+    firsts: dict[int, Started] = {0: started}
+    results: dict[int, GenerationResult] = {}
+    async for i, event in events:
+        if isinstance(event, Started):
+            firsts.setdefault(i, event)
+        elif isinstance(event, TextPiece):
+            pieces[i].append(event.text)
+            ids[i].extend(event.token_ids)
+            logprobs[i].extend(event.logprobs)
         elif isinstance(event, Finished):
-            finished = event
-    assert finished is not None, "the request's events ended without Finished"
-    return GenerationResult("".join(pieces), ids, started, finished)
+            results[i] = GenerationResult("".join(pieces[i]), ids[i], firsts.get(i, started), event, logprobs[i])
+    assert len(results) == n, "the request's events ended without Finished"
+    return [results[i] for i in range(n)]
+
+
+async def _classify(state: HttpState, request: Request) -> Response:
+    """POST /v1/classify: {model, prompt | inputs, labels?} -> each label's probability, most probable first."""
+    service = state.ready()
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - {"model", "prompt", "inputs", "labels", "user"})
+    if unknown:
+        raise InvalidRequest(f"unknown field {quoted(unknown[0], 64)} for /v1/classify; remove it", field=unknown[0])
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise InvalidRequest("model is missing; GET /v1/models lists the ids to send", field="model")
+    labels = body.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise InvalidRequest("labels must be a list of strings", field="labels")
+    prompt, inputs = translation.prompt_or_inputs(body)
+    rid = checked_request_id(request.headers.get("x-request-id", "")) or uuid.uuid4().hex[:16]
+    result = await fanout.classify(service, state.adapter(checked_text("model", model)), prompt, inputs, labels, rid)
+    return _json({"id": "cls-" + rid, "object": "classification", "model": model,
+                  "labels": [{"label": x.label, "probability": x.probability, "logprob": x.logprob,
+                              "tokens": x.tokens} for x in result.labels],
+                  "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.scored_tokens,
+                            "total_tokens": result.prompt_tokens + result.scored_tokens},
+                  "loraplex": {"adapter": result.started.adapter, "adapter_version": result.started.adapter_version,
+                               "request_id": rid, "timings": {"queue_ms": result.queue_ms,
+                                                              "total_ms": result.total_ms}}},
+                 {"x-request-id": rid})
 
 
 async def _until_disconnected(work: Awaitable[Any], receive: Receive) -> Any:
@@ -258,8 +314,9 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, call: translation.OpenAICall, started: Started, events: Events, headers: dict[str, str]):
-        self.call, self.started, self.events = call, started, events
+    def __init__(self, call: translation.OpenAICall, started: Started, events: Events, headers: dict[str, str],
+                 token_bytes: translation.TokenBytes):
+        self.call, self.started, self.events, self.token_bytes = call, started, events, token_bytes
         self.status_code = 200
         self.background = None
         self.init_headers({**SSE_HEADERS, **headers})
@@ -284,17 +341,25 @@ class EventStream(Response):
     async def _chunks(self) -> AsyncIterator[bytes]:
         call = self.call
         if call.kind == "chat":
-            yield _sse(translation.chunk(call, role=True))
-        async for event in self.events:
+            for index in range(call.n):
+                yield _sse(translation.chunk(call, role=True, index=index))
+        offsets = [0] * call.n  # characters sent per choice (completions' text_offset)
+        finished: list[Finished] = []
+        async for index, event in self.events:
             if isinstance(event, TextPiece):
-                if event.text:
-                    yield _sse(translation.chunk(call, event.text))
+                if event.text or event.logprobs:
+                    scores = translation.logprobs_json(call, event.token_ids, event.logprobs, self.token_bytes,
+                                                       offsets[index])
+                    offsets[index] += len(event.text)
+                    yield _sse(translation.chunk(call, event.text, index=index, logprobs=scores))
             elif isinstance(event, Finished):
-                last = translation.chunk(call, finished=event)
+                finished.append(event)
+                last = translation.chunk(call, finished=event, index=index)
                 last["loraplex"] = translation.extension(self.started, event)
                 yield _sse(last)
-                if call.include_usage:
-                    yield _sse(translation.usage_chunk(call, self.started, event))
+        if call.include_usage and finished:
+            total = sum(f.completion_tokens for f in finished)
+            yield _sse(translation.usage_chunk(call, self.started, finished[0], total))
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

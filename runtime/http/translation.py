@@ -3,9 +3,14 @@
 Translation only: what a field means is decided by the request layer (`GenerationService`) and
 checked by `loraplex.runtime.server.validation`, as on the gRPC port; this module maps names and
 shapes. Every field of a body is accounted for: a field loraplex serves is used; an OpenAI field it
-does not serve (`n` > 1, `logprobs`, `tools`, penalties, ...) is accepted
-only with the value that changes nothing (`n: 1`, `logprobs: null`, ...) and otherwise refused with
-400 naming it; a field no endpoint knows is refused. `null` means "not given", as in OpenAI's API.
+does not serve (`tools`, penalties, `best_of`, ...) is accepted only with the value that changes
+nothing and otherwise refused with 400 naming it; a field no endpoint knows is refused. `null` means
+"not given", as in OpenAI's API.
+
+Scores: `logprobs` (completions: the count of alternatives, 0..20; chat: true, with `top_logprobs`
+0..20) gives each token's log-probability in OpenAI's shapes, streamed too, from the distribution the
+token is chosen from (the model's, after the repetition penalty and the output constraint, before
+temperature, top-k and top-p). `n` (1..16) returns that many samples (sample i with seed `seed + i`).
 
 OpenAI's defaults, not gRPC's: `temperature` 1.0 (sampling; send 0 for greedy), `max_tokens` 16 on
 /v1/completions and "until EOS or the context is full" on /v1/chat/completions. Extensions (the
@@ -27,11 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from loraplex.runtime.engines.base import FinishReason
+from loraplex.runtime.engines.base import FinishReason, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, quoted
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult
 from loraplex.runtime.server.request_state import Finished, Started
-from loraplex.runtime.server.validation import output_constraint, sampling_params, text
+from loraplex.runtime.server.validation import MAX_SAMPLES, output_constraint, sampling_params, text
 
 Kind = Literal["completion", "chat"]
 
@@ -42,7 +47,7 @@ FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", Fini
                   FinishReason.CANCELLED: "cancelled"}
 OPENAI_FIELDS = {  # OpenAI's names -> the request layer's, for validation's messages
     "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-    "repetition_penalty": "repetition_penalty", "stop": "stop",
+    "repetition_penalty": "repetition_penalty", "stop": "stop", "logprobs": "logprobs",
 }
 
 
@@ -54,7 +59,6 @@ def _same(value: Any, *allowed: Any) -> bool:
 # OpenAI fields loraplex does not serve: accepted only with a value that changes nothing.
 NO_OP = Callable[[Any], bool]
 COMMON_UNSUPPORTED: dict[str, tuple[NO_OP, str]] = {
-    "n": (lambda v: _same(v, 1), "loraplex returns one choice per request: send n requests"),
     "presence_penalty": (lambda v: _same(v, 0, 0.0), "use the `repetition_penalty` extension"),
     "frequency_penalty": (lambda v: _same(v, 0, 0.0), "use the `repetition_penalty` extension"),
     "logit_bias": (lambda v: _same(v, {}), "loraplex does not bias logits"),
@@ -64,13 +68,10 @@ UNSUPPORTED: dict[Kind, dict[str, tuple[NO_OP, str]]] = {
         **COMMON_UNSUPPORTED,
         "best_of": (lambda v: _same(v, 1), "loraplex decodes one sequence per request"),
         "echo": (lambda v: _same(v, False), "loraplex returns the completion only"),
-        "logprobs": (lambda v: False, "loraplex does not return log probabilities"),
         "suffix": (lambda v: _same(v, ""), "loraplex does not insert text"),
     },
     "chat": {
         **COMMON_UNSUPPORTED,
-        "logprobs": (lambda v: _same(v, False), "loraplex does not return log probabilities"),
-        "top_logprobs": (lambda v: False, "loraplex does not return log probabilities"),
         "tools": (lambda v: _same(v, []), "loraplex does not call tools"),
         "tool_choice": (lambda v: _same(v, "none"), "loraplex does not call tools"),
         "parallel_tool_calls": (lambda v: isinstance(v, bool), "loraplex does not call tools"),
@@ -90,8 +91,9 @@ SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repe
             "response_format", "guided_regex", "guided_choice", "guided_grammar", "guided_json")
 GUIDED = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar", "guided_json": "json_schema"}
 SERVED: dict[Kind, tuple[str, ...]] = {
-    "completion": ("model", "prompt", "inputs", "stream", "stream_options", "user", *SAMPLING),
-    "chat": ("model", "messages", "max_completion_tokens", "stream", "stream_options", "user", *SAMPLING),
+    "completion": ("model", "prompt", "inputs", "stream", "stream_options", "user", "n", "logprobs", *SAMPLING),
+    "chat": ("model", "messages", "max_completion_tokens", "stream", "stream_options", "user", "n", "logprobs",
+             "top_logprobs", *SAMPLING),
 }
 ENDPOINTS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
@@ -107,6 +109,7 @@ class OpenAICall:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1  # samples (choices)
 
     @property
     def id(self) -> str:
@@ -134,11 +137,14 @@ def parse_call(kind: Kind, body: Any, *, context_length: int, max_prompt_bytes: 
     _string(given, "user")  # an end-user id for the caller's own records: no effect on the output
     request = GenerationRequest(params=_sampling(kind, given, context_length), request_id=request_id)
     request.params, request.default_output = _output(given, request.params)
-    call = OpenAICall(kind, model, request, stream=stream, include_usage=include_usage)
+    n = _integer(given, "n")
+    if n is not None and not 1 <= n <= MAX_SAMPLES:
+        raise InvalidRequest(f"n is {n}; use 1..{MAX_SAMPLES}", field="n")
+    call = OpenAICall(kind, model, request, stream=stream, include_usage=include_usage, n=n or 1)
     if kind == "chat":
         call.messages = _messages(given, max_prompt_bytes)
     else:
-        request.prompt, request.inputs = _prompt_or_inputs(given)
+        request.prompt, request.inputs = prompt_or_inputs(given)
     return call
 
 
@@ -186,9 +192,23 @@ def _sampling(kind: Kind, given: Mapping[str, Any], context_length: int):
         repetition_penalty=_number(given, "repetition_penalty", 1.0),
         stop=_stop(given),
         ignore_eos=_boolean(given, "ignore_eos", False),
+        logprobs=_logprobs(kind, given, names),
         context_length=context_length,
         fields=names,
     )
+
+
+def _logprobs(kind: Kind, given: Mapping[str, Any], names: dict[str, str]) -> int | None:
+    """The alternatives per token asked for (None: no log-probabilities)."""
+    if kind == "completion":
+        return _integer(given, "logprobs")
+    top = _integer(given, "top_logprobs")
+    if not _boolean(given, "logprobs", False):
+        if top is not None:
+            raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs")
+        return None
+    names["logprobs"] = "top_logprobs"
+    return top or 0
 
 
 def _output(given: Mapping[str, Any], params: Any) -> tuple[Any, bool]:
@@ -231,7 +251,7 @@ def _output(given: Mapping[str, Any], params: Any) -> tuple[Any, bool]:
     return replace(params, constraint=constraint), True
 
 
-def _prompt_or_inputs(given: Mapping[str, Any]) -> tuple[str | None, dict[str, str] | None]:
+def prompt_or_inputs(given: Mapping[str, Any]) -> tuple[str | None, dict[str, str] | None]:
     prompt = given.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # OpenAI's list form, one prompt
@@ -348,9 +368,11 @@ def _short_json(value: Any, limit: int = 80) -> str:
 
 
 # -- responses --------------------------------------------------------------------------------
-def usage(finished: Finished) -> dict[str, int]:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+def usage(finished: Finished, completion_tokens: int | None = None) -> dict[str, int]:
+    """OpenAI's usage; `completion_tokens`: of every sample (default: this one's)."""
+    completion = finished.completion_tokens if completion_tokens is None else completion_tokens
+    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": finished.prompt_tokens + completion}
 
 
 def extension(started: Started, finished: Finished | None) -> dict[str, Any]:
@@ -364,30 +386,68 @@ def extension(started: Started, finished: Finished | None) -> dict[str, Any]:
     return info
 
 
-def response(call: OpenAICall, result: GenerationResult) -> dict[str, Any]:
-    """The whole (non-streaming) response."""
-    reason = FINISH_REASONS[result.finished.reason]
+TokenBytes = Callable[[int], bytes]  # one token's own bytes (the server tokenizer's `token_bytes`)
+
+
+def logprobs_json(call: OpenAICall, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs],
+                  token_bytes: TokenBytes, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's `logprobs` of a choice (or of a chunk's tokens), or None when not asked for. Completions:
+    `tokens`, `token_logprobs`, `top_logprobs` ({token: logprob}), `text_offset` (from `offset`, in
+    characters of the completion); chat: `content`, a list of {token, logprob, bytes, top_logprobs}."""
+    if call.request.params.logprobs is None:
+        return None
+
+    def text(token: int) -> str:
+        return token_bytes(token).decode("utf-8", errors="replace")
+
+    pairs = list(zip(token_ids, logprobs, strict=False))
     if call.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                  "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
+        return {"content": [{"token": text(t), "logprob": lp.logprob, "bytes": list(token_bytes(t)),
+                             "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(token_bytes(a))}
+                                              for a, v in lp.top]} for t, lp in pairs],
+                "refusal": None}
+    offsets, tops = [], []
+    for t, lp in pairs:
+        offsets.append(offset)
+        offset += len(text(t))
+        top: dict[str, float] = {}
+        for a, v in lp.top:  # tokens that read alike (parts of one character) keep the most likely
+            top.setdefault(text(a), v)
+        tops.append(top)
+    return {"tokens": [text(t) for t, _ in pairs], "token_logprobs": [lp.logprob for _, lp in pairs],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def response(call: OpenAICall, results: Sequence[GenerationResult], token_bytes: TokenBytes) -> dict[str, Any]:
+    """The whole (non-streaming) response: one choice per sample."""
+    choices = []
+    for index, result in enumerate(results):
+        reason = FINISH_REASONS[result.finished.reason]
+        scores = logprobs_json(call, result.token_ids, result.logprobs, token_bytes)
+        if call.kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": scores, "finish_reason": reason})
+        else:
+            choices.append({"index": index, "text": result.text, "logprobs": scores, "finish_reason": reason})
+    first = results[0]
     return {"id": call.id, "object": "chat.completion" if call.kind == "chat" else "text_completion",
-            "created": call.created, "model": call.model, "choices": [choice], "usage": usage(result.finished),
-            "loraplex": extension(result.started, result.finished)}
+            "created": call.created, "model": call.model, "choices": choices,
+            "usage": usage(first.finished, sum(r.finished.completion_tokens for r in results)),
+            "loraplex": extension(first.started, first.finished)}
 
 
 def chunk(call: OpenAICall, piece: str | None = None, finished: Finished | None = None, *,
-          role: bool = False) -> dict[str, Any]:
-    """One streamed chunk: a text piece, the assistant's role (chat's first chunk) or the finish reason."""
+          role: bool = False, index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed chunk of choice `index`: a text piece (and its tokens' `logprobs`), the assistant's
+    role (chat's first chunk) or the finish reason."""
     reason = FINISH_REASONS[finished.reason] if finished is not None else None
     if call.kind == "chat":
         delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
         if piece:
             delta["content"] = piece
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": reason}
     out = {"id": call.id, "object": "chat.completion.chunk" if call.kind == "chat" else "text_completion",
            "created": call.created, "model": call.model, "choices": [choice]}
     if call.include_usage:
@@ -395,11 +455,12 @@ def chunk(call: OpenAICall, piece: str | None = None, finished: Finished | None 
     return out
 
 
-def usage_chunk(call: OpenAICall, started: Started, finished: Finished) -> dict[str, Any]:
+def usage_chunk(call: OpenAICall, started: Started, finished: Finished, completion_tokens: int | None = None
+                ) -> dict[str, Any]:
     """The last chunk with stream_options.include_usage: no choices, the usage (OpenAI's shape)."""
     out = chunk(call)
     out["choices"] = []
-    out["usage"] = usage(finished)
+    out["usage"] = usage(finished, completion_tokens)
     out["loraplex"] = extension(started, finished)
     return out
 

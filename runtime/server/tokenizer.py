@@ -18,6 +18,7 @@ renderer looks (`FastTokenizer` makes that renderer at the first chat request).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,10 @@ class PackageTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids) if ids else ""
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's text as UTF-8 (a token that holds part of a character decodes as U+FFFD here)."""
+        return self.decode([token]).encode("utf-8")
+
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
         """`messages` ({role, content}) rendered through the chat template, ending where the
         assistant's reply starts. Raises ChatTemplateError when the template refuses them."""
@@ -89,6 +94,18 @@ class FastTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if ids else ""
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes (which may be part of a UTF-8 character): a byte-level BPE token's
+        symbols mapped back to bytes; other tokenizers' single-token decode."""
+        from tokenizers import decoders
+
+        piece = self._tok.id_to_token(token)
+        if piece is not None and isinstance(self._tok.decoder, decoders.ByteLevel):
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.decode([token]).encode("utf-8")
+
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
         if self.chat_template is None:
             raise ChatTemplateError("the package has no chat template")
@@ -96,6 +113,20 @@ class FastTokenizer:
             if self._renderer is None:
                 self._renderer = PackageTokenizer(self.root)
         return self._renderer.chat_prompt(messages)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable symbol that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[chr(byte)] = byte
+        else:
+            symbols[chr(256 + extra)] = byte
+            extra += 1
+    return symbols
 
 
 def open_tokenizer(package_dir: str | Path, library: str | None) -> FastTokenizer | PackageTokenizer:

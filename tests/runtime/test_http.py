@@ -125,8 +125,10 @@ def test_every_http_request_counts_in_the_one_metrics_registry(http_server):
     ({"max_tokens": 0}, "max_tokens", "max_tokens is 0"),
     ({"max_tokens": 100000}, "max_tokens", "context length"),
     ({"seed": -1}, "seed", "[0, 2**64)"),
-    ({"n": 2}, "n", "one choice per request"),
-    ({"logprobs": 2}, "logprobs", "log probabilities"),
+    ({"n": 17}, "n", "1..16"),
+    ({"n": 0}, "n", "1..16"),
+    ({"logprobs": 21}, "logprobs", "0..20"),
+    ({"logprobs": True}, "logprobs", "must be an integer"),
     ({"echo": True}, "echo", "not supported"),
     ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
     ({"stop": ["x"] * 17}, "stop", "at most 16"),
@@ -155,7 +157,8 @@ def test_completion_refusals_name_the_field(http_server, body, param, says):
     ({"guided_regex": "[0-"}, "guided_regex", "not a valid regex"),
     ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "send one of them"),
-    ({"logprobs": True}, "logprobs", "log probabilities"),
+    ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "role"),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages", "'name'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
@@ -177,7 +180,7 @@ def test_errors_reach_the_openai_client_as_its_exceptions(http_server):
             client.completions.create(model="gpt-4o", prompt="hi")
         assert err.value.status_code == 404 and "base:llama" in err.value.message
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], n=3)
+            client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], n=17)
         assert err.value.param == "n"
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="alpha", prompt="x" * 10**6)
