@@ -498,3 +498,25 @@ def test_edge_session_settings_keep_tokens_exact(package, make_engine):
             for name in (None, "alpha", "gamma") for prompt in PROMPTS[:2]]
     for name, prompt, sink in jobs:
         assert sink.wait() == reference(package, name, prompt), (name, prompt)
+
+
+def test_an_idle_engine_frees_its_kv_cache_and_the_next_requests_stay_exact(package, make_engine):
+    """At rest (the core's idle release) the KV cache and the bindings over it are freed; the next
+    requests make them again, the smallest, with the same tokens."""
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    runner = engine.runner
+    released = threading.Event()
+    release = runner.release_memory
+
+    def release_and_tell() -> None:
+        release()
+        released.set()
+
+    runner.release_memory = release_and_tell
+    expected = [reference(package, "alpha", prompt) for prompt in PROMPTS[:2]]
+    assert [sink.wait() for sink in [submit(engine, p, handles["alpha"])[1] for p in PROMPTS[:2]]] == expected
+    released.clear()
+    if runner.kv.capacity:  # else the idle release came already
+        assert released.wait(WAIT_S), "the idle engine did not release its memory"
+    assert runner.kv.capacity == 0 and runner.kv.keys == [] and not runner._bindings
+    assert [sink.wait() for sink in [submit(engine, p, handles["alpha"])[1] for p in PROMPTS[:2]]] == expected

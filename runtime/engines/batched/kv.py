@@ -48,11 +48,22 @@ class KVCache:
         """Back to the smallest buffers (call only when no row is running)."""
         self._reallocate(min(MIN_CAPACITY, self.max_len), keep_rows=0)
 
+    def release(self) -> None:
+        """Free the buffers (call only when no row is running); the next `ensure` makes the smallest again.
+        A server at rest holds no cache (4 rows of SmolLM2-135M at the smallest length: 11 MiB)."""
+        self.keys, self.values, self.capacity = [], [], 0
+        self._views.clear()
+        self.generation += 1
+
     def ensure(self, positions: int, rows: int) -> None:
         """Make room for `positions` tokens per row, keeping the first `rows` rows' contents."""
         if positions > self.max_len:
             raise ValueError(f"{positions} positions exceed the cache's {self.max_len}")
         if positions > self.capacity:
+            if not self.capacity:  # released: nothing to keep, and not a growth while rows ran
+                self.reset()
+                self.ensure(positions, rows=0)
+                return
             capacity = self.capacity
             while capacity < positions:
                 capacity *= 2
