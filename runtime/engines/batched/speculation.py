@@ -313,6 +313,9 @@ def expected_run(rate: float, drafts: int) -> float:
     return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
 
 
+PRIOR_WEIGHT = 0.01  # of each of the cost model's two prior steps, against ~50 measured ones
+
+
 class StepCost:
     """What a decode step costs and which rows' drafts pay for themselves.
 
@@ -337,10 +340,10 @@ class StepCost:
         self._gram = self.decay * self._gram + np.outer(x, x)
         self._rhs = self.decay * self._rhs + x * seconds
         gram, rhs = self._gram.copy(), self._rhs.copy()
-        for r, t, y in self._prior:  # weight 1 each, never decayed: the fit is never singular
+        for r, t, y in self._prior:  # never decayed, so the fit is never singular; weak, so data win
             p = np.array([r, t])
-            gram += np.outer(p, p)
-            rhs += p * y
+            gram += PRIOR_WEIGHT * np.outer(p, p)
+            rhs += PRIOR_WEIGHT * p * y
         per_run, per_token = np.linalg.solve(gram, rhs)
         self.per_token = max(float(per_token), 1e-6)
         self.per_run = max(float(per_run), 1e-6)
