@@ -5,6 +5,7 @@
     with LLM("package/") as llm:
         print(llm.generate("Review: great film\\nSentiment:", adapter="sentiment").text)
         replies = llm.generate(inputs=[{"text": "dull"}, {"text": "fine"}], adapter="sentiment")
+        scores = llm.classify(inputs={"text": "dull"}, adapter="sentiment")  # each label's probability
 
 `LLM` is the server's own request path (`server.app.build_core`: engine, adapter registry,
 `GenerationService`) on a private event loop thread, so a call is validated and decoded exactly as
@@ -20,25 +21,27 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loraplex.adapters.package.output import OutputConstraint
 from loraplex.adapters.package.reader import Package
-from loraplex.runtime.engines.base import FinishReason
+from loraplex.runtime.engines.base import FinishReason, TokenLogprobs
+from loraplex.runtime.server import fanout
 from loraplex.runtime.server.app import ServerConfig, ServingCore, build_core
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.request_state import Finished, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
-from loraplex.runtime.server.validation import output_constraint, sampling_params, text
+from loraplex.runtime.server.validation import output_constraint, samples, sampling_params, text
 from loraplex.runtime.server.validation import request_id as checked_request_id
 
 T = TypeVar("T")
 
 # Sampling options as this API names them (the messages of a refused value name these).
-FIELDS = {name: name for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop")}
+FIELDS = {name: name for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
+                                  "logprobs")}
 CONSTRAINT_KINDS = ("regex", "json_schema", "grammar", "choice")
 
 
@@ -55,12 +58,13 @@ class Completion:
     request_id: str
     time_to_first_token_ms: float
     total_ms: float
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, with `logprobs=k`
 
     @classmethod
     def of(cls, result: GenerationResult) -> Completion:
         s, f = result.started, result.finished
         return cls(result.text, result.token_ids, f.reason, f.prompt_tokens, s.adapter, s.adapter_version,
-                   s.request_id, f.timings.time_to_first_token_ms, f.timings.total_ms)
+                   s.request_id, f.timings.time_to_first_token_ms, f.timings.total_ms, result.logprobs)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Chunk:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, with `logprobs=k`
 
 
 class LLM:
@@ -101,8 +106,9 @@ class LLM:
                  adapter: str = "", **sampling: Any) -> Completion | list[Completion]:
         """One completion per prompt (or per task `inputs`): a list when given a list. `sampling`:
         max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, stop, ignore_eos, one of
-        regex / json_schema / grammar / choice, no_default_output, request_id (0 = the default, as
-        over gRPC). Refusals raise the server's errors (`loraplex.runtime.errors`)."""
+        regex / json_schema / grammar / choice, no_default_output, logprobs (each token's log-probability
+        and that many alternatives), request_id (0 = the default, as over gRPC). Refusals raise the
+        server's errors (`loraplex.runtime.errors`)."""
         return self._call(self.agenerate(prompt, inputs=inputs, adapter=adapter, **sampling))
 
     async def agenerate(self, prompt: str | Sequence[str] | None = None, *,
@@ -111,6 +117,34 @@ class LLM:
         requests, many = self._requests(prompt, inputs, adapter, sampling)
         results = await self._on_loop(self._generate_all(requests))
         return results if many else results[0]
+
+    def samples(self, prompt: str | None = None, *, n: int, inputs: Mapping[str, str] | None = None,
+                adapter: str = "", **sampling: Any) -> list[Completion]:
+        """`n` samples of one prompt (sample i with seed `seed + i` when `seed` is given), decoded together."""
+        request = self.request(prompt, inputs=inputs, adapter=adapter, **sampling)
+        count = samples(n)
+        return [Completion.of(r) for r in self._call(self._on_loop(self._samples(request, count)))]
+
+    async def _samples(self, request: GenerationRequest, n: int) -> list[GenerationResult]:
+        async with self._room:
+            return await fanout.generate_samples(self._core.service, request, n)
+
+    def classify(self, prompt: str | None = None, *, inputs: Mapping[str, str] | None = None, adapter: str = "",
+                 labels: Sequence[str] = (), request_id: str = "") -> list[fanout.LabelScore]:
+        """Every label's probability after the prompt, most probable first: the adapter's choice contract's
+        labels, or `labels`. A label's probability is its token sequence's under the adapter, normalised over
+        the labels (see `loraplex.runtime.server.fanout`)."""
+        return self._call(self.aclassify(prompt, inputs=inputs, adapter=adapter, labels=labels,
+                                         request_id=request_id))
+
+    async def aclassify(self, prompt: str | None = None, *, inputs: Mapping[str, str] | None = None,
+                        adapter: str = "", labels: Sequence[str] = (), request_id: str = ""
+                        ) -> list[fanout.LabelScore]:
+        """`classify` for the caller's event loop."""
+        service = self._core.service
+        coro = fanout.classify(service, text("adapter", adapter), prompt, dict(inputs) if inputs is not None else None,
+                               list(labels), checked_request_id(request_id))
+        return (await self._on_loop(coro)).labels
 
     def stream(self, prompt: str | None = None, *, inputs: Mapping[str, str] | None = None, adapter: str = "",
                **sampling: Any) -> Iterator[Chunk]:
@@ -144,15 +178,16 @@ class LLM:
     def request(self, prompt: str | None = None, *, inputs: Mapping[str, str] | None = None, adapter: str = "",
                 max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                 seed: int | None = None, repetition_penalty: float = 0.0, stop: Sequence[str] = (),
-                ignore_eos: bool = False, regex: str | None = None, json_schema: str | None = None,
+                ignore_eos: bool = False, logprobs: int | None = None, regex: str | None = None,
+                json_schema: str | None = None,
                 grammar: str | None = None, choice: Sequence[str] | None = None, output: OutputConstraint | None = None,
                 no_default_output: bool = False, request_id: str = "") -> GenerationRequest:
         """A checked `GenerationRequest`, by the same rules as a gRPC request's (the service then checks
         the prompt's size and the context, as for every front end)."""
         params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed, repetition_penalty=repetition_penalty, stop=list(stop),
-                                 ignore_eos=ignore_eos, context_length=self.package.config.context_length,
-                                 fields=FIELDS)
+                                 ignore_eos=ignore_eos, logprobs=logprobs,
+                                 context_length=self.package.config.context_length, fields=FIELDS)
         given = {k: v for k, v in zip(CONSTRAINT_KINDS, (regex, json_schema, grammar, choice), strict=True)
                  if v is not None}
         if len(given) + (output is not None) > 1:
@@ -241,7 +276,7 @@ class LLM:
                 async with self._room:
                     async for event in self._core.service.stream(request):
                         if isinstance(event, TextPiece):
-                            put(Chunk(event.text, tuple(event.token_ids)))
+                            put(Chunk(event.text, tuple(event.token_ids), logprobs=tuple(event.logprobs)))
                         elif isinstance(event, Finished):
                             put(Chunk(finish_reason=event.reason))
             except Exception as exc:

@@ -1,4 +1,5 @@
-"""Runtime subcommands: serve, serve-ray, generate, demo, adapters list|load|unload (thin: parse, call, print)."""
+"""Runtime subcommands: serve, serve-ray, generate, classify, demo, adapters list|load|unload (thin: parse, call,
+print)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from loraplex.runtime.server.profiles import PROFILES
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
     _register_serve(commands)
     _register_generate(commands)
+    _register_classify(commands)
     _register_admin(adapter_commands)
     demo = commands.add_parser("demo", help="the main job: train, export, serve, query and hot-swap the demo tasks")
     demo.add_argument("--out", type=Path, default=None,
@@ -149,9 +151,25 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     output.add_argument("--choice", action="append", help="output constraint: one of these strings (repeat it)")
     output.add_argument("--no-default-output", action="store_true",
                         help="free text: do not apply the adapter's default output contract")
+    generate.add_argument("--logprobs", type=int, default=None, metavar="K",
+                          help="each token's log-probability and K alternatives (with --json)")
+    generate.add_argument("--n", type=int, default=0, help="samples of the prompt (printed one per line)")
     generate.add_argument("--stream", action="store_true", help="print text as it decodes")
     generate.add_argument("--json", action="store_true", help="print the whole response as JSON")
     generate.set_defaults(func=_generate)
+
+
+def _register_classify(commands: argparse._SubParsersAction) -> None:
+    classify = commands.add_parser("classify", help="every label's probability for a prompt (a label task's adapter)")
+    _add_target(classify)
+    classify.add_argument("--adapter", default="", help="adapter name (its output contract's choices are the labels)")
+    source = classify.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw prompt text")
+    source.add_argument("--input", action="append", metavar="KEY=VALUE", help="task field for the adapter's template")
+    classify.add_argument("--label", action="append", default=[], help="a label to score (repeat it; default: the "
+                          "adapter's choice contract)")
+    classify.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    classify.set_defaults(func=_classify)
 
 
 def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
@@ -275,21 +293,56 @@ def _rpc(call) -> int:
         return 2
 
 
+def _inputs(items: list[str] | None) -> dict[str, str] | None:
+    """--input KEY=VALUE items as a dict (ValueError naming a malformed one)."""
+    if not items:
+        return None
+    inputs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--input {item!r}: use KEY=VALUE")
+        inputs[key] = value
+    return inputs
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    try:
+        inputs = _inputs(args.input)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    def run() -> None:
+        with _client(args) as client:
+            response = client.classify(args.adapter, args.prompt, inputs, labels=args.label)
+            if args.json:
+                print(json.dumps(MessageToDict(response), indent=2))
+                return
+            width = max(len(repr(x.label)) for x in response.labels)
+            for x in response.labels:
+                print(f"{x.label!r:<{width}}  {x.probability:.4f}")
+
+    return _rpc(run)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    inputs = None
-    if args.input:
-        inputs = {}
-        for item in args.input:
-            key, sep, value = item.partition("=")
-            if not sep:
-                print(f"--input {item!r}: use KEY=VALUE", file=sys.stderr)
-                return 2
-            inputs[key] = value
+    try:
+        inputs = _inputs(args.input)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, regex=args.regex, json_schema=args.json_schema,
-                  grammar=args.grammar, choice=args.choice, no_default_output=args.no_default_output)
+                  grammar=args.grammar, choice=args.choice, no_default_output=args.no_default_output,
+                  logprobs=args.logprobs, n=args.n)
+    if args.stream and args.n > 1:
+        print("--stream prints one sample: drop --n or --stream", file=sys.stderr)
+        return 2
 
     def run() -> None:
         with _client(args) as client:
@@ -301,6 +354,9 @@ def _generate(args: argparse.Namespace) -> int:
             response = client.generate(args.adapter, args.prompt, inputs, **params)
             if args.json:
                 print(json.dumps(MessageToDict(response), indent=2))
+            elif response.samples:
+                for sample in response.samples:
+                    print(sample.text)
             else:
                 print(response.text)
 

@@ -68,3 +68,28 @@ def test_the_demo_commands_run_the_demos_with_their_options(monkeypatch, tmp_pat
     assert main(["demo"]) == 0
     assert main(["demo", "--real"]) == 0
     assert calls == [("demo", tmp_path), ("demo", Path("artifacts/demo")), ("real", Path("artifacts/demo-real"))]
+
+
+def test_classify_prints_each_labels_probability(server, capsys):
+    labels = ["yes", "no", "maybe so"]
+    with server.client() as client:
+        want = client.classify("alpha", "Review: fine\nSentiment:", labels=labels)
+    assert main(["classify", "--target", server.target, "--adapter", "alpha", "--prompt", "Review: fine\nSentiment:",
+                 *[a for label in labels for a in ("--label", label)]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(None, 1)[1] for line in lines] == [f"{x.probability:.4f}" for x in want.labels]
+    assert [line.rsplit(None, 1)[0] for line in lines] == [repr(x.label) for x in want.labels]
+    assert main(["classify", "--target", server.target, "--adapter", "beta", "--prompt", "hi"]) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_generate_samples_and_logprobs(server, capsys):
+    base = ["generate", "--target", server.target, "--adapter", "gamma", "--prompt", "hi", "--max-new-tokens", "4",
+            "--temperature", "1", "--seed", "9"]
+    assert main([*base, "--n", "2"]) == 0
+    with server.client() as client:
+        want = [client.generate("gamma", "hi", max_new_tokens=4, temperature=1, seed=9 + i).text for i in range(2)]
+    assert capsys.readouterr().out == "".join(text + "\n" for text in want)
+    assert main([*base, "--logprobs", "2", "--json"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert len(response["logprobs"]) == len(response["tokenIds"]) and len(response["logprobs"][0]["top"]) == 2

@@ -257,3 +257,28 @@ def test_n_samples_stream_tagged_by_index(server):
         with pytest.raises(grpc.RpcError) as raised:
             client.generate("alpha", "hi", n=17)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- the in-process API ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_process_api_scores(engine, label_package, reference):
+    from loraplex.runtime.api import LLM
+
+    with LLM(label_package, engine=engine, max_batch=4) as llm:
+        for prompt in PROMPTS[:3]:
+            scores = llm.classify(prompt, adapter="alpha")
+            assert abs(sum(x.probability for x in scores) - 1) < 1e-9
+            assert scores[0].label == llm.generate(prompt, adapter="alpha", max_new_tokens=4).text
+        reply = llm.generate(PROMPTS[1], adapter="gamma", max_new_tokens=5, logprobs=1, ignore_eos=True)
+        ids = llm.tokenize(PROMPTS[1], adapter="gamma")
+        expected = reference.logprobs("gamma", ids + reply.token_ids)[len(ids) - 1:]
+        assert [x.logprob for x in reply.logprobs] == pytest.approx(
+            [expected[i, t] for i, t in enumerate(reply.token_ids)], abs=TOLERANCE)
+        streamed = [x for chunk in llm.stream(PROMPTS[1], adapter="gamma", max_new_tokens=5, logprobs=1,
+                                              ignore_eos=True) for x in chunk.logprobs]
+        assert streamed == reply.logprobs
+        many = llm.samples(PROMPTS[0], n=3, adapter="beta", max_new_tokens=6, temperature=1.0, seed=5)
+        for i, sample in enumerate(many):
+            assert sample.token_ids == llm.generate(PROMPTS[0], adapter="beta", max_new_tokens=6, temperature=1.0,
+                                                    seed=5 + i).token_ids
