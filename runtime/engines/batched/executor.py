@@ -120,10 +120,12 @@ class BatchedExecutor(Executor):
         handle.digest = ""
 
     def _store_prefixes(self, batch: Batch, outcomes: list) -> None:
-        """Keep the full prompt blocks of a prefill's rows that ran (the blocks not cached yet)."""
+        """Keep the full prompt blocks of a prefill's rows that ran (the blocks not cached yet), and let go
+        of the cached blocks they started from (in their KV rows now)."""
         if self.prefix is None or batch.kind != "prefill":
             return
         for i, (row, outcome) in enumerate(zip(batch.rows, outcomes, strict=True)):
+            row.prefix = []
             namespace = prefix_namespace(row.job.adapter)
             if namespace is not None and not isinstance(outcome, Exception):
                 self.prefix.store(namespace, row.job.prompt_ids,
