@@ -105,6 +105,10 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                              "has no prefix cache and ignores it)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="batched engine: keep no prompt prefixes across requests (same as --prefix-cache-mib 0)")
+    parser.add_argument("--speculation", choices=("off", "lookup", "contract", "auto"), default="auto",
+                        help="batched engine: speculative decoding without a draft model: tokens drafted from the "
+                             "prompt (lookup) and the output contract (contract) are verified in the decode step, "
+                             "greedy output unchanged; auto: both, where they pay (the genai engine has none)")
     parser.add_argument("--adapter-root", type=Path, default=None,
                         help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
     parser.add_argument("--adapter-store", type=Path, action="append", default=[], metavar="DIR",
@@ -226,7 +230,7 @@ def server_config(args: argparse.Namespace, *, listening: bool = True):
         engine=args.engine, profile=args.profile, max_batch=args.max_batch, max_queue=args.max_queue,
         max_slots=args.max_slots or None, intra_op_threads=args.threads, allow_spinning=args.spin,
         memory_arena=args.arena, session_cache=args.session_cache,
-        prefix_cache_mib=0 if args.no_prefix_cache else args.prefix_cache_mib,
+        prefix_cache_mib=0 if args.no_prefix_cache else args.prefix_cache_mib, speculation=args.speculation,
         adapter_root=args.adapter_root, adapter_stores=args.adapter_store, adapter_cache_mib=args.adapter_cache_mib,
         pin=args.pin, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
         max_prompt_bytes=args.max_prompt_bytes, **ports,

@@ -6,7 +6,7 @@ One `schedule()` per engine step:
 1. rows the engine core ended (`end`: its finish policy, a cancel, a deadline) retire: the last
    row moves into each hole, so running rows are always KV rows
    `[0, n)` and a step never computes an empty row (the moves are handed to the runner);
-2. queued jobs are admitted while there are free rows, the padded prefill stays under
+2. queued jobs are admitted, in `fairness.FairQueue`'s order, while there are free rows, the padded prefill stays under
    `max_prefill_tokens`, and their adapter has (or gets) a bank slot; a job whose adapter finds
    every slot busy waits (later jobs may pass it) and one busy slot is drained for it; with a
    prefix cache (`prefix_cache`), a job whose prompt begins with cached blocks of its adapter's
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
+from loraplex.runtime.engines.batched.fairness import FairQueue
 from loraplex.runtime.engines.batched.prefix_cache import BASE, PrefixCache, adapter_namespace
 from loraplex.runtime.engines.batched.slots import SlotTable
 from loraplex.runtime.engines.core import Sample
@@ -106,7 +107,8 @@ class Scheduler:
         self.max_len = max_len
         self.max_prefill_tokens = max_prefill_tokens
         self.slots = SlotTable(max_slots)
-        self.waiting: deque[GenerationJob] = deque()
+        # Per-adapter FIFO queues taken round-robin (`fairness`): a hot adapter cannot starve a cold one.
+        self.waiting = FairQueue(max_new_adapters=max(2, max_slots // 2))
         self.running: list[Row] = []
         self.stats = SchedulerStats()
         self.prefix = prefix
@@ -200,7 +202,7 @@ class Scheduler:
             return new, fills, ended
         kept: deque[GenerationJob] = deque()
         longest = 0
-        for job in self.waiting:
+        for job in self.waiting.candidates(self.slots.evicts_none):
             adapter = job.adapter
             if isinstance(adapter, BatchedAdapter) and adapter.weights is None:
                 job.fail(EngineFailure(f"adapter {adapter.name}@{adapter.version} was unloaded before this "
@@ -226,7 +228,7 @@ class Scheduler:
             new.append(Row(job=job, slot=grant.slot, length=len(job.prompt_ids), cached=cached, prefix=prefix))
             if self.prefix is not None:
                 self.prefix.record(len(job.prompt_ids), cached)
-        self.waiting = kept
+        self.waiting.keep(kept)
         return new, fills, ended
 
     def _cached_prefix(self, job: GenerationJob) -> tuple[int, list]:

@@ -88,6 +88,10 @@ class SlotTable:
             self.draining = None
         return True
 
+    def evicts_none(self, adapter: Hashable) -> bool:
+        """Whether a row for `adapter` takes no other adapter's slot: it has one, or a never-filled slot is free."""
+        return adapter in self._slot_of or bool(self._free)
+
     def resident(self) -> dict[int, Hashable]:
         return dict(self._owner)
 
