@@ -282,3 +282,32 @@ def test_in_process_api_scores(engine, label_package, reference):
         for i, sample in enumerate(many):
             assert sample.token_ids == llm.generate(PROMPTS[0], adapter="beta", max_new_tokens=6, temperature=1.0,
                                                     seed=5 + i).token_ids
+
+
+# -- against PyTorch PEFT (torch tier: the exported tiny package and its PEFT adapters) ----------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_logprobs_equal_peft_log_softmax(engine, tiny_base, tiny_package, random_adapter_factory):
+    import torch
+    from loraplex.adapters.export.parity import TorchDecoder
+    from loraplex.runtime.api import LLM
+
+    from tests.fixtures.packages import TINY_SPEC, TINY_TEMPLATES
+
+    torch_model = TorchDecoder(tiny_base, None)
+    for name, rank, targets, seed in TINY_SPEC:  # the very adapters the package was exported from (cached)
+        torch_model.load(name, random_adapter_factory(tiny_base, name, rank, targets, seed,
+                                                      template=TINY_TEMPLATES[name]))
+    with LLM(tiny_package, engine=engine, max_batch=4) as llm:
+        for name, *_ in TINY_SPEC:
+            for prompt in PROMPTS[:2]:
+                reply = llm.generate(prompt, adapter=name, max_new_tokens=6, logprobs=3, ignore_eos=True)
+                ids = llm.tokenize(prompt, adapter=name)
+                torch_model.model.set_adapter(name)
+                with torch.no_grad():
+                    sequence = torch.tensor([ids + reply.token_ids])
+                    logits = torch_model.model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+                expected = torch.log_softmax(logits[0].double(), dim=-1).numpy()[len(ids) - 1:]
+                for i, (token, scored) in enumerate(zip(reply.token_ids, reply.logprobs, strict=True)):
+                    assert abs(scored.logprob - expected[i, token]) < TOLERANCE
+                    assert all(abs(v - expected[i, t]) < TOLERANCE for t, v in scored.top)
