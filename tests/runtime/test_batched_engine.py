@@ -520,3 +520,31 @@ def test_an_idle_engine_frees_its_kv_cache_and_the_next_requests_stay_exact(pack
         assert released.wait(WAIT_S), "the idle engine did not release its memory"
     assert runner.kv.capacity == 0 and runner.kv.keys == [] and not runner._bindings
     assert [sink.wait() for sink in [submit(engine, p, handles["alpha"])[1] for p in PROMPTS[:2]]] == expected
+
+
+def test_an_adapters_output_contract_loads_llguidance_at_its_first_constrained_request_not_at_start(
+        package, tmp_path):
+    """A package adapter with a default output contract does not make the engine load llguidance's
+    tokenizer at start (its cost stays off the start and off a server at rest); its first constrained
+    request loads it."""
+    import json
+    import shutil
+
+    from loraplex.adapters.package.output import OutputConstraint
+
+    root = tmp_path / "package"
+    shutil.copytree(package.root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["adapters"]["alpha"]["output"] = {"kind": "choice", "spec": ["yes", "no"]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    engine = BatchedEngine(Package.open(root), intra_op_threads=2, max_batch=2)
+    try:
+        assert engine.runner._guidance is None
+        handle = load(engine, root, "alpha", "1", package.adapters["alpha"])
+        choice = OutputConstraint("choice", ("yes", "no"))
+        _, sink = submit(engine, PROMPTS[0], handle, max_new_tokens=4, constraint=choice)
+        sink.wait()
+        assert engine.runner.guidance_ready() and engine.runner.guidance_error() is None
+        assert sink.finish == FinishReason.STOP
+    finally:
+        engine.close()

@@ -87,15 +87,14 @@ class ModelRunner:
         self._package_root = package.root
         self._guidance: Future[Guidance] | None = None
         self._guidance_lock = threading.Lock()
-        if any(entry.output for entry in package.manifest.adapters.values()):
-            self.want_guidance()  # the package's own adapters constrain their replies: load it now
 
     def want_guidance(self) -> Future[Guidance]:
         """llguidance's view of the tokenizer, loading on the helper thread from the first call on.
 
-        Loaded only when something needs it (a package adapter with an output contract, or the first
-        constrained request): it costs ~0.3 s of CPU and ~19 MiB (49k vocabulary), which a server
-        whose requests are never constrained does not pay."""
+        Loaded by the first constrained request (an adapter's default output contract included), which
+        waits for it (the engine's other rows go on): it costs ~0.2 s of CPU, holding the GIL, and
+        ~19 MiB (49k vocabulary), which neither a start nor a server whose requests are never
+        constrained pays."""
         with self._guidance_lock:
             if self._guidance is None:
                 self._guidance = self._masks.submit(Guidance, self._package_root / TOKENIZER_FILE,
