@@ -32,16 +32,20 @@ def build_engine(package: Package, engine: EngineName, *, device: str, provider:
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
                  memory_arena: bool = True, session_cache: bool = True,
                  prefix_cache_bytes: int | None = None,
-                 adapter_cache_bytes: int | None = None) -> Engine:
+                 adapter_cache_bytes: int | None = None, speculation: str = "auto") -> Engine:
     """The named engine on `package` (blocking: loads the model). The thread and arena options are the
     batched engine's (onnxruntime-genai takes its session options from the package's genai_config.json);
-    `adapter_cache_bytes` bounds both engines' host copies of adapters (None: `adapter_cache.default_budget`)."""
+    `adapter_cache_bytes` bounds both engines' host copies of adapters (None: `adapter_cache.default_budget`);
+    `speculation` is the batched engine's (onnxruntime-genai runs one token per step: drafts cannot be verified)."""
     if engine == "genai":
         from loraplex.runtime.engines.genai import GenaiEngine
 
         if prefix_cache_bytes:
             log.info("the genai engine keeps no KV across requests (onnxruntime-genai has no prefix cache): "
                      "the prefix cache setting is ignored; --engine batched has one")
+        if speculation not in ("auto", "off"):
+            log.info("the genai engine cannot verify drafted tokens (onnxruntime-genai decodes one token per "
+                     "step): --speculation %s is ignored; --engine batched has speculative decoding", speculation)
 
         return GenaiEngine(package, device=device, provider=provider, max_batch=max_batch,
                            adapter_cache_bytes=adapter_cache_bytes)
@@ -51,4 +55,5 @@ def build_engine(package: Package, engine: EngineName, *, device: str, provider:
 
     return BatchedEngine(package, device=device, provider=provider, max_batch=max_batch, max_slots=max_slots,
                          intra_op_threads=intra_op_threads, allow_spinning=allow_spinning, memory_arena=memory_arena,
-                         session_cache=session_cache, **prefix, adapter_cache_bytes=adapter_cache_bytes)
+                         session_cache=session_cache, **prefix, adapter_cache_bytes=adapter_cache_bytes,
+                         speculation=speculation)

@@ -40,6 +40,10 @@ from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.adapters.package.output import OutputConstraint
 from loraplex.runtime.errors import InvalidRequest
 
+# Speculative decoding (the batched engine): drafts from the prompt (`lookup`), from the output
+# contract (`contract`), both where they pay (`auto`), or none (`off`).
+SPECULATION_MODES = ("off", "lookup", "contract", "auto")
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"

@@ -28,14 +28,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines import build_engine, resolve_engine
-from loraplex.runtime.engines.base import Engine, SamplingParams
+from loraplex.runtime.engines.base import SPECULATION_MODES, Engine, SamplingParams
 from loraplex.runtime.engines.heap import limit_heap_arenas
+from loraplex.runtime.server.adapter_metrics import watch_adapter_cache
 from loraplex.runtime.server.adapter_store import AdapterSource, AdapterStores, DirectoryStore
 from loraplex.runtime.server.auth import AuthScope, BearerAuth
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.profiles import get_profile
-from loraplex.runtime.server.registry import AdapterRegistry
+from loraplex.runtime.server.registry import AdapterRegistry, adapter_cache
 from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServicer
 from loraplex.runtime.server.status import ServingInterceptor
 from loraplex.runtime.server.tokenizer import open_tokenizer
@@ -119,6 +120,9 @@ class ServerConfig:
     # Batched engine: MiB for the KV of prompt prefixes kept across requests (per adapter version's weights;
     # 0 = off, None = 64). The genai engine has no prefix cache: a value given there is ignored (logged).
     prefix_cache_mib: float | None = None
+    # Batched engine: speculative decoding, drafts verified in the decode step (`auto`: prompt lookup and
+    # the output contract where they pay; `lookup`, `contract`: one source; `off`). The genai engine has none.
+    speculation: str = "auto"
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     # Where a request's adapter that is not loaded is found on first use (directories, or any
     # `AdapterSource`); with any, the package's own adapters/ is the first store. Empty: none.
@@ -156,6 +160,8 @@ class ServerConfig:
             raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
         if self.adapter_cache_mib is not None and self.adapter_cache_mib < 0:
             raise ValueError("adapter_cache_mib must be >= 0 (0: no host copies of adapters no request uses)")
+        if self.speculation not in SPECULATION_MODES:
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)} (got {self.speculation!r})")
         if self.prefix_cache_mib is not None and self.prefix_cache_mib < 0:
             raise ValueError("prefix_cache_mib must be >= 0 (0: no prefix cache)")
         if self.intra_op_threads < 0:
@@ -167,7 +173,8 @@ class ServerConfig:
                     intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning,
                     memory_arena=self.memory_arena, session_cache=self.session_cache,
                     prefix_cache_bytes=None if self.prefix_cache_mib is None else int(self.prefix_cache_mib * 2**20),
-                    adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB))
+                    adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB),
+                    speculation=self.speculation)
 
 
 @dataclass
@@ -333,6 +340,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
                 raise outcome
         registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir),
                                    adapter_stores(config, package), set(config.pin))
+        watch_adapter_cache(metrics, adapter_cache(engine))
         service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
                                     max_batch=config.max_batch, max_queue=config.max_queue,
                                     max_prompt_bytes=max_prompt_bytes(config, package))
@@ -343,6 +351,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
             await registry.ensure(name)
         metrics.loaded_adapters.set(len(registry.names()))
         metrics.watch_prefix_cache(getattr(engine, "prefix_cache", None))
+        metrics.watch_speculation(getattr(getattr(engine, "runner", None), "speculator", None))
         if config.warmup:
             await _warm_up(service, registry.names() if config.warm_adapters else [])
     except BaseException:

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.prefix_cache import PrefixCache
+    from loraplex.runtime.engines.batched.speculation import Speculator
     from loraplex.runtime.server.app import ServerTLS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -70,6 +71,11 @@ class ServerMetrics:
         if cache is not None:
             self.registry.register(_PrefixCacheCollector(cache))
 
+    def watch_speculation(self, speculator: Speculator | None) -> None:
+        """Export the batched engine's drafted and accepted tokens per adapter (nothing without it)."""
+        if speculator is not None:
+            self.registry.register(_SpeculationCollector(speculator))
+
     def serve(self, port: int, host: str = "127.0.0.1", tls: ServerTLS | None = None):
         """Start the HTTP(S) exporter; returns (server, bound port)."""
         secure = {}
@@ -106,3 +112,21 @@ class _PrefixCacheCollector:
         yield GaugeMetricFamily("loraplex_prefix_cache_bytes", "Bytes of KV the prefix cache holds", value=cache.bytes)
         yield GaugeMetricFamily("loraplex_prefix_cache_capacity_bytes", "The prefix cache's byte bound",
                                 value=cache.max_bytes)
+
+
+class _SpeculationCollector:
+    """Speculative decoding's draft counts per adapter, read at each scrape (the engine thread writes them)."""
+
+    def __init__(self, speculator: Speculator):
+        self._speculator = speculator
+
+    def collect(self):
+        drafted = CounterMetricFamily("loraplex_draft_tokens", "Drafted tokens verified by speculative decoding, "
+                                      "by adapter", labels=["adapter"])
+        accepted = CounterMetricFamily("loraplex_draft_accepted_tokens", "Drafted tokens the model accepted "
+                                       "(each saves a decode step), by adapter", labels=["adapter"])
+        for name, (verified, kept) in list(self._speculator.by_adapter.items()):
+            drafted.add_metric([name], verified)
+            accepted.add_metric([name], kept)
+        yield drafted
+        yield accepted

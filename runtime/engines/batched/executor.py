@@ -50,7 +50,7 @@ class BatchedExecutor(Executor):
     """Per-row adapters on onnxruntime's CPU execution provider: a scheduler and a model runner."""
 
     def __init__(self, package: Package, *, max_batch: int, max_slots: int,
-                 session: SessionSettings, prefix_cache_bytes: int = 0,
+                 session: SessionSettings, prefix_cache_bytes: int = 0, speculation: str = "auto",
                  adapter_cache_bytes: int | None = None):
         config = package.config
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
@@ -58,7 +58,8 @@ class BatchedExecutor(Executor):
         self._digests_lock = threading.Lock()  # loads run on the registry's threads, unloads on the engine's
         self.scheduler = Scheduler(max_batch=max_batch, max_slots=max_slots, max_len=config.context_length,
                                    prefix=self.prefix)
-        self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots, session=session)
+        self.runner = ModelRunner(package, max_batch=max_batch, max_slots=max_slots, session=session,
+                                  speculation=speculation)
         self._inputs = package.lora_inputs
         self.cache = HostCache(adapter_cache_bytes, reload=self._reload, drop=self._drop)
         self.holds = JobHolds(self.cache)
@@ -219,6 +220,9 @@ class BatchedEngine(EngineCore):
         a step gathers one slot per row whatever the bank size.
     prefix_cache_bytes: the prefix cache's bound (`prefix_cache`: prompt prefixes' KV kept across requests,
         per adapter version's weights; 0 = off).
+    speculation: which drafts decode steps verify (`speculation.MODES`): "auto" (the default) drafts
+        from the prompt (lookup) and from the output contract where the cost model says it pays,
+        "lookup" or "contract" from one source only, "off" never (one token per row and step).
     intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
         `session.SessionSettings`; the cache is made at the first start on a machine).
     """
@@ -228,7 +232,8 @@ class BatchedEngine(EngineCore):
     def __init__(self, package: Package, *, device: str = "cpu", provider: str | None = None, max_batch: int = 16,
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
                  memory_arena: bool = True, session_cache: bool = True,
-                 prefix_cache_bytes: int = DEFAULT_MIB * MIB, adapter_cache_bytes: int | None = None):
+                 prefix_cache_bytes: int = DEFAULT_MIB * MIB, adapter_cache_bytes: int | None = None,
+                 speculation: str = "auto"):
         if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
             raise DeviceUnavailable(
                 f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
@@ -236,7 +241,7 @@ class BatchedEngine(EngineCore):
             )
         settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
         executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch,
-                                   session=settings, prefix_cache_bytes=prefix_cache_bytes,
+                                   session=settings, prefix_cache_bytes=prefix_cache_bytes, speculation=speculation,
                                    adapter_cache_bytes=adapter_cache_bytes)
         self.scheduler, self.runner = executor.scheduler, executor.runner
         self.prefix_cache = executor.prefix  # None when off

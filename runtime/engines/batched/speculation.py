@@ -37,17 +37,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from loraplex.runtime.engines.base import SamplingParams
+from loraplex.runtime.engines.base import SPECULATION_MODES, SamplingParams
 from loraplex.runtime.engines.batched.sampling import NonFiniteLogits, RowSampler
 from loraplex.runtime.engines.guidance import RowConstraint
 
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.scheduler import Row
 
-# (adapter name or "" for the base model, drafts verified, drafts accepted), once per step and adapter
-Observer = Callable[[str, int, int], None]
-
-MODES = ("off", "lookup", "contract", "auto")
+MODES = SPECULATION_MODES
 MAX_DRAFT = 6  # drafts per row and step (the verification feeds up to this many more tokens)
 MAX_NGRAM = 3
 MIN_NGRAM = 2  # a single matching token proposes too often, and too often wrongly
@@ -399,13 +396,15 @@ class Speculator:
     """The runner's side of speculative decoding: a drafter per new row, each decode step's drafts
     (`StepCost.plan` keeps those that pay), the outcome recorded (drafters, cost model, counts)."""
 
-    def __init__(self, mode: str, max_len: int, observer: Observer | None = None):
+    def __init__(self, mode: str, max_len: int):
         self.mode = check_mode(mode)
         self.max_len = max_len
         self.cost = StepCost()
-        self.observer = observer
         self.drafted = 0  # drafts verified, all rows
         self.accepted = 0
+        # adapter name ("" = the base model) -> [drafts verified, accepted]; written by the engine
+        # thread, read by metrics scrapes
+        self.by_adapter: dict[str, list[int]] = {}
 
     def start(self, row: Row) -> None:
         """Give a row starting its prefill (its sampler made) its drafter, if it may draft."""
@@ -451,8 +450,9 @@ class Speculator:
         for name, (drafted, accepted) in counts.items():
             self.drafted += drafted
             self.accepted += accepted
-            if self.observer is not None:
-                self.observer(name, drafted, accepted)
+            total = self.by_adapter.setdefault(name, [0, 0])
+            total[0] += drafted
+            total[1] += accepted
 
 
 def timed(run: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
