@@ -186,8 +186,9 @@ class Client:
     def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
         return list(self.adapters.List(adapters_pb2.ListAdaptersRequest(), **self.options()).adapters)
 
-    def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
-        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
+    def load_adapter(self, name: str, path: str, version: str = "", pin: bool = False
+                     ) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version, pin=pin)
         return self.adapters.Load(request, **self.options(admin=True))
 
     def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:
@@ -248,8 +249,9 @@ class AsyncClient:
     async def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
         return list((await self.adapters.List(adapters_pb2.ListAdaptersRequest(), **self.options())).adapters)
 
-    async def load_adapter(self, name: str, path: str, version: str = "") -> adapters_pb2.AdapterInfo:
-        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version)
+    async def load_adapter(self, name: str, path: str, version: str = "", pin: bool = False
+                     ) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.LoadAdapterRequest(name=name, path=str(path), version=version, pin=pin)
         return await self.adapters.Load(request, **self.options(admin=True))
 
     async def unload_adapter(self, name: str, no_wait: bool = False) -> adapters_pb2.UnloadAdapterResponse:

@@ -189,6 +189,7 @@ def _register_admin(adapter_commands: argparse._SubParsersAction) -> None:
     load.add_argument("name")
     load.add_argument("path", help=".onnx_adapter file under the server's adapter root")
     load.add_argument("--version", default="")
+    load.add_argument("--pin", action="store_true", help="keep it in host memory whatever --adapter-cache-mib")
     load.set_defaults(func=_adapters_load)
     unload = adapter_commands.add_parser("unload", help="unload an adapter from a running server")
     admin(unload)
@@ -372,7 +373,8 @@ def _adapters_list(args: argparse.Namespace) -> int:
         with _client(args) as client:
             for info in client.list_adapters():
                 print(f"{info.name}\tversion={info.version}\trank={info.rank}\tserved={info.requests_served}"
-                      f"\tsize={info.size_bytes}")
+                      f"\tsize={info.size_bytes}\ttier={info.tier or '-'}\tloads={info.loads}"
+                      f"\tevictions={info.evictions}{chr(9) + 'pinned' if info.pinned else ''}")
 
     return _rpc(run)
 
@@ -380,7 +382,7 @@ def _adapters_list(args: argparse.Namespace) -> int:
 def _adapters_load(args: argparse.Namespace) -> int:
     def run() -> None:
         with _client(args) as client:
-            info = client.load_adapter(args.name, args.path, args.version)
+            info = client.load_adapter(args.name, args.path, args.version, pin=args.pin)
             print(f"loaded {info.name} version {info.version}")
 
     return _rpc(run)

@@ -72,7 +72,8 @@ class Residency:
 # `registered` (else discarding it); returns its bytes.
 Reload = Callable[[AdapterHandle], int]
 Drop = Callable[[AdapterHandle], Callable[[], None] | None]  # drop the host copy (under the lock)
-Observer = Callable[[str, str], None]  # (adapter name, "slot_hit" | "host_hit" | "miss")
+# (adapter name, event): "slot", "host" or "disk" (where a job found it: disk is a miss), or "evicted".
+Observer = Callable[[str, str], None]
 
 
 class HostCache:
@@ -162,7 +163,7 @@ class HostCache:
                 return None
             self._holders[handle].add(job)
             self._held[job] = handle
-            outcome = "slot_hit" if state.tier == SLOT else "host_hit" if state.tier == HOST else "miss"
+            outcome = state.tier if state.tier in (SLOT, HOST) else DISK
             if state.tier == SLOT:
                 state.slot_hits += 1
             elif state.tier == HOST:
@@ -219,6 +220,7 @@ class HostCache:
     def _enforce(self) -> None:
         """Drop the least recently used host copies nobody holds until the copies fit the budget."""
         after: list[Callable[[], None]] = []
+        evicted: list[str] = []
         with self.lock:
             for handle in list(self._lru):
                 if self.bytes <= self.budget:
@@ -233,6 +235,10 @@ class HostCache:
                 state.tier = DISK
                 state.evictions += 1
                 self.bytes -= state.nbytes
+                evicted.append(handle.name)
+        if self.observer is not None:
+            for name in evicted:
+                self.observer(name, "evicted")
         for finish in after:
             try:
                 finish()

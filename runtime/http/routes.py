@@ -33,7 +33,7 @@ from loraplex.runtime.server import fanout
 from loraplex.runtime.server.auth import BearerAuth
 from loraplex.runtime.server.generation import GenerationResult, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
-from loraplex.runtime.server.registry import BASE_NAME
+from loraplex.runtime.server.registry import BASE_NAME, residency
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
 from loraplex.runtime.server.tokenizer import ChatTemplateError
 from loraplex.runtime.server.validation import request_id as checked_request_id
@@ -148,8 +148,12 @@ def _cards(state: HttpState) -> list[dict[str, Any]]:
     cards = [translation.model_card(state.base_id, state.created, version="base")]
     for v in registry.versions():
         fields = v.template.prompt_fields if v.template is not None else ()
-        cards.append(translation.model_card(v.name, state.created, version=v.version, parent=state.base_id,
-                                            fields=fields, output=v.output.to_dict() if v.output else None))
+        card = translation.model_card(v.name, state.created, version=v.version, parent=state.base_id,
+                                      fields=fields, output=v.output.to_dict() if v.output else None)
+        if (where := residency(registry.engine, v)) is not None:  # loraplex's: where its weights are
+            card["residency"] = {"tier": where.tier, "host_bytes": where.nbytes, "loads": where.loads,
+                                 "evictions": where.evictions, "pinned": where.pinned}
+        cards.append(card)
     return cards
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from loraplex.adapters.package.manifest import Accuracy, Manifest
 from loraplex.adapters.package.output import OutputConstraint
+from loraplex.runtime.engines.adapter_cache import Residency
 from loraplex.runtime.engines.base import FinishReason, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, ShuttingDown, status_name
 from loraplex.runtime.server import fanout
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult, GenerationService
 from loraplex.runtime.server.metrics import ServerMetrics
-from loraplex.runtime.server.registry import AdapterVersion
+from loraplex.runtime.server.registry import AdapterVersion, residency
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
 from loraplex.runtime.server.validation import (
     adapter_version,
@@ -173,15 +174,18 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer, _Ready):
         self.precision = precision
 
     async def List(self, request, context):
-        versions = self.ready().registry.versions()
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(v, self.precision) for v in versions])
+        registry = self.ready().registry
+        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(v, self.precision,
+                                                                        residency(registry.engine, v))
+                                                           for v in registry.versions()])
 
     async def Load(self, request, context):
         with self._counted("load"):
             registry = self.ready().registry
-            version = await registry.load(request.name, request.path, adapter_version(request.version) or None)
+            version = await registry.load(request.name, request.path, adapter_version(request.version) or None,
+                                          pin=request.pin)
             self.metrics.loaded_adapters.set(len(registry.names()))
-        return adapter_info(version, self.precision)
+        return adapter_info(version, self.precision, residency(registry.engine, version))
 
     async def Unload(self, request, context):
         with self._counted("unload"):
@@ -209,7 +213,8 @@ def _accuracy(a: Accuracy, precision: str) -> adapters_pb2.TaskAccuracy:
                                      base=a.base[a.metric], examples=a.examples, precision=precision)
 
 
-def adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
+def adapter_info(v: AdapterVersion, precision: str, where: Residency | None = None) -> adapters_pb2.AdapterInfo:
+    """`where`: its tier and what it cost (unset fields: an engine without a host cache)."""
     info = adapters_pb2.AdapterInfo(
         name=v.name,
         version=v.version,
@@ -227,6 +232,10 @@ def adapter_info(v: AdapterVersion, precision: str) -> adapters_pb2.AdapterInfo:
         info.accuracy.CopyFrom(_accuracy(v.accuracy, precision))
     if v.output is not None:
         info.output.CopyFrom(output_message(v.output))
+    if where is not None:
+        info.tier, info.host_bytes, info.loads, info.evictions = where.tier, where.nbytes, where.loads, where.evictions
+        info.pinned, info.slot_hits, info.host_hits, info.misses = where.pinned, where.slot_hits, where.host_hits, \
+            where.misses
     return info
 
 

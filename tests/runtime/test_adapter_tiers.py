@@ -101,3 +101,32 @@ def test_a_file_changed_after_its_copy_was_dropped_fails_only_its_request(server
             client.generate("delta", PROMPT, max_new_tokens=2)
         assert "changed since it was loaded" in err.value.details()
         assert len(client.generate("alpha", PROMPT, max_new_tokens=2).token_ids) == 2
+
+
+def test_list_models_and_metrics_show_each_adapters_tier(server_factory, adapter_root):
+    import json
+    import urllib.request
+
+    server = server_factory(adapter_root=adapter_root, adapter_cache_mib=0, max_slots=1, http_port=0)
+    with server.client() as client:
+        client.generate("alpha", PROMPT, max_new_tokens=2)
+        client.generate("beta", PROMPT, max_new_tokens=2)  # alpha leaves the slot and is dropped
+        client.generate("alpha", PROMPT, max_new_tokens=2)  # a miss: read again
+        pinned = client.load_adapter("delta", "alpha_half.onnx_adapter", pin=True)
+        listed = {a.name: a for a in client.list_adapters()}
+    assert pinned.pinned and pinned.tier == "host" and pinned.loads == 1 and pinned.host_bytes > 0
+    alpha, beta = listed["alpha"], listed["beta"]
+    assert alpha.loads >= 2 and alpha.evictions >= 1 and alpha.misses >= 1 and alpha.host_bytes > 0
+    assert beta.tier == "disk" and beta.evictions >= 1 and not beta.pinned
+    if server.config.engine == "batched":
+        assert alpha.tier == "slot"
+    with urllib.request.urlopen(f"{server.running.http.url}/v1/models", timeout=30) as response:
+        cards = {card["id"]: card for card in json.load(response)["data"]}
+    assert cards["beta"]["residency"] == {"tier": "disk", "host_bytes": beta.host_bytes, "loads": beta.loads,
+                                          "evictions": beta.evictions, "pinned": False}
+    assert cards["delta"]["residency"]["pinned"] is True
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    assert f'loraplex_adapter_lookups_total{{adapter="alpha",tier="disk"}} {float(alpha.misses)}' in text
+    assert f'loraplex_adapter_evictions_total{{adapter="beta"}} {float(beta.evictions)}' in text
+    assert "loraplex_adapter_cache_budget_bytes 0.0" in text

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"4\n\x0ePromptTemplate\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"s\n\x0cTaskAccuracy\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x0f\n\x07package\x18\x02 \x01(\x01\x12\x0f\n\x07pytorch\x18\x03 \x01(\x01\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\"|\n\x10OutputConstraint\x12\x0f\n\x05regex\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.loraplex.v1.ChoiceH\x00\x42\x06\n\x04kind\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xad\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12-\n\x08template\x18\x06 \x01(\x0b\x32\x1b.loraplex.v1.PromptTemplate\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12+\n\x08\x61\x63\x63uracy\x18\n \x01(\x0b\x32\x19.loraplex.v1.TaskAccuracy\x12-\n\x06output\x18\x0b \x01(\x0b\x32\x1d.loraplex.v1.OutputConstraint\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"A\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"5\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07no_wait\x18\x02 \x01(\x08\"O\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x32\xeb\x01\n\x08\x41\x64\x61pters\x12K\n\x04List\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x41\n\x04Load\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12O\n\x06Unload\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"4\n\x0ePromptTemplate\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"s\n\x0cTaskAccuracy\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x0f\n\x07package\x18\x02 \x01(\x01\x12\x0f\n\x07pytorch\x18\x03 \x01(\x01\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\"|\n\x10OutputConstraint\x12\x0f\n\x05regex\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.loraplex.v1.ChoiceH\x00\x42\x06\n\x04kind\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb7\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12-\n\x08template\x18\x06 \x01(\x0b\x32\x1b.loraplex.v1.PromptTemplate\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x11\n\tin_flight\x18\t \x01(\x05\x12+\n\x08\x61\x63\x63uracy\x18\n \x01(\x0b\x32\x19.loraplex.v1.TaskAccuracy\x12-\n\x06output\x18\x0b \x01(\x0b\x32\x1d.loraplex.v1.OutputConstraint\x12\x0c\n\x04tier\x18\x0c \x01(\t\x12\x12\n\nhost_bytes\x18\r \x01(\x03\x12\r\n\x05loads\x18\x0e \x01(\x04\x12\x11\n\tevictions\x18\x0f \x01(\x04\x12\x0e\n\x06pinned\x18\x10 \x01(\x08\x12\x11\n\tslot_hits\x18\x11 \x01(\x04\x12\x11\n\thost_hits\x18\x12 \x01(\x04\x12\x0e\n\x06misses\x18\x13 \x01(\x04\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"N\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03pin\x18\x04 \x01(\x08\"5\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07no_wait\x18\x02 \x01(\x08\"O\n\x15UnloadAdapterResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0frequests_served\x18\x03 \x01(\x04\x32\xeb\x01\n\x08\x41\x64\x61pters\x12K\n\x04List\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x41\n\x04Load\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12O\n\x06Unload\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHOICE']._serialized_start=340
   _globals['_CHOICE']._serialized_end=365
   _globals['_ADAPTERINFO']._serialized_start=368
-  _globals['_ADAPTERINFO']._serialized_end=669
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=671
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=692
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=694
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=760
-  _globals['_LOADADAPTERREQUEST']._serialized_start=762
-  _globals['_LOADADAPTERREQUEST']._serialized_end=827
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=829
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=882
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=884
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=963
-  _globals['_ADAPTERS']._serialized_start=966
-  _globals['_ADAPTERS']._serialized_end=1201
+  _globals['_ADAPTERINFO']._serialized_end=807
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=809
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=830
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=832
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=898
+  _globals['_LOADADAPTERREQUEST']._serialized_start=900
+  _globals['_LOADADAPTERREQUEST']._serialized_end=978
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=980
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1033
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1035
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1114
+  _globals['_ADAPTERS']._serialized_start=1117
+  _globals['_ADAPTERS']._serialized_end=1352
 # @@protoc_insertion_point(module_scope)
