@@ -39,7 +39,6 @@ import random
 import shutil
 import tempfile
 import threading
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from loraplex.runtime.engines import devices
 from loraplex.runtime.engines.adapter_cache import DISK, HostCache, JobHolds, reread
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob, SamplingParams
 from loraplex.runtime.engines.core import EngineCore, Executor, Sample, StepResult
+from loraplex.runtime.engines.fairness import FairQueue
 from loraplex.runtime.engines.guidance import Guidance, RowConstraint
 from loraplex.runtime.engines.logprobs import token_logprobs
 from loraplex.runtime.errors import AdapterIncompatible, ConstraintUnsupported, LoraplexError
@@ -113,7 +113,8 @@ class GenaiExecutor(Executor):
         # One onnxruntime-genai call at a time. First come, first served: with a plain Lock the engine
         # thread, which takes it again right after each token, starved a Load for seconds.
         self._og_lock = FairLock()
-        self._pending: deque[GenerationJob] = deque()
+        # Per-adapter FIFO queues taken round-robin (`fairness`, as the batched scheduler's; no slots here).
+        self._pending = FairQueue(max_new_adapters=self.max_batch)
         self._running: dict[GenerationJob, _Running] = {}
         # An og.Adapters entry is the host tier (memory-mapped from its file on CPU): dropped when the
         # cache is over budget, loaded again when a job needs it.
@@ -252,11 +253,15 @@ class GenaiExecutor(Executor):
 
     def step(self) -> StepResult:
         result = StepResult()
-        while self._pending and len(self._running) < self.max_batch:
-            job = self._pending.popleft()
-            if not self._start(job):
-                result.released.append(job)
-                self.cache.release_job(job)
+        if self._pending and len(self._running) < self.max_batch:
+            kept = []
+            for job in self._pending.candidates(lambda adapter: True):
+                if len(self._running) >= self.max_batch:
+                    kept.append(job)
+                elif not self._start(job):
+                    result.released.append(job)
+                    self.cache.release_job(job)
+            self._pending.keep(kept)
         result.samples = [self._advance(run) for run in list(self._running.values())]
         return result
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from loraplex.runtime.engines.base import GenerationJob, SamplingParams
-from loraplex.runtime.engines.batched.fairness import FairQueue
 from loraplex.runtime.engines.batched.scheduler import BatchedAdapter, Scheduler
+from loraplex.runtime.engines.fairness import FairQueue
 
 
 class Sink:

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Literal
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
 from loraplex.runtime.engines.base import AdapterHandle, GenerationJob
-from loraplex.runtime.engines.batched.fairness import FairQueue
 from loraplex.runtime.engines.batched.prefix_cache import BASE, PrefixCache, adapter_namespace
 from loraplex.runtime.engines.batched.slots import SlotTable
 from loraplex.runtime.engines.core import Sample
+from loraplex.runtime.engines.fairness import FairQueue
 from loraplex.runtime.errors import EngineFailure
 
 if TYPE_CHECKING:
