@@ -57,6 +57,26 @@ def test_the_byte_bound_evicts_the_least_recently_used_and_a_chain_keeps_its_fir
     assert len(cache.match(BASE, first + [9, 9, 9, 9])) == 3 and cache.bytes <= 4 * BLOCK_BYTES
 
 
+def test_prompts_seen_once_evict_each_other_before_a_template_that_served_again():
+    cache = PrefixCache(max_bytes=5 * BLOCK_BYTES, block_tokens=B)
+    template = list(range(100, 108))
+    cache.store(BASE, template, _read(template))
+    assert len(cache.match(BASE, template + [1])) == 2  # served again: protected
+    for seed in range(10):  # one-off prompts, each two blocks, more than the cache holds
+        once = [1000 + 10 * seed + i for i in range(8)]
+        cache.store(BASE, once, _read(once))
+        assert cache.bytes <= 5 * BLOCK_BYTES
+    assert _tokens(cache.match(BASE, template + [2])) == template
+    assert len(cache.match(BASE, once)) == 2  # the latest one-off prompt is still there (probation)
+    assert cache.stats.evicted_blocks == 22 - 5
+    for seed in range(3):  # more templates served again: the protected segment keeps to its share (80%)
+        other = [2000 + 10 * seed + i for i in range(8)]
+        cache.store(BASE, other, _read(other))
+        assert len(cache.match(BASE, other)) == 2
+        protected = sum(block.nbytes for block in cache._blocks.values() if block.protected)
+        assert protected <= 0.8 * 5 * BLOCK_BYTES and cache.bytes <= 5 * BLOCK_BYTES
+
+
 def test_a_chain_is_not_stored_past_a_block_it_would_evict_from_itself():
     cache = PrefixCache(max_bytes=2 * BLOCK_BYTES, block_tokens=B)
     prompt = list(range(16))

@@ -9,9 +9,14 @@ whatever the fields that follow it, and two adapters (or two versions of one nam
 weights never meet. Blocks also keep their tokens and namespace, and a match compares them, so even
 a hash collision cannot serve another prefix.
 
-Bounded by bytes, least recently used first out. A match refreshes a chain from its deepest block to
-its first, so a chain's first blocks (shared by the most prompts) are the last to go. An unloaded
-adapter's blocks are dropped (`drop`).
+Bounded by bytes, in two segments (segmented LRU): a stored block starts on probation and moves to
+the protected segment when a request starts from it, so prompts seen once (free text, one-off
+requests) evict each other before a template that serves again; the protected segment holds at most
+`PROTECTED_SHARE` of the bound (beyond, its least recently used blocks go back on probation).
+Eviction takes probation's least recently used block first. A match refreshes a chain from its
+deepest block to its first, so a chain's first blocks (shared by the most prompts) are the last to
+go, and storing a chain never evicts its own blocks. An unloaded adapter's blocks are dropped
+(`drop`).
 
 Pure Python: a block's payload is opaque here (the engine stores a copy of the KV positions and
 copies it back into a row at admission; see `runner.ModelRunner`).
@@ -30,6 +35,7 @@ import numpy as np
 BASE = "base"  # the base model's namespace; an adapter's is `adapter:<content digest>`
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_MIB = 64  # about 1400 tokens of SmolLM2-135M's KV (30 layers, 3 KV heads of 64, fp32)
+PROTECTED_SHARE = 0.8
 
 
 @dataclass(eq=False)
@@ -40,6 +46,7 @@ class Block:
     tokens: tuple[int, ...]
     payload: Any
     nbytes: int
+    protected: bool = False  # a request started from it (see the module doc)
 
 
 @dataclass
@@ -78,7 +85,10 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.bytes = 0
         self.stats = PrefixStats()
-        self._blocks: OrderedDict[bytes, Block] = OrderedDict()  # least recently used first
+        self._blocks: dict[bytes, Block] = {}
+        self._probation: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
+        self._protected: OrderedDict[bytes, None] = OrderedDict()
+        self._protected_bytes = 0
         self._by_namespace: dict[str, set[bytes]] = {}
 
     def __len__(self) -> int:
@@ -93,7 +103,7 @@ class PrefixCache:
                 break
             found.append(block)
         for block in reversed(found):  # the first blocks end up the most recently used
-            self._blocks.move_to_end(block.key)
+            self._promote(block)
         return found
 
     def record(self, prompt_tokens: int, reused: int) -> None:
@@ -117,6 +127,7 @@ class PrefixCache:
                 if not self._make_room(block.nbytes, keep={b.key for b in chain}):
                     break
                 self._blocks[key] = block
+                self._probation[key] = None
                 self._by_namespace.setdefault(namespace, set()).add(key)
                 self.bytes += block.nbytes
                 self.stats.stored_blocks += 1
@@ -124,9 +135,9 @@ class PrefixCache:
             elif block.parent != parent or block.tokens != chunk or block.namespace != namespace:
                 break  # a collision: never chain through another prefix's block
             chain.append(block)
-            self._blocks.move_to_end(key)  # not evicted for the blocks after it
+            self._refresh(block)
         for block in reversed(chain):
-            self._blocks.move_to_end(block.key)
+            self._refresh(block)
         return stored
 
     def drop(self, namespace: str) -> int:
@@ -157,17 +168,40 @@ class PrefixCache:
         if nbytes > self.max_bytes:
             return False
         while self.bytes + nbytes > self.max_bytes:
-            key = next(iter(self._blocks))
-            if key in keep:
+            key = next((k for segment in (self._probation, self._protected) for k in segment if k not in keep), None)
+            if key is None:
                 return False
             self._by_namespace[self._blocks[key].namespace].discard(key)
             self._remove(key)
             self.stats.evicted_blocks += 1
         return True
 
+    def _refresh(self, block: Block) -> None:
+        (self._protected if block.protected else self._probation).move_to_end(block.key)
+
+    def _promote(self, block: Block) -> None:
+        """A request starts from `block`: the most recently used of the protected segment."""
+        if not block.protected:
+            del self._probation[block.key]
+            self._protected[block.key] = None
+            block.protected = True
+            self._protected_bytes += block.nbytes
+        self._protected.move_to_end(block.key)
+        while self._protected_bytes > PROTECTED_SHARE * self.max_bytes:
+            key, _ = self._protected.popitem(last=False)
+            demoted = self._blocks[key]
+            demoted.protected = False
+            self._protected_bytes -= demoted.nbytes
+            self._probation[key] = None
+
     def _remove(self, key: bytes) -> None:
         block = self._blocks.pop(key, None)
         if block is not None:
             self.bytes -= block.nbytes
+            if block.protected:
+                del self._protected[key]
+                self._protected_bytes -= block.nbytes
+            else:
+                del self._probation[key]
             if not self._by_namespace.get(block.namespace):
                 self._by_namespace.pop(block.namespace, None)
