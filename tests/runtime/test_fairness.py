@@ -156,3 +156,55 @@ def test_the_scheduler_bounds_the_slots_a_step_takes_from_other_adapters():
     s.postprocess(plan.batch, [7, 7])
     plan = s.schedule()
     assert [h for _, h in plan.batch.fills] == cold[2:]
+
+
+class _FirstTokens:
+    """A proxy of a server's engine that records the order in which requests get their first token."""
+
+    def __init__(self, engine):
+        self._engine, self.order = engine, []
+
+    def submit(self, job) -> None:
+        sink, order = job.sink, self.order
+
+        class Recording:
+            def on_output(self, output) -> None:
+                if output.tokens and job.request_id not in order:
+                    order.append(job.request_id)
+                sink.on_output(output)
+
+        job.sink = Recording()
+        self._engine.submit(job)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
+def test_a_cold_request_behind_a_hot_burst_gets_the_next_free_row(server_factory):
+    """Both engines, 2 rows: 2 hot requests run, 8 more queue, then a cold one. It decodes right after
+    the 2 running ones, not after the 8 queued before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.fixtures.serving import EngineBrake, wait_until
+
+    server = server_factory(max_batch=2, max_queue=32, metrics_port=None)
+    service = server.running.service
+    with EngineBrake(server) as brake, ThreadPoolExecutor(11) as pool, server.client() as client:
+        recorder = _FirstTokens(service.engine)
+        service.engine = recorder
+        brake.hold()
+
+        def generate(adapter: str, rid: str):
+            return client.generate(adapter, "The weather today", max_new_tokens=3, ignore_eos=True, request_id=rid)
+
+        replies = [pool.submit(generate, "alpha", f"hot{i}") for i in range(2)]
+        wait_until(lambda: service.in_flight == 2, what="two hot requests running")
+        replies += [pool.submit(generate, "alpha", f"hot{i}") for i in range(2, 10)]
+        wait_until(lambda: service.in_flight == 10, what="eight hot requests queued")
+        replies.append(pool.submit(generate, "beta", "cold"))
+        wait_until(lambda: service.in_flight == 11, what="the cold request queued")
+        brake.release()
+        assert all(len(r.result(60).token_ids) == 3 for r in replies)
+        service.engine = recorder._engine
+    assert set(recorder.order[:2]) == {"hot0", "hot1"}
+    assert recorder.order.index("cold") <= 3, recorder.order  # a FIFO would make it the 11th
