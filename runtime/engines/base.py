@@ -71,6 +71,8 @@ class SamplingParams:
     # Scoring, not generating: the completion is these tokens, each scored (with `logprobs`) under the
     # model's own distribution (no penalty, no constraint). Label probabilities are computed this way.
     forced: tuple[int, ...] = ()
+    # With `logprobs`: each token's listed alternatives are these tokens (in this order), not the most likely.
+    candidates: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)

@@ -345,7 +345,7 @@ class GenaiExecutor(Executor):
                     done = run.generator.is_done()
             run.taken += 1
             logprobs = None if scores is None else token_logprobs(self._processed(run, scores, token), token,
-                                                                  params.logprobs or 0)
+                                                                  params.logprobs or 0, params.candidates)
         except Exception as exc:
             log.exception("request %s failed while decoding", run.job.request_id)
             return Sample(run.job, exc)

@@ -22,11 +22,14 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def token_logprobs(scores: np.ndarray, token: int, top: int) -> TokenLogprobs:
-    """`token`'s log-probability under `scores` [vocab] and the `top` most likely (token, logprob)."""
+def token_logprobs(scores: np.ndarray, token: int, top: int, candidates: tuple[int, ...] = ()) -> TokenLogprobs:
+    """`token`'s log-probability under `scores` [vocab] and the `top` most likely (token, logprob), or
+    `candidates`' (in their order) when given."""
     logp = log_softmax(scores)
     alternatives: tuple[tuple[int, float], ...] = ()
-    if top > 0:
+    if candidates:
+        alternatives = tuple((int(c), float(logp[c])) for c in candidates)
+    elif top > 0:
         top = min(top, logp.size)
         ids = np.argpartition(-logp, top - 1)[:top]
         ids = ids[np.lexsort((ids, -logp[ids]))]

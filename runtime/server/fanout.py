@@ -12,8 +12,9 @@ prefill batch.
   repetition penalty, no sampling options, no output constraint. When a label is a prefix of another,
   EOS after it is scored too (a constrained reply can only end there by choosing to); otherwise the
   contract ends the reply after the label and EOS is not counted. The probabilities are these
-  normalised over the labels (softmax of the log-probabilities). Each label is one scoring job
-  (`SamplingParams.forced`).
+  normalised over the labels (softmax of the log-probabilities). One scoring job
+  (`SamplingParams.forced`) reads every label's first token from the prompt's distribution
+  (`SamplingParams.candidates`); each label of several tokens (or with EOS) is then one more job.
 """
 
 from __future__ import annotations
@@ -126,35 +127,59 @@ async def labels_of(service: GenerationService, adapter: str, labels: Sequence[s
 
 async def classify(service: GenerationService, adapter: str, prompt: str | None, inputs: Mapping[str, str] | None,
                    labels: Sequence[str] = (), request_id: str = "") -> Classification:
-    """Every label's probability after the prompt (see the module doc), most probable first."""
+    """Every label's probability after the prompt (see the module doc), most probable first.
+
+    One scoring job reads every label's first token from the prompt's one distribution (its
+    `candidates`); labels of one token are then scored. Each longer label (or one that needs EOS) gets
+    a scoring job of its own after that, which the batched engine's prefix cache starts from the
+    prompt's blocks the first job left (the genai engine prefills the prompt again for each)."""
     received = time.monotonic()
     chosen = await labels_of(service, adapter, labels)
     eos = min(service.engine.eos_ids) if getattr(service.engine, "eos_ids", None) else None
     tokens = await asyncio.to_thread(lambda: [service.tokenizer.encode(label) for label in chosen])
-    requests = []
+    forced: list[tuple[int, ...]] = []
     for i, (label, ids) in enumerate(zip(chosen, tokens, strict=True)):
         if not ids:
             raise InvalidRequest(f"labels[{i}] has no tokens", field="labels")
         extended = any(other != label and other.startswith(label) for other in chosen)
-        forced = tuple(ids) + ((eos,) if extended and eos is not None else ())
-        params = SamplingParams(max_new_tokens=len(forced), logprobs=0, forced=forced, ignore_eos=True)
-        requests.append(GenerationRequest(adapter=adapter, prompt=prompt, inputs=inputs, params=params,
-                                          request_id=f"{request_id}-{i}" if request_id else "",
-                                          default_output=False))
+        forced.append(tuple(ids) + ((eos,) if extended and eos is not None else ()))
+    firsts = tuple(dict.fromkeys(f[0] for f in forced))
+
+    def scoring(tokens: tuple[int, ...], suffix: str, candidates: tuple[int, ...] = ()) -> GenerationRequest:
+        params = SamplingParams(max_new_tokens=len(tokens), logprobs=0, forced=tokens, candidates=candidates,
+                                ignore_eos=True)
+        return GenerationRequest(adapter=adapter, prompt=prompt, inputs=inputs, params=params,
+                                 request_id=f"{request_id}-{suffix}" if request_id else "", default_output=False)
+
     sums = [0.0] * len(chosen)
     counts = [0] * len(chosen)
     started: Started | None = None
     queue_ms = 0.0
-    async for i, event in merged(service, requests):
+    first: dict[int, float] = {}
+    async for _, event in merged(service, [scoring(firsts[:1], "first", firsts)]):
         if isinstance(event, Started):
-            started = started or event
+            started = event
         elif isinstance(event, TextPiece):
+            for scored in event.logprobs:
+                first.update(scored.top)
+        else:
+            queue_ms = event.timings.queue_ms
+    if not first:  # no room in the context for even one token
+        raise InvalidRequest("the labels do not fit in the context after the prompt; shorten the prompt",
+                             field="labels")
+    longer = [i for i, f in enumerate(forced) if len(f) > 1]
+    for i, f in enumerate(forced):
+        if len(f) == 1:
+            sums[i], counts[i] = first[f[0]], 1
+    async for j, event in merged(service, [scoring(forced[i], str(i)) for i in longer]):
+        i = longer[j]
+        if isinstance(event, TextPiece):
             sums[i] += sum(lp.logprob for lp in event.logprobs)
             counts[i] += len(event.logprobs)
-        else:
+        elif isinstance(event, Finished):
             queue_ms = max(queue_ms, event.timings.queue_ms)
-    for i, (count, request) in enumerate(zip(counts, requests, strict=True)):
-        if count != len(request.params.forced):  # the context was too short for the whole label
+    for i, (count, tokens_i) in enumerate(zip(counts, forced, strict=True)):
+        if count != len(tokens_i):  # the context was too short for the whole label
             raise InvalidRequest(f"labels[{i}] does not fit in the context after the prompt; shorten the prompt",
                                  field="labels")
     peak = max(sums)

@@ -127,7 +127,7 @@ class RowSampler:
         if self.penalize:
             self.seen[token] = True
         if self.params.logprobs is not None:
-            self.logprobs = token_logprobs(scores, token, self.params.logprobs)
+            self.logprobs = token_logprobs(scores, token, self.params.logprobs, self.params.candidates)
         self.taken += 1
         return token
 
