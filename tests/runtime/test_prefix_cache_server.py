@@ -5,7 +5,9 @@ no prefix cache: a size given to it is ignored with a logged note, and it export
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from loraplex.runtime.api import LLM
@@ -84,6 +86,26 @@ def test_a_replaced_adapter_never_starts_from_the_old_version_s_prefixes_and_unl
         a.unload_adapter("alpha")
         if batched:
             assert metric(on, "loraplex_prefix_cache_dropped_blocks_total") > dropped
+
+
+def test_the_http_port_serves_from_the_same_prefix_cache(server_factory):
+    on = server_factory(prefix_cache_mib=16, http_port=0, warmup=False)
+    off = server_factory(prefix_cache_mib=0, http_port=0, warmup=False)
+
+    def complete(server, text: str) -> str:
+        body = {"model": "beta", "prompt": TEMPLATE + text, "max_tokens": 8, "temperature": 0}
+        request = urllib.request.Request(f"{server.running.http.url}/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())["choices"][0]["text"]
+
+    for text in ("Text: one.", "Text: two."):
+        assert complete(on, text) == complete(off, text)
+    if on.config.engine == "batched":
+        assert metric(on, "loraplex_prefix_cache_hits_total") == 1
+        scraped = urllib.request.urlopen(f"{on.running.http.url}/metrics", timeout=10).read().decode()
+        assert "loraplex_prefix_cache_reused_tokens_total" in scraped
+    else:
+        assert metric(on, "loraplex_prefix_cache_hits_total") is None
 
 
 def test_the_in_process_api_takes_the_prefix_cache_size(recipe_package):
