@@ -66,6 +66,7 @@ class Residency:
     misses: int = 0  # ... on disk (read again)
     pinned: bool = False
     sha256: str = ""  # its file's digest: a reload must read the same bytes
+    fingerprint: tuple[int, int, int] | None = None  # its file's (size, mtime_ns, inode) when it was hashed
 
 
 # Read the file again and make the host copy, installing it under the lock only if the handle is still
@@ -108,11 +109,14 @@ class HostCache:
             self.bytes = sum(self._state[h].nbytes for h in self._lru)
             self._holders.pop(handle, None)
 
-    def record_sha256(self, handle: AdapterHandle, sha256: str) -> None:
-        """The digest of the file `handle` was loaded from: reloads must match it."""
+    def record_sha256(self, handle: AdapterHandle, sha256: str,
+                      fingerprint: tuple[int, int, int] | None = None) -> None:
+        """The digest of the file `handle` was loaded from: reloads must match it (a file whose
+        `fingerprint`, (size, mtime_ns, inode) taken before hashing, is unchanged is not hashed again)."""
         with self.lock:
             if handle in self._state:
                 self._state[handle].sha256 = sha256
+                self._state[handle].fingerprint = fingerprint
 
     def registered(self, handle: AdapterHandle) -> bool:
         with self.lock:
@@ -302,10 +306,13 @@ def both(first: Future | None, second: Future | None) -> Future | None:
 
 
 def reread(handle: AdapterHandle, cache: HostCache, inputs: LoraInputs) -> AdapterWeights:
-    """(Blocking) an adapter's file read again, refused unless its bytes are those it was loaded from."""
+    """(Blocking) an adapter's file read again, refused unless its bytes are those it was loaded from
+    (hashed again only when the file's size, mtime or inode differ from when it was hashed)."""
     state = cache.residency(handle)
     try:
-        if state is not None and state.sha256 and file_sha256(handle.path) != state.sha256:
+        recorded = state.fingerprint if state is not None else None
+        unchanged = recorded is not None and _fingerprint(handle.path) == recorded
+        if state is not None and state.sha256 and not unchanged and file_sha256(handle.path) != state.sha256:
             raise AdapterFileUnusable(f"the file of adapter {handle.name}@{handle.version} ({handle.path.name}) "
                                       "changed since it was loaded; load it again")
         return read_adapter_file(handle.path, inputs)
@@ -316,6 +323,6 @@ def reread(handle: AdapterHandle, cache: HostCache, inputs: LoraInputs) -> Adapt
                                   f"({exc.strerror or exc}); load it again") from None
 
 
-def holds_any(cache: HostCache | None, handle: Any) -> bool:
-    """Whether jobs hold `handle` (for tests and checks)."""
-    return cache is not None and bool(cache._holders.get(handle))
+def _fingerprint(path: Any) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino

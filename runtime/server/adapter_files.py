@@ -65,6 +65,8 @@ class CheckedAdapter:
     size_bytes: int = 0
     accuracy: Accuracy | None = None  # as export verified it (the manifest entry of this exact file)
     output: OutputConstraint | None = None  # the task's default output contract
+    # (size, mtime_ns, inode) before its bytes were hashed: a later read of the same file needs no new hash
+    fingerprint: tuple[int, int, int] | None = None
 
 
 class AdapterFiles:
@@ -131,6 +133,7 @@ class AdapterFiles:
         """
         manifests = self._manifests()
         try:
+            fingerprint = file_fingerprint(file)
             sha = file_sha256(file)
             if recorded is not None:
                 _match_digest(file, sha, recorded.lower(), "the adapter store's record")
@@ -161,6 +164,7 @@ class AdapterFiles:
             size_bytes=size,
             accuracy=entry.accuracy if entry else None,
             output=output,
+            fingerprint=fingerprint,
         )
         return found, weights
 
@@ -199,6 +203,12 @@ def _match_digest(file: Path, sha: str, expected: str, source: str) -> None:
             f"{file.name} does not match the sha256 recorded in {source} (its bytes hash to {sha[:16]}...): "
             "the file is corrupt or was changed after it was recorded; copy or export it again"
         )
+
+
+def file_fingerprint(file: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode): what changes when a file is rewritten or replaced."""
+    st = os.stat(file)
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _read_digest(sidecar: Path) -> str:

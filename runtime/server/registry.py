@@ -218,7 +218,7 @@ class AdapterRegistry:
                 self.pinned.add(name)
             handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             if (cache := adapter_cache(self.engine)) is not None:
-                cache.record_sha256(handle, checked.sha256)
+                cache.record_sha256(handle, checked.sha256, checked.fingerprint)
             new = AdapterVersion.of(checked, handle)
             old = self._current.get(name)
             self._current[name] = new
