@@ -105,3 +105,29 @@ def test_the_in_process_api_resolves_from_its_stores(recipe_package, adapter_roo
     with LLM(recipe_package, engine="batched", adapter_stores=[adapter_root], max_batch=2) as llm:
         reply = llm.generate(PROMPT, adapter="alpha_half", max_new_tokens=4)
     assert reply.adapter == "alpha_half" and len(reply.token_ids) == 4
+
+
+def test_http_requests_resolve_store_adapters_too(server_factory, adapter_root):
+    import json
+    import urllib.error
+    import urllib.request
+
+    server = server_factory(adapter_stores=[adapter_root], metrics_port=None, http_port=0)
+    url = server.running.http.url
+
+    def post(model: str):
+        body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 3}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)
+
+    with pytest.raises(urllib.error.HTTPError) as err:  # a card is served for loaded adapters only
+        urllib.request.urlopen(f"{url}/v1/models/alpha_half", timeout=30)
+    assert err.value.code == 404
+    assert post("alpha_half")["model"] == "alpha_half"
+    with urllib.request.urlopen(f"{url}/v1/models/alpha_half", timeout=30) as response:
+        assert json.load(response)["id"] == "alpha_half"
+    for model, status in (("absent", 404), ("flipped", 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(model)
+        assert err.value.code == status, model

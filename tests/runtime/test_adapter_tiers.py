@@ -130,3 +130,22 @@ def test_list_models_and_metrics_show_each_adapters_tier(server_factory, adapter
     assert f'loraplex_adapter_lookups_total{{adapter="alpha",tier="disk"}} {float(alpha.misses)}' in text
     assert f'loraplex_adapter_evictions_total{{adapter="beta"}} {float(beta.evictions)}' in text
     assert "loraplex_adapter_cache_budget_bytes 0.0" in text
+
+
+def test_a_replaced_version_leaves_the_cache_after_its_last_request(server_factory, adapter_root):
+    server = server_factory(adapter_root=adapter_root, adapter_cache_mib=0, metrics_port=None)
+    registry = server.running.registry
+    cache = registry.engine.executor.cache
+    with EngineBrake(server) as brake, server.client() as client:
+        client.load_adapter("delta", "alpha_half.onnx_adapter")
+        old = registry.get("delta").handle
+        brake.hold()
+        stream = client.stream("delta", PROMPT, max_new_tokens=4)
+        next(stream)
+        wait_until(lambda: registry.get("delta").leases == 1, what="delta in flight")
+        client.load_adapter("delta", "alpha.onnx_adapter", version="v2")
+        assert cache.registered(old) and cache.residency(old).tier != "disk"  # held by its request
+        brake.release()
+        assert len([t for chunk in stream for t in chunk.token_ids]) == 4
+        wait_until(lambda: not cache.registered(old), what="the old version freed")
+        assert client.generate("delta", PROMPT, max_new_tokens=2).adapter_version == "v2"
