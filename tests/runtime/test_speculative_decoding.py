@@ -149,3 +149,34 @@ def test_contract_drafts_of_a_choice_constraint_give_the_plain_tokens(make_engin
     speculator.cost = AlwaysDraft()
     assert run_all(engine, handles, requests) == plain
     assert speculator.accepted > 0  # "the quick brown " is forced, and the model takes it
+
+
+def test_int4_package_oracle_drafts_give_the_plain_tokens(request):
+    """int4 base (MatMulNBits): a verification step computes its positions as a prompt does (one
+    product over the row's tokens, where a decode step computes one per row), which rounds
+    differently; the greedy tokens stay the plain ones on the tiny package, whose scores are far from
+    ties. (A sampled row's draw may land on the other side of a boundary: its distribution is kept,
+    not its exact tokens.)"""
+    requests = {k: v for k, v in REQUESTS.items() if k != "sampled"}
+    from pathlib import Path
+
+    from loraplex.adapters.package.reader import Package
+    from loraplex.runtime.engines.batched import BatchedEngine
+
+    from tests.fixtures.packages import TINY_SPEC
+    from tests.fixtures.reference import package_files
+    from tests.runtime.test_batched_engine import load
+
+    files = package_files(Path(request.getfixturevalue("package_factory")(TINY_SPEC, precision="int4")))
+    engine = BatchedEngine(Package.open(files.root), max_batch=8, max_slots=4, intra_op_threads=2)
+    try:
+        handles = {name: load(engine, files.root, name, "1", path) for name, path in files.adapters.items()}
+        engine.runner.speculator = Speculator("off", engine.max_len)
+        plain = run_all(engine, handles, requests)
+        truths = {k: tokens for k, (tokens, _) in plain.items()}
+        truths["plain"] = []
+        speculator = engine.runner.speculator = OracleSpeculator(engine.max_len, truths)
+        assert run_all(engine, handles, requests) == plain
+        assert speculator.drafted > speculator.accepted > 0
+    finally:
+        engine.close()
