@@ -211,6 +211,9 @@ class HostCache:
     def _reload_one(self, handle: AdapterHandle) -> None:
         try:
             nbytes = self._reload(handle)
+        except Exception as exc:
+            log.warning("adapter %s@%s could not be read again: %s", handle.name, handle.version, exc)
+            raise
         finally:
             with self.lock:
                 self._loading.pop(handle, None)
