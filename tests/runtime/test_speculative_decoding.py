@@ -107,18 +107,20 @@ def test_eos_inside_an_accepted_run_ends_the_row_there(make_engine):
     assert speculator.accepted >= first  # the EOS came inside an accepted run
 
 
-class EagerLookup(Speculator):
-    """Prompt lookup from single tokens on: on a random model's output, matches come often."""
+def eager(speculator: Speculator) -> Speculator:
+    """`speculator` verifying every proposal, its rows' prompt lookup matching from single tokens on
+    (on a random model's output, matches then come often)."""
+    start = speculator.start
 
-    def __init__(self, max_len: int):
-        super().__init__("lookup", max_len)
-        self.cost = AlwaysDraft()
-
-    def start(self, row) -> None:
-        super().start(row)
-        if row.drafter is not None and row.drafter.lookup is not None and len(row.drafter.lookup.tokens) == len(
-                row.job.prompt_ids):
+    def start_eagerly(row) -> None:
+        fresh = row.drafter is None
+        start(row)
+        if fresh and row.drafter is not None and row.drafter.lookup is not None:
             row.drafter.lookup = PromptLookup(row.job.prompt_ids, min_ngram=1)
+
+    speculator.start = start_eagerly  # type: ignore[method-assign]
+    speculator.cost = AlwaysDraft()
+    return speculator
 
 
 def test_lookup_drafts_fire_on_a_repeating_prompt_and_change_nothing(make_engine):
@@ -128,7 +130,7 @@ def test_lookup_drafts_fire_on_a_repeating_prompt_and_change_nothing(make_engine
     requests["penalised"] = (text, "gamma", {"max_new_tokens": 24, "repetition_penalty": 1.2})
     engine.runner.speculator = Speculator("off", engine.max_len)
     plain = run_all(engine, handles, requests)
-    speculator = engine.runner.speculator = EagerLookup(engine.max_len)
+    speculator = engine.runner.speculator = eager(Speculator("lookup", engine.max_len))
     assert run_all(engine, handles, requests) == plain
     assert speculator.drafted > 0  # the prompt's tokens were proposed (a random model rejects them)
 

@@ -1,0 +1,65 @@
+"""Speculative decoding through the server, on both engines: greedy tokens equal a speculation-off
+server's (mixed adapters, concurrent) and the batched engine exports its drafted and accepted tokens
+per adapter. The genai engine cannot verify drafts: `lookup` / `contract` given to it are ignored
+with a logged note, and it exports no draft metrics. The in-process API takes the same switch."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from loraplex.runtime.api import LLM
+from loraplex.runtime.server import ServerConfig
+
+from tests.runtime.test_speculative_decoding import eager
+
+NAMES = ("", "alpha", "beta", "gamma")  # "" = the base model
+TEXT = "the river runs north and the river runs south and the river runs north again, "
+
+
+def generate_all(server, requests, max_new_tokens: int = 16) -> list[list[int]]:
+    def one(request):
+        with server.client() as client:
+            return list(client.generate(request[0], request[1], max_new_tokens=max_new_tokens,
+                                        ignore_eos=True).token_ids)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def metric(server, name: str, adapter: str) -> float | None:
+    return server.running.metrics.registry.get_sample_value(name, {"adapter": adapter})
+
+
+def test_tokens_equal_a_speculation_off_server_and_drafts_are_counted_per_adapter(server_factory, caplog):
+    caplog.set_level(logging.INFO, logger="loraplex.runtime.engines")
+    on = server_factory(speculation="lookup", warmup=False)
+    off = server_factory(speculation="off", warmup=False)
+    batched = on.config.engine == "batched"
+    if batched:  # drafts from single tokens on: the random model's replies then meet its prompt often
+        eager(on.running.engine.runner.speculator)
+    requests = [(name, TEXT * 3 + f"({i})") for i, name in enumerate(NAMES)]
+    assert generate_all(on, requests) == generate_all(off, requests)
+    if batched:
+        drafted = {name: metric(on, "loraplex_draft_tokens_total", name) for name in NAMES}
+        assert sum(v or 0 for v in drafted.values()) == on.running.engine.runner.speculator.drafted > 0
+        accepted = sum(metric(on, "loraplex_draft_accepted_tokens_total", n) or 0 for n in NAMES)
+        assert accepted == on.running.engine.runner.speculator.accepted
+        assert metric(off, "loraplex_draft_tokens_total", "alpha") is None  # off: nothing drafted
+    else:
+        assert metric(on, "loraplex_draft_tokens_total", "alpha") is None
+        assert any("cannot verify drafted tokens" in r.getMessage() and "ignored" in r.getMessage()
+                   for r in caplog.records)
+
+
+def test_the_switch_is_checked_and_the_in_process_api_takes_it(recipe_package):
+    with pytest.raises(ValueError, match="speculation must be one of"):
+        ServerConfig(package=recipe_package, speculation="always")
+    with LLM(recipe_package, engine="batched", speculation="off") as off, \
+            LLM(recipe_package, engine="batched", speculation="auto") as auto:
+        assert off._core.engine.runner.speculator.mode == "off"
+        assert auto._core.engine.runner.speculator.mode == "auto"
+        prompt = TEXT * 2
+        assert off.generate(prompt, adapter="beta", max_new_tokens=12).token_ids == \
+            auto.generate(prompt, adapter="beta", max_new_tokens=12).token_ids
