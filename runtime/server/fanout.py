@@ -38,10 +38,11 @@ SEED_RANGE = 2**64
 Event = Started | TextPiece | Finished
 
 
-async def merged(service: GenerationService, requests: Sequence[GenerationRequest]
+async def merged(service: GenerationService, requests: Sequence[GenerationRequest], *, lead: bool = False
                  ) -> AsyncIterator[tuple[int, Event]]:
     """Every request's events, tagged with its index, as they come. The first error (or leaving the
-    iteration early) cancels the others."""
+    iteration early) cancels the others. `lead`: the others start once the first has output (its
+    prompt is prefilled), so an engine with a prefix cache starts them from its blocks."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -55,11 +56,21 @@ async def merged(service: GenerationService, requests: Sequence[GenerationReques
         finally:
             queue.put_nowait((i, done))
 
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    waiting = list(enumerate(requests))
+    tasks = []
+
+    def start(count: int) -> None:
+        for i, request in waiting[:count]:
+            tasks.append(asyncio.ensure_future(pump(i, request)))
+        del waiting[:count]
+
+    start(1 if lead else len(waiting))
     try:
-        left = len(tasks)
+        left = len(requests)
         while left:
             i, item = await queue.get()
+            if waiting and (item is done or isinstance(item, TextPiece | Finished | BaseException)):
+                start(len(waiting))  # the first request's prompt is in (or it ended): the others go
             if item is done:
                 left -= 1
             elif isinstance(item, BaseException):
@@ -83,8 +94,13 @@ def sample_requests(request: GenerationRequest, n: int) -> list[GenerationReques
 
 
 def samples(service: GenerationService, request: GenerationRequest, n: int) -> AsyncIterator[tuple[int, Event]]:
-    """The events of `n` samples of `request`, tagged with the sample's index."""
-    return merged(service, sample_requests(request, n))
+    """The events of `n` samples of `request`, tagged with the sample's index. With a prefix cache (the
+    batched engine's), samples 1.. start once sample 0's prompt is prefilled, from its cached blocks."""
+    return merged(service, sample_requests(request, n), lead=has_prefix_cache(service))
+
+
+def has_prefix_cache(service: GenerationService) -> bool:
+    return getattr(service.engine, "prefix_cache", None) is not None
 
 
 @dataclass(frozen=True)

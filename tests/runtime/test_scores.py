@@ -311,3 +311,20 @@ def test_logprobs_equal_peft_log_softmax(engine, tiny_base, tiny_package, random
                 for i, (token, scored) in enumerate(zip(reply.token_ids, reply.logprobs, strict=True)):
                     assert abs(scored.logprob - expected[i, token]) < TOLERANCE
                     assert all(abs(v - expected[i, t]) < TOLERANCE for t, v in scored.top)
+
+
+def test_n_samples_share_the_prompts_prefill_through_the_prefix_cache(recipe_package):
+    """Batched engine: samples 1.. start from sample 0's cached prompt blocks (its prefill runs once)."""
+    from loraplex.runtime.api import LLM
+
+    prompt = "Review: " + "a long and winding review of a film, " * 4 + "\nSentiment:"
+    with LLM(recipe_package, engine="batched", max_batch=4) as llm:
+        tokens = len(llm.tokenize(prompt, adapter="beta"))
+        block = llm._core.engine.prefix_cache.block_tokens
+        stats = llm._core.engine.prefix_cache.stats
+        before = stats.tokens_reused
+        many = llm.samples(prompt, n=4, adapter="beta", max_new_tokens=4, temperature=1.0, seed=1)
+        assert stats.tokens_reused - before == 3 * ((tokens - 1) // block) * block
+        for i, sample in enumerate(many):  # the same tokens as each sample alone
+            assert sample.token_ids == llm.generate(prompt, adapter="beta", max_new_tokens=4, temperature=1.0,
+                                                    seed=1 + i).token_ids
