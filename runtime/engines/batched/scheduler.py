@@ -14,8 +14,9 @@ One `schedule()` per engine step:
 3. the step's batch is the admitted jobs' prefill if there are any (those without a cached prefix
    first, so they share one run), else one decode step of every running row.
 
-`postprocess` then records each row's token in the row (its KV length, the token to feed next) and
-returns the step's samples; deciding which jobs are done is the core's (`core.finish_reason`).
+`postprocess` then records each row's token in the row (its KV length, the token to feed next;
+several tokens when a decode step verified drafts) and returns the step's samples; deciding which
+jobs are done is the core's (`core.finish_reason`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from loraplex.runtime.errors import EngineFailure
 
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.sampling import RowSampler
+    from loraplex.runtime.engines.batched.speculation import RowDrafter
 
 
 @dataclass(eq=False)
@@ -66,6 +68,8 @@ class Row:
     last_token: int = -1
     ending: bool = False  # the core ended its job: retire at the next schedule
     sampler: RowSampler | None = None  # made by the runner at prefill
+    drafter: RowDrafter | None = None  # its speculative drafts (`speculation`), made with the sampler
+    generated: int = 0  # tokens chosen so far
     cached: int = 0  # prompt tokens a cached prefix puts in the KV row before its prefill
     prefix: list = field(default_factory=list)  # that prefix's blocks (`prefix_cache`), copied by the runner
 
@@ -153,18 +157,24 @@ class Scheduler:
             self.stats.max_rows = max(self.stats.max_rows, batch.start + len(batch.rows))
         return Plan(batch, moves, released + dropped, idle=not self.running)
 
-    def postprocess(self, batch: Batch, outcomes: list[int | Exception]) -> list[Sample]:
-        """Record each row's token (the next one to feed) and return the step's samples."""
+    def postprocess(self, batch: Batch, outcomes: list[int | list[int] | Exception]) -> list[Sample]:
+        """Record each row's tokens (the last is the next one to feed) and return the step's samples:
+        one per token, in order. A decode row's outcome may be a run of several tokens (speculative
+        decoding: the accepted drafts, which were fed with its last token, then the model's)."""
         samples = []
         for row, outcome in zip(batch.rows, outcomes, strict=True):
-            if batch.kind == "decode":
-                row.length += 1  # the token fed this step is now in the cache
-            if isinstance(outcome, int):
-                row.last_token = outcome
+            run = outcome if isinstance(outcome, list) else [outcome]
             constraint = row.sampler.constraint if row.sampler is not None else None
-            logprobs = row.sampler.logprobs if row.sampler is not None and isinstance(outcome, int) else None
-            samples.append(Sample(row.job, outcome, complete=constraint is not None and constraint.complete,
-                                  full=row.length + 1 >= self.max_len, logprobs=logprobs))
+            for j, token in enumerate(run):
+                if batch.kind == "decode":
+                    row.length += 1  # the token fed before this one is now in the cache
+                if isinstance(token, int):
+                    row.last_token = token
+                    row.generated += 1
+                last = j == len(run) - 1
+                logprobs = row.sampler.logprobs if last and row.sampler is not None and isinstance(token, int) else None
+                samples.append(Sample(row.job, token, complete=last and constraint is not None and constraint.complete,
+                                      full=row.length + 1 >= self.max_len, logprobs=logprobs))
         return samples
 
     def clear(self) -> None:
