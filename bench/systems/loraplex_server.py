@@ -61,6 +61,8 @@ class LoraplexServer:
         extra_args: tuple[str, ...] = (),
         label: str = "",
         poll_s: float = 0.25,
+        launcher: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ):
         (self.grpc, self._health_pb2, self._health_grpc, self.gen_pb2, self._gen_grpc, self.adm_pb2,
          self._adm_grpc) = _import_grpc()
@@ -72,12 +74,13 @@ class LoraplexServer:
         self.target = f"127.0.0.1:{self.port}"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"server_{engine}_{package.name}_{self.port}.log"
-        cmd = [sys.executable, "-m", "loraplex.runtime.app.cli", "serve", "--package", str(package),
+        # `launcher`: the Python that runs the server (default: this one), e.g. an emulated arm64 one
+        cmd = [*(launcher or (sys.executable,)), "-m", "loraplex.runtime.app.cli", "serve", "--package", str(package),
                "--host", "127.0.0.1", "--port", str(self.port), "--engine", engine,
                "--max-batch", str(max_batch), "--max-queue", "1024", *extra_args]
         if adapter_root is not None:
             cmd += ["--adapter-root", str(adapter_root)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         log.info("starting %s: %s", self.name, " ".join(cmd))
         self.started_at = time.perf_counter()  # process start (cold-start measurements count from here)
