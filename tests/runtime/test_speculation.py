@@ -16,6 +16,7 @@ from loraplex.runtime.engines.base import SamplingParams
 from loraplex.runtime.engines.batched.sampling import NonFiniteLogits, RowSampler, distribution
 from loraplex.runtime.engines.batched.speculation import (
     DraftBudget,
+    DraftGate,
     PromptLookup,
     RowDrafter,
     StepCost,
@@ -384,3 +385,20 @@ def test_step_cost_keeps_drafts_that_pay_and_learns_the_machine():
             cost.observe(runs, tokens, runs * 1e-3 + tokens * 4e-3)
     assert cost.per_run == pytest.approx(1e-3, rel=0.1) and cost.per_token == pytest.approx(4e-3, rel=0.1)
     assert cost.plan([(8, 0.6)]) == [0]
+
+
+def test_draft_gate_follows_the_measured_rate_per_batch_size_and_explores():
+    gate = DraftGate(explore_every=4, min_samples=2)
+    assert gate.allows(1)  # nothing measured: try drafts first
+    gate.observe(1, True, 3, 0.010)
+    gate.observe(1, True, 3, 0.010)  # 300 tokens/s with drafts
+    assert not gate.allows(1)  # then measure plain steps
+    gate.observe(1, False, 1, 0.005)
+    gate.observe(1, False, 1, 0.005)  # 200 tokens/s without
+    assert [gate.allows(1) for _ in range(8)] == [True, True, True, False] * 2  # every 4th: the other side
+    assert gate.allows(8)  # another batch size learns on its own
+    for _ in range(3):
+        gate.observe(8, True, 10, 0.100)  # 100/s: drafting rows run alone, slower in a batch
+        gate.observe(8, False, 8, 0.040)  # 200/s
+    assert sum(gate.allows(8) for _ in range(40)) == 10  # only the exploring steps draft
+    assert DraftGate.bucket(3) == DraftGate.bucket(4) == 4 and DraftGate.bucket(5) == 8 and DraftGate.bucket(2) == 2

@@ -315,6 +315,41 @@ def expected_run(rate: float, drafts: int) -> float:
 PRIOR_WEIGHT = 0.01  # of each of the cost model's two prior steps, against ~50 measured ones
 
 
+class DraftGate:
+    """Measured tokens per second of decode steps with drafts and without, per batch size: drafts go
+    on while steps with them measure faster, and the losing side is tried again every
+    `explore_every` steps, so the choice follows the machine's load and the task. It catches what
+    the cost model's two numbers miss (a batch's rows are not a row's positions to the kernels)."""
+
+    def __init__(self, explore_every: int = 16, min_samples: int = 3, weight: float = 0.2):
+        self.explore_every, self.min_samples, self.weight = explore_every, min_samples, weight
+        self.rates: dict[tuple[int, bool], float] = {}  # (batch bucket, drafted) -> tokens/s (moving average)
+        self.samples: dict[tuple[int, bool], int] = {}
+        self._asked = 0
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return rows if rows <= 2 else 1 << (rows - 1).bit_length()
+
+    def allows(self, rows: int) -> bool:
+        bucket = self.bucket(rows)
+        if self.samples.get((bucket, True), 0) < self.min_samples:
+            return True
+        if self.samples.get((bucket, False), 0) < self.min_samples:
+            return False
+        self._asked += 1
+        better = self.rates[(bucket, True)] >= self.rates[(bucket, False)]
+        return (not better) if self._asked % self.explore_every == 0 else better
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        key, rate = (self.bucket(rows), drafted), tokens / seconds
+        old = self.rates.get(key)
+        self.rates[key] = rate if old is None else (1 - self.weight) * old + self.weight * rate
+        self.samples[key] = self.samples.get(key, 0) + 1
+
+
 class StepCost:
     """What a decode step costs and which rows' drafts pay for themselves.
 
@@ -325,10 +360,11 @@ class StepCost:
     verify drafts run alone (GroupQueryAttention's CPU kernel takes several new tokens after a past
     for one row only), rows without drafts share runs with their neighbours: `plan` keeps the drafts
     that raise the step's expected tokens per second, and only as many of each row's as are worth
-    their cost."""
+    their cost, when `DraftGate` measures that steps with drafts are faster at this batch size."""
 
     def __init__(self, per_run: float = 6e-3, per_token: float = 1e-3, decay: float = 0.98):
         self.decay = decay
+        self.gate = DraftGate()
         self._gram = np.zeros((2, 2))
         self._rhs = np.zeros(2)
         self._prior = [(1.0, 1.0, per_run + per_token), (1.0, 9.0, per_run + 9 * per_token)]
@@ -355,7 +391,7 @@ class StepCost:
         estimate), rows in KV order."""
         n = len(proposals)
         keep = [0] * n
-        if not any(k for k, _ in proposals):
+        if not any(k for k, _ in proposals) or not self.gate.allows(n):
             return keep
         baseline = n / self.time(1, n)  # tokens per second without drafts
         # Trim each proposal to the drafts whose chance beats their cost at the baseline rate.
@@ -449,6 +485,8 @@ class Speculator:
                 count[1] += accepted_count(row_drafts, run)
         if seconds is not None:
             self.cost.observe(session_runs([len(d) for d in drafts] if drafts else [0] * len(rows)), fed, seconds)
+            made = sum(len(o) if isinstance(o, list) else 1 for o in outcomes)
+            self.cost.gate.observe(len(rows), drafts is not None, made, seconds)
         for name, (drafted, accepted) in counts.items():
             self.drafted += drafted
             self.accepted += accepted
