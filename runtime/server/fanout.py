@@ -84,12 +84,13 @@ async def merged(service: GenerationService, requests: Sequence[GenerationReques
 
 
 def sample_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """`n` copies of `request`, sample i with seed `seed + i` (mod 2**64) and request id `<id>-<i>`."""
+    """`n` copies of `request`, sample i with seed `seed + i` (mod 2**64) and request id `<id>-<i>` (sample 0
+    keeps the request's)."""
     if n == 1:
         return [request]
     seed = request.params.seed
     return [replace(request, params=replace(request.params, seed=None if seed is None else (seed + i) % SEED_RANGE),
-                    request_id=f"{request.request_id}-{i}" if request.request_id else "")
+                    request_id=f"{request.request_id}-{i}" if request.request_id and i else request.request_id)
             for i in range(n)]
 
 

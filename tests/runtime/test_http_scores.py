@@ -82,14 +82,22 @@ def test_n_choices_are_the_grpc_samples_with_seed_plus_i(http_server):
             len(grpc_client.generate("gamma", PROMPT, max_new_tokens=6, temperature=1.0, seed=11 + i).token_ids)
             for i in range(3))
         stream = client.chat.completions.create(model="gamma", messages=MESSAGES, max_tokens=5, temperature=1.0,
-                                                seed=4, n=2, stream=True)
+                                                seed=4, n=2, stream=True, stream_options={"include_usage": True})
         texts = {0: "", 1: ""}
+        finished, usage = [], None
         for chunk in stream:
             for choice in chunk.choices:
                 texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finished.append(choice.index)
+            usage = chunk.usage or usage
+        assert sorted(finished) == [0, 1]
+        lengths = 0
         for i in range(2):
             one = grpc_client.generate("gamma", chat_prompt(MESSAGES), max_new_tokens=5, temperature=1.0, seed=4 + i)
             assert texts[i] == one.text
+            lengths += len(one.token_ids)
+        assert usage.completion_tokens == lengths
 
 
 def test_classify_route_gives_the_grpc_probabilities(http_server):
