@@ -237,38 +237,45 @@ async def start_server(config: ServerConfig) -> RunningServer:
     auth = BearerAuth(read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
     package = await asyncio.to_thread(Package.open, config.package)
     metrics = ServerMetrics()
-    generation = generation_servicer(config, package)
-    adapters = AdaptersServicer(metrics, package.manifest.precision)
-    health_servicer = health.aio.HealthServicer()
+    # The model loads (the session is made without the GIL) while the port opens.
+    core_task = asyncio.ensure_future(build_core(config, package, metrics))
+    try:
+        generation = generation_servicer(config, package)
+        adapters = AdaptersServicer(metrics, package.manifest.precision)
+        health_servicer = health.aio.HealthServicer()
 
-    server = grpc.aio.server(interceptors=[ServingInterceptor(auth)])
-    generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
-    try:  # grpcio returns 0 on some failures and raises RuntimeError ("Failed to bind") on others
-        port = server.add_insecure_port(address) if config.tls is None else \
-            server.add_secure_port(address, config.tls.credentials())
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?)")
-    await _set_health(health_servicer, False)
-    await server.start()
-    log.info("listening on %s:%d%s (NOT_SERVING until the model is warm)", config.host, port,
-             "" if config.tls is None else " with mutual TLS" if config.tls.client_ca else " with TLS")
+        server = grpc.aio.server(interceptors=[ServingInterceptor(auth)])
+        generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{config.host}:{config.port}"
+        try:  # grpcio returns 0 on some failures and raises RuntimeError ("Failed to bind") on others
+            port = server.add_insecure_port(address) if config.tls is None else \
+                server.add_secure_port(address, config.tls.credentials())
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port} (port in use?)")
+        await _set_health(health_servicer, False)
+        await server.start()
+        log.info("listening on %s:%d%s (NOT_SERVING until the model is warm)", config.host, port,
+                 "" if config.tls is None else " with mutual TLS" if config.tls.client_ca else " with TLS")
+    except BaseException:
+        await _discard(core_task)
+        raise
 
     http = None
     try:
         if config.http_port is not None:
             http = await _open_http(config, package.manifest, package.config.context_length,
                                     max_prompt_bytes(config, package), metrics, auth)
-        core = await build_core(config, package, metrics)
+        core = await core_task
     except BaseException:
         await server.stop(None)
         if http is not None:
             await http.close()
+        await _discard(core_task)
         raise
     service, registry, engine = core.service, core.registry, core.engine
     generation.service = adapters.service = service
@@ -283,6 +290,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
     log.info("serving %s on %s (engine %s, adapters: %s)", package.root, running.target, config.engine,
              ", ".join(registry.names()) or "none")
     return running
+
+
+async def _discard(core_task: asyncio.Future) -> None:
+    """Wait for a core that will not be served (the start failed elsewhere) and close its engine."""
+    try:
+        core = await core_task
+    except BaseException:
+        return  # build_core closed what it had built
+    await asyncio.to_thread(core.engine.close)
 
 
 def generation_servicer(config: ServerConfig, package: Package) -> GenerationServicer:

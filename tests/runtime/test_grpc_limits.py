@@ -90,3 +90,25 @@ def test_a_port_in_use_fails_the_start_with_a_clear_error(recipe_package):
         config = ServerConfig(package=recipe_package, port=port, warmup=False)
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} \\(port in use\\?\\)"):
             asyncio.run(start_server(config))
+
+
+@pytest.mark.parametrize("engine", ["batched", "genai"])
+def test_a_start_that_fails_while_the_model_loads_closes_the_engine(recipe_package, engine):
+    """The model loads while the ports open: a start that then fails (here its HTTP port is in use) waits
+    for the engine and closes it (its thread ends) before raising."""
+    import asyncio
+    import socket
+    import threading
+
+    from loraplex.runtime.server import ServerConfig, start_server
+
+    before = set(threading.enumerate())  # other tests' servers may be running
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(package=recipe_package, port=0, http_port=taken.getsockname()[1], engine=engine,
+                              warmup=False)
+        with pytest.raises(OSError):
+            asyncio.run(start_server(config))
+    left = [t.name for t in threading.enumerate() if t not in before and t.name in ("loraplex-batched", "genai-engine")]
+    assert not left, f"the start that failed left its engine running: {left}"
