@@ -14,7 +14,8 @@ prefill batch.
   contract ends the reply after the label and EOS is not counted. The probabilities are these
   normalised over the labels (softmax of the log-probabilities). One scoring job
   (`SamplingParams.forced`) reads every label's first token from the prompt's distribution
-  (`SamplingParams.candidates`); each label of several tokens (or with EOS) is then one more job.
+  (`SamplingParams.candidates`) and scores the first label of several tokens (or with EOS); each
+  other such label is one more job.
 """
 
 from __future__ import annotations
@@ -147,9 +148,10 @@ async def classify(service: GenerationService, adapter: str, prompt: str | None,
     """Every label's probability after the prompt (see the module doc), most probable first.
 
     One scoring job reads every label's first token from the prompt's one distribution (its
-    `candidates`); labels of one token are then scored. Each longer label (or one that needs EOS) gets
-    a scoring job of its own after that, which the batched engine's prefix cache starts from the
-    prompt's blocks the first job left (the genai engine prefills the prompt again for each)."""
+    `candidates`), which scores the labels of one token, and goes on scoring the first longer label
+    (one with several tokens, or EOS appended). Each other longer label gets a scoring job of its own,
+    submitted with it (genai engine: each prefills the prompt again) or, with a prefix cache (batched
+    engine), once the first job's prompt is in, to start from its blocks."""
     received = time.monotonic()
     chosen = await labels_of(service, adapter, labels)
     eos = min(service.engine.eos_ids) if getattr(service.engine, "eos_ids", None) else None
@@ -173,28 +175,28 @@ async def classify(service: GenerationService, adapter: str, prompt: str | None,
     started: Started | None = None
     queue_ms = 0.0
     first: dict[int, float] = {}
-    async for _, event in merged(service, [scoring(firsts[:1], "first", firsts)]):
+    longer = [i for i, f in enumerate(forced) if len(f) > 1]
+    # Job 0 scores the first longer label (or the first label) and reads every first token on its first step.
+    jobs = longer or [0]
+    requests = [scoring(forced[jobs[0]], str(jobs[0]), firsts), *(scoring(forced[i], str(i)) for i in jobs[1:])]
+    # With a prefix cache the other jobs start once job 0's prompt is in (from its blocks).
+    async for j, event in merged(service, requests, lead=has_prefix_cache(service)):
+        i = jobs[j]
         if isinstance(event, Started):
-            started = event
+            started = started if j else event
         elif isinstance(event, TextPiece):
-            for scored in event.logprobs:
-                first.update(scored.top)
+            if j == 0 and event.logprobs and not first:
+                first.update(event.logprobs[0].top)
+            sums[i] += sum(lp.logprob for lp in event.logprobs)
+            counts[i] += len(event.logprobs)
         else:
-            queue_ms = event.timings.queue_ms
+            queue_ms = max(queue_ms, event.timings.queue_ms)
     if not first:  # no room in the context for even one token
         raise InvalidRequest("the labels do not fit in the context after the prompt; shorten the prompt",
                              field="labels")
-    longer = [i for i, f in enumerate(forced) if len(f) > 1]
     for i, f in enumerate(forced):
         if len(f) == 1:
             sums[i], counts[i] = first[f[0]], 1
-    async for j, event in merged(service, [scoring(forced[i], str(i)) for i in longer]):
-        i = longer[j]
-        if isinstance(event, TextPiece):
-            sums[i] += sum(lp.logprob for lp in event.logprobs)
-            counts[i] += len(event.logprobs)
-        elif isinstance(event, Finished):
-            queue_ms = max(queue_ms, event.timings.queue_ms)
     for i, (count, tokens_i) in enumerate(zip(counts, forced, strict=True)):
         if count != len(tokens_i):  # the context was too short for the whole label
             raise InvalidRequest(f"labels[{i}] does not fit in the context after the prompt; shorten the prompt",

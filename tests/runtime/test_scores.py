@@ -198,7 +198,7 @@ def test_classify_ranks_first_the_label_greedy_generate_returns(server_factory, 
 
 
 def test_classify_logprobs_are_the_label_sequences_log_probabilities(server, reference):
-    labels = [*WORD_LABELS, " pos"]  # " pos" is a prefix of " positive": its EOS is scored too
+    labels = [*WORD_LABELS, " pos", "A"]  # " pos" is a prefix of " positive": its EOS is scored too; "A": one token
     eos = reference.package.config.eos_token_ids[0]
     with server.client() as client:
         for prompt in PROMPTS[:3]:
