@@ -355,8 +355,9 @@ class StepCost:
 
     A step is one or more session runs; its time is modelled as `per_run` per run (reading every
     weight once, fixed overheads) plus `per_token` per token fed, fitted by least squares over recent
-    steps (older ones weigh less) with a weak prior (`per_run` = 6 `per_token`, as measured on a
-    small model on two cores), so the model follows the machine and the model it serves. Rows that
+    single-row steps (older ones weigh less; a row's drafts make the token count vary) with a weak
+    prior (`per_run` = 6 `per_token`, as measured on a small model on two cores), so the model
+    follows the machine and the model it serves. In a batch, `DraftGate` decides besides. Rows that
     verify drafts run alone (GroupQueryAttention's CPU kernel takes several new tokens after a past
     for one row only), rows without drafts share runs with their neighbours: `plan` keeps the drafts
     that raise the step's expected tokens per second, and only as many of each row's as are worth
@@ -391,7 +392,7 @@ class StepCost:
         estimate), rows in KV order."""
         n = len(proposals)
         keep = [0] * n
-        if not any(k for k, _ in proposals) or not self.gate.allows(n):
+        if not any(k for k, _ in proposals) or (n > 1 and not self.gate.allows(n)):
             return keep
         baseline = n / self.time(1, n)  # tokens per second without drafts
         # Trim each proposal to the drafts whose chance beats their cost at the baseline rate.
@@ -483,8 +484,9 @@ class Speculator:
                 count = counts.setdefault(row.job.adapter.name if row.job.adapter is not None else "", [0, 0])
                 count[0] += len(row_drafts)
                 count[1] += accepted_count(row_drafts, run)
-        if seconds is not None:
-            self.cost.observe(session_runs([len(d) for d in drafts] if drafts else [0] * len(rows)), fed, seconds)
+        if seconds is not None and len(rows) == 1:  # one row: a run of 1 + drafts tokens
+            self.cost.observe(1, fed, seconds)
+        elif seconds is not None:  # a batch: its rows are not one row's positions to the kernels
             made = sum(len(o) if isinstance(o, list) else 1 for o in outcomes)
             self.cost.gate.observe(len(rows), drafts is not None, made, seconds)
         for name, (drafted, accepted) in counts.items():
