@@ -182,3 +182,20 @@ def test_the_readmes_in_process_example_runs_on_the_demo_package(demo_package: P
     assert reply.finish_reason is FinishReason.STOP and reply.text.strip() in {"positive", "negative"}
     assert len(replies) == 2 and all(r.adapter == "reverse" for r in replies)
     assert capsys.readouterr().out.startswith(f"{reply.text} {reply.finish_reason} {reply.token_ids}\n")
+
+
+def test_classify_ranks_first_the_greedy_label_on_every_eval_example(demo_server, demo_adapters):
+    """The demo's sentiment task (a label contract): Classify's top label is the label greedy Generate
+    returns, on every held-out example, and its probabilities sum to 1."""
+    from loraplex.runtime.app.demo import eval_examples
+    from loraplex.trainer.config import TaskConfig
+
+    config = TaskConfig.from_dict(training_record(demo_adapters["sentiment"])["config"])
+    examples = eval_examples(config)
+    assert examples
+    with demo_server.client() as client:
+        for example in examples:
+            result = client.classify("sentiment", inputs=example.fields)
+            assert abs(sum(x.probability for x in result.labels) - 1) < 1e-9
+            greedy = client.generate("sentiment", inputs=example.fields, max_new_tokens=16)
+            assert result.labels[0].label == greedy.text, example
