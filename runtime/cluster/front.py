@@ -86,6 +86,10 @@ class ClusterFront:
         return await self._unary(GENERATION + "ModelInfo", grpc_context, generation_pb2.ModelInfoResponse,
                                  lambda: self._forward("ModelInfo", "", request))
 
+    async def Classify(self, request, grpc_context: RayServegRPCContext):
+        return await self._unary(GENERATION + "Classify", grpc_context, generation_pb2.ClassifyResponse,
+                                 lambda: self._forward("Classify", request.adapter, request))
+
     # -- loraplex.v1.Adapters (and grpc.health.v1.Health/List) -------------------------------
     async def List(self, request, grpc_context: RayServegRPCContext):
         if isinstance(request, health_pb2.HealthListRequest):

@@ -118,6 +118,13 @@ class EngineReplica:
         except LoraplexError as exc:
             return exc
 
+    async def Classify(self, request: generation_pb2.ClassifyRequest):
+        try:
+            await self._hold(request.adapter)
+            return await self.generation.Classify(request, None)
+        except LoraplexError as exc:
+            return exc
+
     async def ModelInfo(self, request: generation_pb2.ModelInfoRequest):
         try:
             info = await self.generation.ModelInfo(request, None)

@@ -33,6 +33,12 @@ from tests.runtime.test_generation import (  # noqa: F401
     test_unary_error_status_is_not_found_for_unknown_adapter,
 )
 from tests.runtime.test_operations import test_health_answers_serving_for_the_server_and_each_service  # noqa: F401
+from tests.runtime.test_scores import (  # noqa: F401
+    reference,
+    test_classify_logprobs_are_the_label_sequences_log_probabilities,
+    test_classify_needs_labels_or_a_choice_contract,
+    test_n_samples_are_the_requests_with_seeds_seed_plus_i,
+)
 
 
 @pytest.fixture(scope="module")
