@@ -204,7 +204,7 @@ def _logprobs(kind: Kind, given: Mapping[str, Any], names: dict[str, str]) -> in
         return _integer(given, "logprobs")
     top = _integer(given, "top_logprobs")
     if not _boolean(given, "logprobs", False):
-        if top is not None:
+        if top:  # 0 without logprobs changes nothing
             raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs")
         return None
     names["logprobs"] = "top_logprobs"

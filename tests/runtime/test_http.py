@@ -158,6 +158,7 @@ def test_completion_refusals_name_the_field(http_server, body, param, says):
     ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "send one of them"),
     ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": False, "top_logprobs": 1}, "top_logprobs", "needs logprobs: true"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "role"),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages", "'name'"),

@@ -116,3 +116,10 @@ def test_classify_route_gives_the_grpc_probabilities(http_server):
                           content=json.dumps({"model": "alpha", "prompt": PROMPT}))
     assert refused.status_code == 400 and "not a choice of labels" in refused.json()["error"]["message"]
     assert refused.json()["error"]["code"] == "FAILED_PRECONDITION"
+
+
+def test_no_op_logprob_fields_are_accepted(http_server):
+    with openai_client(http_server) as client:
+        reply = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2, temperature=0,
+                                               logprobs=False, top_logprobs=0)
+        assert reply.choices[0].logprobs is None
