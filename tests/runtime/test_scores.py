@@ -328,3 +328,20 @@ def test_n_samples_share_the_prompts_prefill_through_the_prefix_cache(recipe_pac
         for i, sample in enumerate(many):  # the same tokens as each sample alone
             assert sample.token_ids == llm.generate(prompt, adapter="beta", max_new_tokens=4, temperature=1.0,
                                                     seed=1 + i).token_ids
+
+
+def test_a_cancelled_n_stream_stops_every_sample(server_factory):
+    from tests.fixtures.serving import EngineBrake, wait_until
+
+    # No prefix cache: the samples start together (with one, samples 1.. wait for sample 0's first output,
+    # which the brake holds).
+    server = server_factory(max_batch=4, max_queue=0, metrics_port=None, prefix_cache_mib=0)
+    with EngineBrake(server) as brake, server.client() as client:
+        brake.hold()
+        stream = client.stream("alpha", "The weather today", max_new_tokens=400, n=3, temperature=1.0, seed=2)
+        next(stream)  # sample 0 started
+        wait_until(lambda: server.running.service.in_flight == 3, what="every sample in the engine")
+        stream.cancel()
+        brake.release()
+        wait_until(lambda: server.running.service.in_flight == 0, what="every sample to leave the engine")
+        assert server.running.registry.get("alpha").leases == 0
