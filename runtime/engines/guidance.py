@@ -74,15 +74,16 @@ class Guidance:
         matcher = _llg().LLMatcher(self.tokenizer, grammar_of(constraint))
         if matcher.is_error():  # checked at request time: a bug or an llguidance limit
             raise EngineFailure(f"the output constraint did not compile: {matcher.get_error()[:MAX_MESSAGE]}")
-        return RowConstraint(matcher, self.vocab_size)
+        return RowConstraint(matcher, self.vocab_size, self.tokenizer)
 
 
 class RowConstraint:
     """One request's constraint state in the batched engine."""
 
-    def __init__(self, matcher: llg.LLMatcher, vocab_size: int):
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int, tokenizer: llg.LLTokenizer | None = None):
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer  # tokenizes the bytes the constraint forces (speculative drafts)
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._next: np.ndarray | None = None  # `prepare`d mask for the next token
 

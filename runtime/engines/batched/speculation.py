@@ -95,10 +95,22 @@ class PromptLookup:
 
 
 def contract_drafts(constraint: RowConstraint, k: int) -> list[int]:
-    """Up to `k` tokens the constraint forces next (llguidance's fast-forward tokens)."""
+    """Up to `k` tokens for the text the constraint forces next. llguidance's fast-forward tokens stop
+    where the forced text's last token could merge with what follows (`"name":"` gives `{"`, `name`
+    but not `":"`); a draft need not be certain, only likely, so the forced bytes' own tokens, as
+    far as the constraint accepts them, are proposed when they reach further."""
     if k <= 0 or constraint.complete:
         return []
-    return list(constraint.matcher.compute_ff_tokens()[:k])
+    matcher = constraint.matcher
+    drafts = list(matcher.compute_ff_tokens())
+    if constraint.tokenizer is not None:
+        forced = matcher.compute_ff_bytes()
+        if forced:
+            tokens = list(constraint.tokenizer.tokenize_bytes(forced))
+            tokens = tokens[: matcher.validate_tokens(tokens)]
+            if len(tokens) > len(drafts):
+                drafts = tokens
+    return drafts[:k]
 
 
 def allowed_prefix(constraint: RowConstraint, drafts: list[int]) -> list[int]:
