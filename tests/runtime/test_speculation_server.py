@@ -63,3 +63,17 @@ def test_the_switch_is_checked_and_the_in_process_api_takes_it(recipe_package):
         prompt = TEXT * 2
         assert off.generate(prompt, adapter="beta", max_new_tokens=12).token_ids == \
             auto.generate(prompt, adapter="beta", max_new_tokens=12).token_ids
+
+
+def test_serve_flag_sets_speculation(recipe_package):
+    from loraplex.runtime.app.cli import build_parser
+    from loraplex.runtime.app.commands import server_config
+
+    def config(*flags: str):
+        return server_config(build_parser().parse_args(["serve", "--package", str(recipe_package), *flags]))
+
+    assert config().speculation == "auto" and config().engine_options()["speculation"] == "auto"
+    for mode in ("off", "lookup", "contract"):
+        assert config("--speculation", mode).engine_options()["speculation"] == mode
+    with pytest.raises(SystemExit):
+        config("--speculation", "always")
