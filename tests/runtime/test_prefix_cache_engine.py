@@ -1,12 +1,19 @@
 """The batched engine's prefix cache end to end: greedy tokens equal a cache-off engine's token for
-token (rows from a cached prefix batched with rows that are not, mixed adapters), the KV of a template
-is reused by the next request of the template, and an unloaded adapter's prefixes go."""
+token (rows from a cached prefix batched with rows that are not, mixed adapters; fp32 and int4), the
+KV of a template is reused by the next request of the template, and an unloaded adapter's prefixes go.
+
+The int4 package is the recipe package with its base projections and LM head quantized to 4 bits
+(MatMulNBits, as the builder's int4 export; LoRA MatMuls stay float)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from loraplex.adapters.package.adapter_file import read_adapter_file
 from loraplex.adapters.package.reader import Package
@@ -33,19 +40,47 @@ class Sink:
         return self.tokens
 
 
+def int4_copy(src: Path, dst: Path) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.batched*", "*.session.*"))
+    model = onnx.load(str(dst / "model.onnx"))
+    lora = [n.name for n in model.graph.node if "/lora_" in n.name and n.op_type == "MatMul"]
+    quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora)
+    quantizer.process()
+    for old in ("model.onnx", "model.onnx.data"):
+        (dst / old).unlink()
+    quantizer.model.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=True)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["precision"] = "int4"
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def package_dir(request, recipe_package, tmp_path_factory) -> Path:
+    if request.param == "fp32":
+        return recipe_package
+    package = int4_copy(recipe_package, tmp_path_factory.mktemp("recipe_int4") / "package")
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) > 0
+    return package
+
+
 def load(engine: BatchedEngine, root, name: str, version: str = "1"):
     package = Package.open(root)
     return engine.load_adapter(name, version, read_adapter_file(package.adapter_path(name), package.lora_inputs))
 
 
 @pytest.fixture(scope="module")
-def engines(recipe_package):
+def engines(package_dir):
     """(cache on, cache off), each with alpha and beta loaded."""
     made = []
     for size in (8 * MIB, 0):
-        engine = BatchedEngine(Package.open(recipe_package), intra_op_threads=2, max_batch=8, max_slots=3,
+        engine = BatchedEngine(Package.open(package_dir), intra_op_threads=2, max_batch=8, max_slots=3,
                                prefix_cache_bytes=size)
-        made.append((engine, {name: load(engine, recipe_package, name) for name in ("alpha", "beta")}))
+        made.append((engine, {name: load(engine, package_dir, name) for name in ("alpha", "beta")}))
     yield made
     for engine, _ in made:
         engine.close()
