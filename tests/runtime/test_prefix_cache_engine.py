@@ -2,24 +2,22 @@
 token (rows from a cached prefix batched with rows that are not, mixed adapters; fp32 and int4), the
 KV of a template is reused by the next request of the template, and an unloaded adapter's prefixes go.
 
-The int4 package is the recipe package with its base projections and LM head quantized to 4 bits
-(MatMulNBits, as the builder's int4 export; LoRA MatMuls stay float)."""
+The int4 package: `tests.fixtures.quantized.int4_copy` of the recipe package."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from loraplex.adapters.package.adapter_file import read_adapter_file
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import GenerationJob, SamplingParams, StepOutput
 from loraplex.runtime.engines.batched import BatchedEngine
 from loraplex.runtime.engines.batched.prefix_cache import DEFAULT_BLOCK_TOKENS
+
+from tests.fixtures.quantized import int4_copy
 
 WAIT_S = 120
 MIB = 1 << 20
@@ -40,32 +38,11 @@ class Sink:
         return self.tokens
 
 
-def int4_copy(src: Path, dst: Path) -> Path:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.batched*", "*.session.*"))
-    model = onnx.load(str(dst / "model.onnx"))
-    lora = [n.name for n in model.graph.node if "/lora_" in n.name and n.op_type == "MatMul"]
-    quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=lora)
-    quantizer.process()
-    for old in ("model.onnx", "model.onnx.data"):
-        (dst / old).unlink()
-    quantizer.model.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=True)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["precision"] = "int4"
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return dst
-
-
 @pytest.fixture(scope="module", params=["fp32", "int4"])
 def package_dir(request, recipe_package, tmp_path_factory) -> Path:
     if request.param == "fp32":
         return recipe_package
-    package = int4_copy(recipe_package, tmp_path_factory.mktemp("recipe_int4") / "package")
-    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) > 0
-    return package
+    return int4_copy(recipe_package, tmp_path_factory.mktemp("recipe_int4") / "package")
 
 
 def load(engine: BatchedEngine, root, name: str, version: str = "1"):

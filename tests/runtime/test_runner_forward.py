@@ -1,6 +1,7 @@
 """`ModelRunner.forward`: rows that feed several tokens after a past already in their KV row (a
 cached prefix, proposed tokens to check) compute exactly what one plain prefill of the whole
-sequence computes, batched with rows that have no past, reading logits at several positions."""
+sequence computes, batched with rows that have no past, reading logits at several positions (fp32,
+and int4: `tests.fixtures.quantized`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.batched.runner import ModelRunner, RowInput
 from loraplex.runtime.engines.batched.scheduler import BatchedAdapter
 
+from tests.fixtures.quantized import int4_copy
+
 ATOL = 1e-5  # fp32: the same kernels on the same values, summed in another order at most
 
 
-@pytest.fixture(scope="module")
-def runner(recipe_package):
-    package = Package.open(recipe_package)
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def runner(request, recipe_package, tmp_path_factory):
+    root = recipe_package if request.param == "fp32" else \
+        int4_copy(recipe_package, tmp_path_factory.mktemp("recipe_int4") / "package")
+    package = Package.open(root)
     runner = ModelRunner(package, max_batch=4, max_slots=2)
     for slot, name in enumerate(("alpha", "beta"), start=1):
         weights = read_adapter_file(package.adapter_path(name), package.lora_inputs)
