@@ -34,6 +34,7 @@ from loraplex.runtime.server.generation import GenerationRequest, GenerationResu
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.request_state import Finished, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
+from loraplex.runtime.server.validation import mix as checked_mix
 from loraplex.runtime.server.validation import output_constraint, samples, sampling_params, text
 from loraplex.runtime.server.validation import request_id as checked_request_id
 
@@ -181,7 +182,8 @@ class LLM:
                 ignore_eos: bool = False, logprobs: int | None = None, regex: str | None = None,
                 json_schema: str | None = None,
                 grammar: str | None = None, choice: Sequence[str] | None = None, output: OutputConstraint | None = None,
-                no_default_output: bool = False, request_id: str = "") -> GenerationRequest:
+                no_default_output: bool = False, request_id: str = "",
+                mix: Sequence[tuple[str, float]] = ()) -> GenerationRequest:
         """A checked `GenerationRequest`, by the same rules as a gRPC request's (the service then checks
         the prompt's size and the context, as for every front end)."""
         params = sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -199,7 +201,8 @@ class LLM:
             params = replace(params, constraint=output)
         return GenerationRequest(adapter=text("adapter", adapter), prompt=prompt,
                                  inputs=dict(inputs) if inputs is not None else None, params=params,
-                                 request_id=checked_request_id(request_id), default_output=not no_default_output)
+                                 request_id=checked_request_id(request_id), default_output=not no_default_output,
+                                 mix=checked_mix(list(mix), adapter))
 
     def tokenize(self, prompt: str | None = None, *, inputs: Mapping[str, str] | None = None,
                  adapter: str = "") -> list[int]:

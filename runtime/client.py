@@ -41,12 +41,14 @@ def generate_request(
     no_default_output: bool = False,
     logprobs: int | None = None,
     n: int = 0,
+    mix: Sequence[tuple[str, float]] = (),
 ) -> generation_pb2.GenerateRequest:
     """A GenerateRequest from plain values (0 = the server's default, see generation.proto).
 
     At most one of `regex`, `json_schema` (JSON text), `grammar` (Lark) and `choice` sets the
     output constraint; `no_default_output` opts out of the adapter's default one. `logprobs`: each
-    token's log-probability and this many alternatives; `n`: samples of the prompt.
+    token's log-probability and this many alternatives; `n`: samples of the prompt; `mix`: (adapter,
+    weight) pairs served as one weighted mix instead of `adapter`.
     """
     if (prompt is None) == (inputs is None):
         raise ValueError("pass exactly one of prompt= or inputs=")
@@ -73,6 +75,7 @@ def generate_request(
     elif given:
         setattr(params.output, given[0], kinds[given[0]])
     request = generation_pb2.GenerateRequest(adapter=adapter, params=params, request_id=request_id, n=n)
+    request.mix.extend(generation_pb2.AdapterWeight(name=name, weight=weight) for name, weight in mix)
     if prompt is not None:
         request.prompt = prompt
     else:

@@ -117,6 +117,9 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-cache-mib", type=float, default=None,
                         help="host memory for adapters not in use, least recently used dropped first and read again "
                              "from their file on next use (default: a tenth of the machine's memory, at most 2048)")
+    parser.add_argument("--max-mixes", type=int, default=16,
+                        help="weighted adapter mixes (a request's `mix`) kept loaded; beyond, the least recently "
+                             "used one without requests is unloaded (default 16)")
     parser.add_argument("--pin", action="append", default=[], metavar="NAME",
                         help="keep this adapter in host memory, never evicted (repeatable)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
@@ -233,7 +236,7 @@ def server_config(args: argparse.Namespace, *, listening: bool = True):
         memory_arena=args.arena, session_cache=args.session_cache,
         prefix_cache_mib=0 if args.no_prefix_cache else args.prefix_cache_mib, speculation=args.speculation,
         adapter_root=args.adapter_root, adapter_stores=args.adapter_store, adapter_cache_mib=args.adapter_cache_mib,
-        pin=args.pin, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
+        max_mixes=args.max_mixes, pin=args.pin, auth_token_file=args.auth_token_file, auth_scope=args.auth_scope,
         max_prompt_bytes=args.max_prompt_bytes, **ports,
     )
 

@@ -131,6 +131,7 @@ class ServerConfig:
     # Host memory for adapters no request uses (None: a tenth of the machine's memory, at most 2 GiB);
     # beyond it the least recently used are dropped and read again from their file on next use.
     adapter_cache_mib: float | None = None
+    max_mixes: int = 16  # weighted adapter mixes kept loaded; beyond, the least recently used idle one is unloaded
     auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
     auth_scope: AuthScope = "admin"
     metrics_port: int | None = None  # Prometheus HTTP(S) port (0 = any free port, None = off)
@@ -358,7 +359,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
                                    adapter_stores(config, package), set(config.pin))
         watch_adapter_cache(metrics, adapter_cache(engine))
         service = GenerationService(engine, registry, tokenizer, package.config.context_length, metrics,
-                                    max_batch=config.max_batch, max_queue=config.max_queue,
+                                    max_batch=config.max_batch, max_queue=config.max_queue, max_mixes=config.max_mixes,
                                     max_prompt_bytes=max_prompt_bytes(config, package))
         if config.load_package_adapters:
             for name, entry in sorted(package.manifest.adapters.items()):

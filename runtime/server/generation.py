@@ -25,6 +25,7 @@ from loraplex.adapters.package.template import TemplateError
 from loraplex.runtime.engines.base import Engine, FinishReason, SamplingParams, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, LoraplexError, Overloaded, ShuttingDown
 from loraplex.runtime.server.metrics import ServerMetrics
+from loraplex.runtime.server.mixes import DEFAULT_MAX_MIXES, Mixes
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
 from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
@@ -43,6 +44,8 @@ class GenerationRequest:
     request_id: str = ""
     # False: no output constraint unless `params.constraint` has one (opt out of the adapter's default).
     default_output: bool = True
+    # A weighted adapter mix ((name, weight), validated) instead of `adapter`; see `mixes`.
+    mix: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -58,9 +61,11 @@ class GenerationResult:
 
 class GenerationService:
     def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer: TextTokenizer, context_length: int,
-                 metrics: ServerMetrics, *, max_batch: int, max_queue: int, max_prompt_bytes: int):
+                 metrics: ServerMetrics, *, max_batch: int, max_queue: int, max_prompt_bytes: int,
+                 max_mixes: int = DEFAULT_MAX_MIXES):
         self.engine = engine
         self.registry = registry
+        self.mixes = Mixes(registry, max_mixes)
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.metrics = metrics
@@ -135,7 +140,7 @@ class GenerationService:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         received = time.monotonic()
         prompt, inputs = prompt_input(request.prompt, request.inputs, self.max_prompt_bytes)
-        lease = await self.registry.lease(request.adapter)
+        lease = await (self.mixes.lease(request.mix) if request.mix else self.registry.lease(request.adapter))
         state: RequestState | None = None
         status = "UNKNOWN"
         try:

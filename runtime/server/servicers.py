@@ -31,6 +31,7 @@ from loraplex.runtime.server.validation import (
     sampling_params,
     text,
 )
+from loraplex.runtime.server.validation import mix as checked_mix
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 FINISH_REASONS = {
@@ -84,7 +85,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer, _Ready):
             params = replace(params, constraint=constraint_of(p.output, "params.output"))
         adapter, prompt, inputs = self._input(request)
         return GenerationRequest(adapter=adapter, prompt=prompt, inputs=inputs, params=params,
-                                 request_id=request_id(request.request_id), default_output=not p.no_default_output)
+                                 request_id=request_id(request.request_id), default_output=not p.no_default_output,
+                                 mix=checked_mix([(e.name, e.weight) for e in request.mix], adapter))
 
     async def Generate(self, request, context):
         n = samples(request.n)

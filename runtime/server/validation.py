@@ -184,3 +184,39 @@ def _in_range(field: str, value: float, bounds: tuple[float, float], zero: str) 
 
 def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+MAX_MIX_ADAPTERS = 4  # adapters in one mix: its rank is the sum of theirs, and every row of a step pays it
+MIX_WEIGHT_RANGE = (-2.0, 2.0)  # a weight outside it is more likely a mistake than a blend
+
+
+def mix(entries: Sequence[tuple[str, float]], adapter: str = "", field: str = "mix"
+        ) -> tuple[tuple[str, float], ...]:
+    """A request's adapter mix ((name, weight), weights as float32), checked; () when it names none.
+
+    `adapter`: the request's single adapter, which a mix replaces (both set is refused)."""
+    if not entries:
+        return ()
+    if adapter:
+        raise InvalidRequest(f"the request names both adapter {quoted(adapter)} and a {field}; a mix replaces "
+                             "the adapter: put it in the mix (with weight 1) or send one of them", field=field)
+    if len(entries) > MAX_MIX_ADAPTERS:
+        raise InvalidRequest(f"{field} has {len(entries)} adapters; at most {MAX_MIX_ADAPTERS} are allowed",
+                             field=field)
+    low, high = MIX_WEIGHT_RANGE
+    seen: set[str] = set()
+    out = []
+    for i, (name, weight) in enumerate(entries):
+        where = f"{field}[{i}]"
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"{where} names no adapter; name a loaded adapter (the base model cannot be mixed)",
+                                 field=field)
+        text(f"{where}.name", name)
+        if name in seen:
+            raise InvalidRequest(f"{where}: adapter {quoted(name)} is named twice; give it one weight", field=field)
+        seen.add(name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                math.isfinite(weight) and low <= weight <= high):
+            raise InvalidRequest(f"{where}.weight is {weight!r}; use a number in [{low:g}, {high:g}]", field=field)
+        out.append((name, _float32(float(weight))))
+    return tuple(out)
