@@ -18,9 +18,10 @@ Requests: a 1-token completion of a short prompt. The store's greedy tokens are 
 With `--load`, throughput under `--clients` concurrent clients (`--requests` requests of
 `--tokens` tokens each, EOS ignored), each in a fresh process: over the package's 4 adapters
 (`four`, the reference), and over the store's adapters drawn by popularity Zipf (alpha 1) and
-uniformly; tokens/s, and for Zipf the p50/p99 latency of the most and least popular tenths of the
-adapters (targets: Zipf >= 0.85x, uniform >= 0.6x the reference's throughput; p99 of the least
-popular tenth <= 2x the most popular's).
+uniformly (speculative decoding off); tokens/s (median of `--repeat` interleaved rounds), and
+for Zipf the p50/p99 latency of the most and least popular tenths of the adapters (targets: Zipf
+>= 0.85x, uniform >= 0.6x the reference's throughput; p99 of the least popular tenth <= 2x the most
+popular's).
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ def load_child(args: argparse.Namespace) -> dict:
 
     from loraplex.runtime.api import LLM
 
+    # Speculative decoding off: its drafts' acceptance depends on what each adapter writes (trained or
+    # random), which would make the adapters differ by more than where their weights are.
     options = dict(engine=args.engine, max_batch=args.clients, max_queue=4 * args.clients, warmup=True,
-                   intra_op_threads=args.threads)
+                   intra_op_threads=args.threads, speculation="off")
     rng = np.random.default_rng(7)
     if args.mode == "four":
         llm = LLM(args.package, **options)
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=1, help="--load: rounds of the three configurations")
     parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=("package", "store", "four", "zipf", "uniform"), default=None,
                         help=argparse.SUPPRESS)
@@ -204,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args) if args.child in ("package", "store") else load_child(args)))
         return 0
     store = args.store or make_store(args.package, args.adapters, OUT / f"store-{args.adapters}")
-    if args.load:
-        runs = {mode: run(mode, args, store) for mode in ("four", "zipf", "uniform")}
+    if args.load:  # `--repeat` rounds of the three, interleaved; each one's median throughput
+        rounds = [{mode: run(mode, args, store) for mode in ("four", "zipf", "uniform")} for _ in range(args.repeat)]
+        runs = {mode: rounds[-1][mode] for mode in ("four", "zipf", "uniform")}
+        for mode in runs:
+            runs[mode]["tokens_per_s_rounds"] = [r[mode]["tokens_per_s"] for r in rounds]
+            runs[mode]["tokens_per_s"] = statistics.median(runs[mode]["tokens_per_s_rounds"])
         reference = runs["four"]["tokens_per_s"]
         zipf = runs["zipf"]
         report = {**runs, "zipf_ratio": zipf["tokens_per_s"] / reference,
