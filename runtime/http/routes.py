@@ -36,6 +36,7 @@ from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import BASE_NAME, residency
 from loraplex.runtime.server.request_state import Finished, Started, TextPiece
 from loraplex.runtime.server.tokenizer import ChatTemplateError
+from loraplex.runtime.server.validation import mix as checked_mix
 from loraplex.runtime.server.validation import request_id as checked_request_id
 from loraplex.runtime.server.validation import text as checked_text
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -164,6 +165,8 @@ def _generation(kind: translation.Kind) -> Handler:
         call = translation.parse_call(kind, await _json_body(request), context_length=state.context_length,
                                       max_prompt_bytes=state.max_prompt_bytes, request_id=rid)
         call.request.adapter = state.adapter(call.model)
+        if call.request.mix:  # a mix replaces the adapter: `model` must then be the base model's id
+            checked_mix(call.request.mix, call.request.adapter)
         if call.messages is not None:
             call.request.prompt = await _chat_prompt(state, call.messages)
         events = _events(service, call)

@@ -36,7 +36,7 @@ from loraplex.runtime.engines.base import FinishReason, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, quoted
 from loraplex.runtime.server.generation import GenerationRequest, GenerationResult
 from loraplex.runtime.server.request_state import Finished, Started
-from loraplex.runtime.server.validation import MAX_SAMPLES, output_constraint, sampling_params, text
+from loraplex.runtime.server.validation import MAX_SAMPLES, mix, output_constraint, sampling_params, text
 
 Kind = Literal["completion", "chat"]
 
@@ -91,9 +91,10 @@ SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_k", "repe
             "response_format", "guided_regex", "guided_choice", "guided_grammar", "guided_json")
 GUIDED = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar", "guided_json": "json_schema"}
 SERVED: dict[Kind, tuple[str, ...]] = {
-    "completion": ("model", "prompt", "inputs", "stream", "stream_options", "user", "n", "logprobs", *SAMPLING),
+    "completion": ("model", "prompt", "inputs", "stream", "stream_options", "user", "n", "logprobs", "mix",
+                   *SAMPLING),
     "chat": ("model", "messages", "max_completion_tokens", "stream", "stream_options", "user", "n", "logprobs",
-             "top_logprobs", *SAMPLING),
+             "top_logprobs", "mix", *SAMPLING),
 }
 ENDPOINTS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
@@ -137,6 +138,7 @@ def parse_call(kind: Kind, body: Any, *, context_length: int, max_prompt_bytes: 
     _string(given, "user")  # an end-user id for the caller's own records: no effect on the output
     request = GenerationRequest(params=_sampling(kind, given, context_length), request_id=request_id)
     request.params, request.default_output = _output(given, request.params)
+    request.mix = _mix(given)
     n = _integer(given, "n")
     if n is not None and not 1 <= n <= MAX_SAMPLES:
         raise InvalidRequest(f"n is {n}; use 1..{MAX_SAMPLES}", field="n")
@@ -146,6 +148,16 @@ def parse_call(kind: Kind, body: Any, *, context_length: int, max_prompt_bytes: 
     else:
         request.prompt, request.inputs = prompt_or_inputs(given)
     return call
+
+
+def _mix(given: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """The extension field `mix`: [{"adapter": name, "weight": number}, ...] (`model` is then the base model's id)."""
+    value = given.get("mix")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(e, dict) and set(e) == {"adapter", "weight"} for e in value):
+        raise InvalidRequest('mix must be a list of {"adapter": name, "weight": number} objects', field="mix")
+    return mix([(e["adapter"], e["weight"]) for e in value])
 
 
 def _refuse_unserved(kind: Kind, given: Mapping[str, Any]) -> None:

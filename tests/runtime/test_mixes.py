@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 
 import grpc
+import httpx2
 import numpy as np
 import onnxruntime as ort
 import pytest
 from loraplex.adapters.package.adapter_file import write_adapter_file
 from loraplex.adapters.package.reader import Package
 
+from tests.fixtures.http import chat_prompt, http_url, openai_client
 from tests.fixtures.serving import EngineBrake, wait_until
 
 PROMPT = "the quick brown fox"
@@ -158,3 +161,25 @@ def test_idle_mixes_beyond_max_mixes_are_unloaded(server_factory):
         assert len(list(mixes.dir.iterdir())) == 1
         assert tokens(client, mix=[("alpha", 0.5)]) == first  # built again
         assert mixes.built == 3
+
+
+def test_http_mix_extension_equals_grpc(http_server):
+    mix = [("alpha", 0.7), ("gamma", -0.5)]
+    body = [{"adapter": n, "weight": w} for n, w in mix]
+    messages = [{"role": "user", "content": "hi there"}]
+    with openai_client(http_server) as client, http_server.client() as grpc_client:
+        base = client.models.list().data[0].id
+        reply = client.completions.create(model=base, prompt=PROMPT, max_tokens=8, temperature=0,
+                                          extra_body={"mix": body})
+        assert reply.choices[0].text == grpc_client.generate("", PROMPT, mix=mix, max_new_tokens=8).text
+        chat = client.chat.completions.create(model=base, messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"mix": body})
+        expected = grpc_client.generate("", chat_prompt(messages), mix=mix, max_new_tokens=8).text
+        assert chat.choices[0].message.content == expected
+        assert expected != grpc_client.generate("alpha", chat_prompt(messages), max_new_tokens=8).text
+    url = f"{http_url(http_server)}/v1/completions"
+    for payload, words in [({"model": "alpha", "mix": body}, "both"),
+                           ({"model": base, "mix": [{"adapter": "alpha"}]}, "mix must be"),
+                           ({"model": base, "mix": [{"adapter": "alpha", "weight": 9}]}, "[-2, 2]")]:
+        answer = httpx2.post(url, timeout=60, content=json.dumps({"prompt": PROMPT, **payload}))
+        assert answer.status_code == 400 and words in answer.json()["error"]["message"], answer.text
