@@ -183,3 +183,38 @@ def test_http_mix_extension_equals_grpc(http_server):
                            ({"model": base, "mix": [{"adapter": "alpha", "weight": 9}]}, "[-2, 2]")]:
         answer = httpx2.post(url, timeout=60, content=json.dumps({"prompt": PROMPT, **payload}))
         assert answer.status_code == 400 and words in answer.json()["error"]["message"], answer.text
+
+
+# -- against PyTorch PEFT (torch tier: the exported tiny package and its PEFT adapters) ----------------
+
+@pytest.mark.parametrize("engine", ["batched", "genai"])
+def test_mix_equals_peft_add_weighted_adapter_cat(engine, tiny_base, tiny_package, random_adapter_factory):
+    import torch
+    from loraplex.adapters.export.parity import TorchDecoder
+    from loraplex.runtime.api import LLM
+
+    from tests.fixtures.packages import TINY_SPEC, TINY_TEMPLATES
+
+    torch_model = TorchDecoder(tiny_base, None)
+    for name, rank, targets, seed in TINY_SPEC:  # the very adapters the package was exported from (cached)
+        torch_model.load(name, random_adapter_factory(tiny_base, name, rank, targets, seed,
+                                                      template=TINY_TEMPLATES[name]))
+    mixes = {"m1": [("alpha", 0.7), ("gamma", -0.6)], "m2": [("beta", 1.4), ("alpha", -0.3), ("gamma", 0.5)]}
+    for name, mix in mixes.items():
+        torch_model.model.add_weighted_adapter([n for n, _ in mix], [w for _, w in mix], name,
+                                               combination_type="cat")
+    with LLM(tiny_package, engine=engine, max_batch=4) as llm:
+        for name, mix in mixes.items():
+            for prompt in ("the quick brown fox", "Review: fine\nSentiment:"):
+                reply = llm.generate(prompt, mix=mix, max_new_tokens=8, logprobs=0, ignore_eos=True)
+                ids = llm.tokenize(prompt)
+                torch_model.model.set_adapter(name)
+                with torch.no_grad():
+                    sequence = torch.tensor([ids + reply.token_ids])
+                    logits = torch_model.model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+                expected = torch.log_softmax(logits[0].double(), dim=-1).numpy()[len(ids) - 1:]
+                assert reply.token_ids == [int(i) for i in expected[:-1].argmax(-1)]
+                assert reply.token_ids != llm.generate(prompt, adapter=mix[0][0], max_new_tokens=8,
+                                                       ignore_eos=True).token_ids
+                for i, (token, scored) in enumerate(zip(reply.token_ids, reply.logprobs, strict=True)):
+                    assert abs(scored.logprob - expected[i, token]) < 1e-3
