@@ -242,14 +242,16 @@ class Scheduler:
         return new, fills, ended
 
     def _cached_prefix(self, job: GenerationJob) -> tuple[int, list]:
-        """How many prompt tokens the prefix cache holds for `job` (at most all but the last, whose
-        logits the prefill must compute) and the payloads of the blocks that hold them."""
+        """How many prompt tokens the prefix cache holds for `job` and the payloads of the blocks that
+        hold them. At most all but the last two: the prefill must compute the last token's logits, and
+        a run of one token takes the decoding kernels, whose int4 MatMulNBits round differently from a
+        prefill's (logits 0.5 apart on SmolLM2 int4), so the first token would not be the cache-off one."""
         namespace = prefix_namespace(job.adapter) if self.prefix is not None else None
         if namespace is None:
             return 0, []
         blocks = self.prefix.match(namespace, job.prompt_ids)  # type: ignore[union-attr]
         size = self.prefix.block_tokens  # type: ignore[union-attr]
-        cached = min(len(blocks) * size, len(job.prompt_ids) - 1)
+        cached = min(len(blocks) * size, len(job.prompt_ids) - 2)
         if cached <= 0:
             return 0, []
         return cached, [block.payload for block in blocks[: -(-cached // size)]]
