@@ -9,6 +9,9 @@ from pathlib import Path
 from loraplex.adapters.package.devices import DEVICES, PROVIDERS
 from loraplex.adapters.package.manifest import PRECISIONS
 
+# adapters.export.merge.COMBINATIONS, spelled out so parsing imports no torch
+COMBINATIONS_CHOICES = ("cat", "linear", "ties", "dare_linear", "dare_ties")
+
 
 def register(commands: argparse._SubParsersAction, adapter_commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
@@ -50,6 +53,26 @@ def register(commands: argparse._SubParsersAction, adapter_commands: argparse._S
     add.add_argument("--version", help="version label (default: first 12 hex digits of the file's sha256)")
     _verification_options(add)
     add.set_defaults(func=_add)
+
+    merge = adapter_commands.add_parser(
+        "merge", help="write a new PEFT adapter merged from several (cat, linear, ties, dare_linear, dare_ties)",
+        description="Merge PEFT adapters with PEFT's add_weighted_adapter and write the result as a PEFT adapter "
+        "directory recording its sources and weights (training.json); --add-to puts it in a package as "
+        "`adapters add` does. cat is exactly the weighted sum of the adapters (a request's mix, made permanent).",
+    )
+    merge.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
+                       help="a source PEFT adapter (repeatable, in the order of --weight)")
+    merge.add_argument("--weight", action="append", type=float, default=[], metavar="W",
+                       help="each source's weight, in order (default: 1 each)")
+    merge.add_argument("--combination", default="cat", choices=COMBINATIONS_CHOICES,
+                       help="PEFT's combination_type (default cat: exact; linear needs equal ranks)")
+    merge.add_argument("--density", type=float, help="ties/dare: the fraction of each source's weights kept")
+    merge.add_argument("--out", type=Path, required=True, help="the new PEFT adapter directory")
+    merge.add_argument("--base", type=Path, help="the base model directory (default: --add-to's package base)")
+    merge.add_argument("--add-to", type=Path, metavar="PKG", help="also add the merge to this package")
+    merge.add_argument("--name", help="its name in the package (default: the --out directory's name)")
+    _verification_options(merge)
+    merge.set_defaults(func=_merge)
 
     gguf = adapter_commands.add_parser(
         "export-gguf", help="write a trained adapter as a llama.cpp LoRA GGUF (llama.cpp, Ollama)",
@@ -159,6 +182,34 @@ def _add(args: argparse.Namespace) -> int:
         print(f"loraplex adapters add: error: {exc}", file=sys.stderr)
         return 2
     print_summary(Manifest.load(args.package), args.package, {}, only=name)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from loraplex.adapters.export.merge import MergeSource, merge_adapters
+    from loraplex.adapters.package.manifest import Manifest
+
+    try:
+        named = [parse_named_dir(item) for item in args.adapter]
+        weights = args.weight or [1.0] * len(named)
+        if len(weights) != len(named):
+            raise ValueError(f"{len(named)} --adapter but {len(weights)} --weight; give one weight per adapter")
+        base = args.base or (Path(Manifest.load(args.add_to).base.source) if args.add_to else None)
+        if base is None:
+            raise ValueError("no base model: pass --base DIR (or --add-to PKG)")
+        out = merge_adapters(base, [MergeSource(n, p, w) for (n, p), w in zip(named, weights, strict=True)],
+                             args.out, combination=args.combination, density=args.density)
+        parts = ", ".join(f"{n}*{w:g}" for (n, _), w in zip(named, weights, strict=True))
+        print(f"wrote {out} ({args.combination} of {parts})")
+        if args.add_to:
+            from loraplex.adapters.export import add_adapter
+
+            name = args.name or out.name
+            add_adapter(args.add_to, name, out, verify=args.verify, verification=verification_from_args(args))
+            print_summary(Manifest.load(args.add_to), args.add_to, {}, only=name)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"loraplex adapters merge: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
