@@ -131,3 +131,25 @@ def test_http_requests_resolve_store_adapters_too(server_factory, adapter_root):
         with pytest.raises(urllib.error.HTTPError) as err:
             post(model)
         assert err.value.code == status, model
+
+
+def test_a_store_of_another_base_models_package_is_refused(server_factory, recipe_package, tmp_path):
+    import json
+    import shutil
+
+    from tests.fixtures.serving import record_digest
+
+    other = tmp_path / "other"
+    (other / "adapters").mkdir(parents=True)
+    manifest = json.loads((recipe_package / "manifest.json").read_text())
+    manifest["base"]["sha256"] = "0" * 64  # a package of another base model
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(recipe_package / "adapters" / "alpha.onnx_adapter", other / "adapters" / "delta.onnx_adapter")
+    record_digest(other / "adapters" / "delta.onnx_adapter")
+    server = server_factory(adapter_stores=[other / "adapters"], metrics_port=None)
+    with server.client() as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("delta", PROMPT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "another base model" in err.value.details()
+        assert client.generate("alpha", PROMPT, max_new_tokens=2).adapter == "alpha"
