@@ -101,8 +101,8 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                              "(made at the first start on a machine; later starts map them instead of rebuilding)")
     parser.add_argument("--prefix-cache-mib", type=float, default=None,
                         help="batched engine: memory for the KV of prompt prefixes kept across requests, per "
-                             "adapter version, least recently used dropped first (default 64; the genai engine "
-                             "has no prefix cache and ignores it)")
+                             "adapter version, least recently used dropped first (default 64, edge profile 16; the "
+                             "genai engine has no prefix cache and ignores it)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="batched engine: keep no prompt prefixes across requests (same as --prefix-cache-mib 0)")
     parser.add_argument("--speculation", choices=("off", "lookup", "contract", "auto"), default="auto",

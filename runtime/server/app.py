@@ -153,6 +153,8 @@ class ServerConfig:
                        "warm_adapters", "malloc_arenas"):
             if getattr(self, option) is None:
                 setattr(self, option, getattr(preset, option))
+        if self.prefix_cache_mib is None and self.engine == "batched":  # genai has none
+            self.prefix_cache_mib = preset.prefix_cache_mib
         if self.max_batch < 1 or self.max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if self.max_slots is not None and self.max_slots < 1:

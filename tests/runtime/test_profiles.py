@@ -32,13 +32,17 @@ def test_edge_profile_sets_the_options_left_out():
     assert (config.malloc_arenas, _config().malloc_arenas) == (1, 0)
     options = config.engine_options()
     assert (options["max_batch"], options["allow_spinning"], options["memory_arena"]) == (4, False, False)
+    # The batched engine's prefix cache is smaller on edge; the genai engine has none to size.
+    assert (options["prefix_cache_bytes"], _config().engine_options()["prefix_cache_bytes"]) == (16 * 2**20, None)
+    assert _config("--profile", "edge", "--engine", "genai").prefix_cache_mib is None
 
 
 def test_explicit_options_override_the_profile():
     config = _config("--profile", "edge", "--max-batch", "2", "--spin", "--arena", "--threads", "1",
-                     "--no-session-cache")
+                     "--no-session-cache", "--prefix-cache-mib", "64")
     assert (config.max_batch, config.max_queue, config.intra_op_threads) == (2, 16, 1)
     assert config.allow_spinning and config.memory_arena and not config.session_cache
+    assert (config.prefix_cache_mib, _config("--profile", "edge", "--no-prefix-cache").prefix_cache_mib) == (64, 0)
     assert _config("--no-spin", "--no-arena").memory_arena is False
 
 
