@@ -218,3 +218,34 @@ def test_mix_equals_peft_add_weighted_adapter_cat(engine, tiny_base, tiny_packag
                                                        ignore_eos=True).token_ids
                 for i, (token, scored) in enumerate(zip(reply.token_ids, reply.logprobs, strict=True)):
                     assert abs(scored.logprob - expected[i, token]) < 1e-3
+
+
+def test_a_mix_resolves_its_adapters_in_the_stores_and_is_keyed_by_content(server_factory, recipe_package, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    alpha = Package.open(recipe_package).adapter_path("alpha")
+    (store / "delta.onnx_adapter").write_bytes(alpha.read_bytes())  # alpha under another name: same sha256
+    (store / "delta.onnx_adapter.sha256").write_text(hashlib.sha256(alpha.read_bytes()).hexdigest() + "\n")
+    server = server_factory(adapter_stores=[store], metrics_port=None)
+    with server.client() as client:
+        stored = client.generate("", PROMPT, mix=[("delta", 0.5), ("beta", 0.5)], **GREEDY)
+        loaded = client.generate("", PROMPT, mix=[("beta", 0.5), ("alpha", 0.5)], **GREEDY)
+    assert stored.adapter == loaded.adapter and stored.token_ids == loaded.token_ids
+    assert server.running.service.mixes.built == 1
+
+
+@pytest.mark.parametrize("engine", ["batched", "genai"])
+def test_in_process_api_mix(engine, recipe_package):
+    from loraplex.runtime.api import LLM
+    from loraplex.runtime.errors import InvalidRequest
+
+    with LLM(recipe_package, engine=engine, max_batch=4) as llm:
+        options = dict(max_new_tokens=10, ignore_eos=True, no_default_output=True)
+        assert llm.generate(PROMPT, mix=[("gamma", 1.0)], **options).token_ids == llm.generate(
+            PROMPT, adapter="gamma", **options).token_ids
+        mixed = llm.generate(PROMPT, mix=[("gamma", 0.5), ("alpha", 1.5)], **options)
+        assert mixed.token_ids != llm.generate(PROMPT, adapter="gamma", **options).token_ids
+        chunks = list(llm.stream(PROMPT, mix=[("gamma", 0.5), ("alpha", 1.5)], **options))
+        assert [t for c in chunks for t in c.token_ids] == mixed.token_ids
+        with pytest.raises(InvalidRequest):
+            llm.generate(PROMPT, mix=[("gamma", 5.0)])
