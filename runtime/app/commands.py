@@ -142,6 +142,8 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="send one generation request to a running server")
     _add_target(generate)
     generate.add_argument("--adapter", default="", help="adapter name (empty = base model)")
+    generate.add_argument("--mix", action="append", default=[], metavar="NAME=WEIGHT",
+                          help="a weighted adapter mix instead of --adapter (repeat it: --mix a=0.7 --mix b=0.3)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="raw prompt text")
     source.add_argument("--input", action="append", metavar="KEY=VALUE", help="task field for the adapter's template")
@@ -341,10 +343,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         inputs = _inputs(args.input)
+        mix = [_weighted(item) for item in args.mix]
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    params = dict(mix=mix, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, regex=args.regex, json_schema=args.json_schema,
                   grammar=args.grammar, choice=args.choice, no_default_output=args.no_default_output,
                   logprobs=args.logprobs, n=args.n)
@@ -369,6 +372,17 @@ def _generate(args: argparse.Namespace) -> int:
                 print(response.text)
 
     return _rpc(run)
+
+
+def _weighted(item: str) -> tuple[str, float]:
+    """NAME=WEIGHT of --mix."""
+    name, sep, weight = item.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(weight)
+    except ValueError:
+        raise ValueError(f"--mix {item!r} must be NAME=WEIGHT, e.g. --mix sentiment=0.7") from None
 
 
 def _adapters_list(args: argparse.Namespace) -> int:

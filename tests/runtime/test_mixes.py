@@ -249,3 +249,17 @@ def test_in_process_api_mix(engine, recipe_package):
         assert [t for c in chunks for t in c.token_ids] == mixed.token_ids
         with pytest.raises(InvalidRequest):
             llm.generate(PROMPT, mix=[("gamma", 5.0)])
+
+
+def test_cli_generate_mix(server, capsys):
+    from loraplex.runtime.app.cli import main
+
+    with server.client() as client:
+        want = client.generate("", PROMPT, mix=[("alpha", 0.7), ("beta", 0.3)], max_new_tokens=6).text
+    assert main(["generate", "--target", server.target, "--prompt", PROMPT, "--mix", "alpha=0.7", "--mix", "beta=0.3",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--target", server.target, "--prompt", PROMPT, "--mix", "alpha"]) == 2
+    assert "NAME=WEIGHT" in capsys.readouterr().err
+    assert main(["generate", "--target", server.target, "--prompt", PROMPT, "--mix", "alpha=7"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
