@@ -53,7 +53,10 @@ def measure(package_dir: Path, rounds: int, adapters: int, mib: float, threads: 
     package = Package.open(package_dir)
     names = sorted(package.manifest.adapters)[:adapters]
     fixed = template()
-    options = dict(engine="batched", max_batch=4, load_adapters=False, warmup=False, intra_op_threads=threads)
+    # Speculation off in all three: this measures the cache alone, and its verification runs round int4
+    # differently from decoding steps (see bench/README.md), which would blur the token comparison.
+    options = dict(engine="batched", max_batch=4, load_adapters=False, warmup=False, intra_op_threads=threads,
+                   speculation="off")
     with LLM(package_dir, prefix_cache_mib=0, **options) as off, \
             LLM(package_dir, prefix_cache_mib=mib, **options) as warm, \
             LLM(package_dir, prefix_cache_mib=mib, **options) as cold:
