@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -198,9 +199,20 @@ def _merge(args: argparse.Namespace) -> int:
         if base is None:
             raise ValueError("no base model: pass --base DIR (or --add-to PKG)")
         out = merge_adapters(base, [MergeSource(n, p, w) for (n, p), w in zip(named, weights, strict=True)],
-                             args.out, combination=args.combination, density=args.density)
+                             args.out, combination=args.combination, density=args.density, verify=args.verify,
+                             eval_data=dict(parse_named_dir(item) for item in args.eval_data),
+                             eval_examples=args.eval_examples)
         parts = ", ".join(f"{n}*{w:g}" for (n, _), w in zip(named, weights, strict=True))
         print(f"wrote {out} ({args.combination} of {parts})")
+        for source in json.loads((out / "training.json").read_text())["merge"]["sources"]:
+            scores = source.get("accuracy")
+            if scores is None:
+                print(f"  {source['name']}: no held-out examples (no eval split recorded; --eval-data NAME=FILE)")
+                continue
+            metric = scores["metric"]
+            print(f"  {source['name']} task ({scores['examples']} held-out examples, {metric}): source "
+                  f"{scores['source'][metric]:.0%}, merged {scores['merged'][metric]:.0%}, same answer on "
+                  f"{scores['agreement']:.0%} (PyTorch fp32)")
         if args.add_to:
             from loraplex.adapters.export import add_adapter
 

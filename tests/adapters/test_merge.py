@@ -70,3 +70,28 @@ def test_merge_refusals(tiny_base, sources, tmp_path):
     assert main(["adapters", "merge", *both, *base, "--combination", "ties", "--out", str(tmp_path / "b")]) == 2
     assert main(["adapters", "merge", *both, *base, "--weight", "1", "--out", str(tmp_path / "c")]) == 2
     assert main(["adapters", "merge", *both, "--out", str(tmp_path / "d")]) == 2  # no base
+
+
+def test_a_merge_is_scored_on_each_source_tasks_held_out_examples(tiny_base, sources, tmp_path, capsys):
+    alpha_data = tmp_path / "alpha.jsonl"
+    alpha_data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in
+                                  [("great", "positive"), ("dull", "negative"), ("fine", "positive")]))
+    gamma_data = tmp_path / "gamma.jsonl"
+    gamma_data.write_text("".join(json.dumps({"word": w, "french": f}) + "\n" for w, f in
+                                  [("cat", "chat"), ("dog", "chien")]))
+    # One source at weight 1: the merge is that adapter, so both score alike on every prediction.
+    alone = merge_adapters(tiny_base, [MergeSource("alpha", sources["alpha"], 1.0)], tmp_path / "one",
+                           eval_data={"alpha": alpha_data})
+    scores = json.loads((alone / "training.json").read_text())["merge"]["sources"][0]["accuracy"]
+    assert scores["examples"] == 3 and scores["metric"] == "exact_match"
+    assert scores["merged"] == scores["source"] and scores["agreement"] == 1.0
+    assert main(["adapters", "merge", "--base", str(tiny_base), "--adapter", f"alpha={sources['alpha']}",
+                 "--adapter", f"gamma={sources['gamma']}", "--adapter", f"beta={sources['beta']}",
+                 "--out", str(tmp_path / "three"), "--eval-data", f"alpha={alpha_data}",
+                 "--eval-data", f"gamma={gamma_data}"]) == 0
+    printed = capsys.readouterr().out
+    assert "alpha task (3 held-out examples, exact_match)" in printed
+    assert "gamma task (2 held-out examples" in printed and "beta: no held-out examples" in printed
+    record = json.loads((tmp_path / "three" / "training.json").read_text())["merge"]["sources"]
+    assert [s["accuracy"] is None for s in record] == [False, False, True]
+    assert record[0]["accuracy"]["agreement"] < 1.0  # three tasks in one adapter: alpha's answers move
