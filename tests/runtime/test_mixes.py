@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -263,3 +264,28 @@ def test_cli_generate_mix(server, capsys):
     assert "NAME=WEIGHT" in capsys.readouterr().err
     assert main(["generate", "--target", server.target, "--prompt", PROMPT, "--mix", "alpha=7"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_a_mix_renders_inputs_only_through_a_template_its_adapters_share(server):
+    with server.client() as client:
+        fields = {"text": "the movie was great"}
+        one = client.generate("", inputs=fields, mix=[("alpha", 1.0)], max_new_tokens=6, no_default_output=True)
+        assert one.token_ids == client.generate("alpha", inputs=fields, max_new_tokens=6,
+                                                no_default_output=True).token_ids
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("", inputs=fields, mix=[("alpha", 0.5), ("beta", 0.5)], max_new_tokens=6)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no task template" in err.value.details()
+
+
+def test_a_mix_has_no_default_output_contract(server_factory, recipe_package, tmp_path):
+    labels = [" yes", " no", " maybe"]
+    package = shutil.copytree(recipe_package, tmp_path / "package")
+    data = json.loads((package / "manifest.json").read_text())
+    data["adapters"]["alpha"]["output"] = {"kind": "choice", "spec": labels}
+    (package / "manifest.json").write_text(json.dumps(data))
+    server = server_factory(package=package, metrics_port=None)
+    with server.client() as client:
+        assert client.generate("alpha", PROMPT, max_new_tokens=8).text in labels  # the adapter's contract
+        free = client.generate("alpha", PROMPT, max_new_tokens=8, no_default_output=True)
+        assert free.text not in labels
+        assert client.generate("", PROMPT, mix=[("alpha", 1.0)], max_new_tokens=8).token_ids == free.token_ids
