@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -149,3 +150,22 @@ def test_a_replaced_version_leaves_the_cache_after_its_last_request(server_facto
         assert len([t for chunk in stream for t in chunk.token_ids]) == 4
         wait_until(lambda: not cache.registered(old), what="the old version freed")
         assert client.generate("delta", PROMPT, max_new_tokens=2).adapter_version == "v2"
+
+
+def test_the_cli_flags_and_adapters_commands(server_factory, adapter_root, recipe_package, capsys):
+    from loraplex.runtime.app.cli import build_parser, main
+    from loraplex.runtime.app.commands import server_config
+
+    config = server_config(build_parser(serving_only=True).parse_args(
+        ["serve", "--package", str(recipe_package), "--adapter-store", str(adapter_root), "--adapter-store", "/tmp",
+         "--adapter-cache-mib", "1.5", "--pin", "beta", "--pin", "gamma"]))
+    assert config.adapter_stores == [adapter_root, Path("/tmp")] and config.adapter_cache_mib == 1.5
+    assert config.pin == ["beta", "gamma"] and config.engine_options()["adapter_cache_bytes"] == 3 << 19
+    live = server_factory(adapter_root=adapter_root, adapter_cache_mib=0, metrics_port=None)
+    target = ["--target", live.target]
+    assert main(["adapters", "load", *target, "delta", "alpha_half.onnx_adapter", "--pin"]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list", *target]) == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()}
+    assert "tier=host" in rows["delta"] and rows["delta"][-1] == "pinned"
+    assert "tier=disk" in rows["beta"] or "tier=slot" in rows["beta"]
