@@ -182,3 +182,41 @@ def test_int4_package_oracle_drafts_give_the_plain_tokens(request):
         assert speculator.drafted > speculator.accepted > 0
     finally:
         engine.close()
+
+
+class Broken:
+    """A drafter with a bug: it fails to propose, or to record a step (`at`)."""
+
+    rate = 0.9
+
+    def __init__(self, at: str):
+        self.at = at
+
+    def propose(self, room: int) -> list[int]:
+        if self.at == "propose":
+            raise RuntimeError("a drafter bug")
+        return [1, 2]
+
+    def record(self, drafts, run) -> None:
+        if self.at == "record":
+            raise RuntimeError("a drafter bug")
+
+
+@pytest.mark.parametrize("at", ["propose", "record"])
+def test_a_drafter_that_fails_stops_drafting_and_its_row_goes_on(make_engine, at):
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    requests = {"broken": (PROMPTS[0], "alpha", {"max_new_tokens": 8}),
+                "other": (PROMPTS[1], "beta", {"max_new_tokens": 8})}
+    engine.runner.speculator = Speculator("off", engine.max_len)
+    plain = run_all(engine, handles, requests)
+    speculator = engine.runner.speculator = OracleSpeculator(engine.max_len, {k: t for k, (t, _) in plain.items()})
+    start = speculator.start
+
+    def start_broken(row) -> None:
+        start(row)
+        if row.job.request_id == "broken":
+            row.drafter = Broken(at)
+
+    speculator.start = start_broken
+    assert run_all(engine, handles, requests) == plain
+    assert speculator.accepted > 0  # the other row still drafted

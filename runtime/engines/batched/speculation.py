@@ -32,6 +32,7 @@ rejected, so a task that copies nothing pays almost nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -45,6 +46,8 @@ from loraplex.runtime.engines.guidance import RowConstraint
 
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.scheduler import Row
+
+log = logging.getLogger(__name__)
 
 MODES = SPECULATION_MODES
 MAX_DRAFT = 6  # drafts per row and step (the verification feeds up to this many more tokens)
@@ -471,7 +474,12 @@ class Speculator:
             drafter = row.drafter
             # Room: a run never passes max_new_tokens, and its last token is the first that fills the context.
             room = min(row.job.params.max_new_tokens - row.generated - 1, self.max_len - row.length - 2)
-            proposals.append(drafter.propose(room) if drafter is not None else [])
+            try:
+                proposals.append(drafter.propose(room) if drafter is not None else [])
+            except Exception:  # drafts are an optimisation: a drafter that fails stops drafting, the row goes on
+                log.exception("drafting for request %s failed; it decodes without drafts", row.job.request_id)
+                row.drafter = None
+                proposals.append([])
         if not any(proposals):
             return None
         keep = self.cost.plan([(len(p), row.drafter.rate if p and row.drafter else 0.0)
@@ -491,16 +499,24 @@ class Speculator:
             if row.drafter is None or isinstance(outcome, Exception):
                 continue
             run = outcome if isinstance(outcome, list) else [outcome]
-            row.drafter.record(row_drafts, run)
+            try:
+                row.drafter.record(row_drafts, run)
+            except Exception:  # never fail a step whose tokens are chosen (its samplers have advanced)
+                log.exception("drafting for request %s failed; it decodes without drafts", row.job.request_id)
+                row.drafter = None
+                continue
             if row_drafts:
                 count = counts.setdefault(row.job.adapter.name if row.job.adapter is not None else "", [0, 0])
                 count[0] += len(row_drafts)
                 count[1] += accepted_count(row_drafts, run)
-        if seconds is not None and len(rows) == 1:  # one row: a run of 1 + drafts tokens
-            self.cost.observe(1, fed, seconds)
-        elif seconds is not None:  # a batch: its rows are not one row's positions to the kernels
-            made = sum(len(o) if isinstance(o, list) else 1 for o in outcomes)
-            self.cost.gate.observe(len(rows), drafts is not None, made, seconds)
+        try:
+            if seconds is not None and len(rows) == 1:  # one row: a run of 1 + drafts tokens
+                self.cost.observe(1, fed, seconds)
+            elif seconds is not None:  # a batch: its rows are not one row's positions to the kernels
+                made = sum(len(o) if isinstance(o, list) else 1 for o in outcomes)
+                self.cost.gate.observe(len(rows), drafts is not None, made, seconds)
+        except Exception:  # never fail a step whose tokens are chosen; the model keeps its last fit
+            log.exception("the speculation cost model could not take a step's time")
         for name, (drafted, accepted) in counts.items():
             self.drafted += drafted
             self.accepted += accepted
