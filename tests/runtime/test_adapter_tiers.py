@@ -42,6 +42,8 @@ def test_host_copies_are_dropped_and_read_again_with_requests_in_flight(server_f
             stream = client.stream("alpha", PROMPT, max_new_tokens=6)
             next(stream)  # alpha is in flight, its engine held at its first token
             wait_until(lambda: server.running.registry.get("alpha").leases == 1, what="alpha in flight")
+            # Its file read again if it was on disk (off the engine), then held at its first token.
+            wait_until(lambda: tier(server, "alpha").tier != "disk", what="alpha in memory")
             client.load_adapter("delta", "alpha_half.onnx_adapter")  # over budget: unheld copies go
             assert tier(server, "alpha").tier != "disk"  # held by the request in flight
             assert {tier(server, n).tier for n in ("beta", "gamma", "delta")} == {"disk"}
@@ -144,6 +146,7 @@ def test_a_replaced_version_leaves_the_cache_after_its_last_request(server_facto
         stream = client.stream("delta", PROMPT, max_new_tokens=4)
         next(stream)
         wait_until(lambda: registry.get("delta").leases == 1, what="delta in flight")
+        wait_until(lambda: cache.residency(old).tier != "disk", what="delta read again for its request")
         client.load_adapter("delta", "alpha.onnx_adapter", version="v2")
         assert cache.registered(old) and cache.residency(old).tier != "disk"  # held by its request
         brake.release()
