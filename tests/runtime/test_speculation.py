@@ -343,7 +343,7 @@ def test_greedy_constrained_speculation_equals_plain_and_stops_at_completion(gui
 def test_rows_that_cannot_draft_get_no_drafter():
     assert drafter_for("off", SamplingParams(), [1, 2], None) is None
     assert drafter_for("contract", SamplingParams(), [1, 2], None) is None  # no constraint: no source
-    assert drafter_for("auto", SamplingParams(logprobs=2), [1, 2], None) is None
+    assert drafter_for("auto", SamplingParams(logprobs=2), [1, 2], None) is not None  # each token's, per run
     assert drafter_for("auto", SamplingParams(forced=(3, 4)), [1, 2], None) is None
     assert drafter_for("lookup", SamplingParams(temperature=0.7), [1, 2], None) is not None
 
@@ -402,3 +402,14 @@ def test_draft_gate_follows_the_measured_rate_per_batch_size_and_explores():
         gate.observe(8, False, 8, 0.040)  # 200/s
     assert sum(gate.allows(8) for _ in range(40)) == 10  # only the exploring steps draft
     assert DraftGate.bucket(3) == DraftGate.bucket(4) == 4 and DraftGate.bucket(5) == 8 and DraftGate.bucket(2) == 2
+
+
+def test_a_run_carries_each_token_s_logprobs():
+    logits = np.stack([toy_logits([1, j]) for j in range(3)])
+    best = logits.argmax(-1)
+    sampler = RowSampler(SamplingParams(logprobs=1), [0], VOCAB)
+    run = verify_run(logits, sampler, [int(best[0]), int(best[1])])
+    assert run == list(best) and len(run.logprobs) == 3
+    for j, entry in enumerate(run.logprobs):
+        shifted = logits[j] - logits[j].max()
+        assert entry.logprob == pytest.approx(float(shifted[best[j]] - np.log(np.exp(shifted).sum())), abs=1e-4)

@@ -220,3 +220,34 @@ def test_a_drafter_that_fails_stops_drafting_and_its_row_goes_on(make_engine, at
     speculator.start = start_broken
     assert run_all(engine, handles, requests) == plain
     assert speculator.accepted > 0  # the other row still drafted
+
+
+class WithLogprobs(Collected):
+    def __init__(self):
+        super().__init__()
+        self.logprobs: list = []
+
+    def on_output(self, output) -> None:
+        self.logprobs.extend(output.logprobs)
+        super().on_output(output)
+
+
+def test_a_row_asking_for_logprobs_gets_each_token_s_from_a_run(make_engine):
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    params = SamplingParams(max_new_tokens=12, logprobs=3)
+
+    def once() -> WithLogprobs:
+        sink = WithLogprobs()
+        engine.submit(GenerationJob("lp", list(PROMPTS[2]), params, handles["gamma"], sink))
+        assert sink.done.wait(WAIT_S)
+        return sink
+
+    engine.runner.speculator = Speculator("off", engine.max_len)
+    plain = once()
+    speculator = engine.runner.speculator = OracleSpeculator(engine.max_len, {"lp": plain.tokens})
+    drafted = once()
+    assert drafted.tokens == plain.tokens and speculator.accepted > 0
+    assert len(drafted.logprobs) == len(plain.logprobs) == 12
+    for a, b in zip(drafted.logprobs, plain.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]

@@ -172,7 +172,10 @@ class Scheduler:
                     row.last_token = token
                     row.generated += 1
                 last = j == len(run) - 1
-                logprobs = row.sampler.logprobs if last and row.sampler is not None and isinstance(token, int) else None
+                logprobs = None
+                if row.sampler is not None and isinstance(token, int):  # a run carries its tokens' own
+                    logprobs = outcome.logprobs[j] if getattr(outcome, "logprobs", None) else \
+                        row.sampler.logprobs if last else None
                 samples.append(Sample(row.job, token, complete=last and constraint is not None and constraint.complete,
                                       full=row.length + 1 >= self.max_len, logprobs=logprobs))
         return samples

@@ -182,9 +182,8 @@ class DraftBudget:
 def drafter_for(mode: str, params: SamplingParams, prompt_ids: Sequence[int],
                 constraint: RowConstraint | None) -> RowDrafter | None:
     """The drafter of a new row, or None when it never drafts: speculation is off, the row scores
-    given tokens, or asked for log-probabilities (reported for one token per step), or `mode` has
-    no source for it (contract drafting for a row without a constraint)."""
-    if mode == "off" or params.forced or params.logprobs is not None:
+    given tokens, or `mode` has no source for it (contract drafting for a row without a constraint)."""
+    if mode == "off" or params.forced:
         return None
     drafter = RowDrafter(mode, prompt_ids, constraint)
     return drafter if drafter.active else None
@@ -258,16 +257,27 @@ def accepted_count(drafts: Sequence[int], run: Sequence[int]) -> int:
     return n
 
 
+class Run(list):
+    """A row's tokens from one step and, when the row asked for them, each token's log-probabilities
+    (`logprobs[i]` of token i, from the scores it was chosen from)."""
+
+    def __init__(self, tokens: Iterable[int] = ()):
+        super().__init__(tokens)
+        self.logprobs: list = []
+
+
 def verify_run(logits: np.ndarray, sampler: RowSampler, drafts: Sequence[int],
-               stop_ids: Collection[int] = ()) -> list[int]:
+               stop_ids: Collection[int] = ()) -> Run:
     """The tokens one row yields from its logits at positions 0..len(drafts) ([k + 1, vocab]): the
     drafts accepted in order, then the model's own token at the first rejection (or after the last
     draft). The run also ends early at a token in `stop_ids` (EOS) or one that completes the row's
     constraint: nothing after it could be output. Raises the row's own error (non-finite scores)."""
-    run: list[int] = []
+    run = Run()
     for j in range(len(drafts) + 1):
         token = sampler.choose(logits[j])
         run.append(token)
+        if sampler.params.logprobs is not None:
+            run.logprobs.append(sampler.logprobs)
         if j == len(drafts) or token != drafts[j] or token in stop_ids:
             break
         if sampler.constraint is not None and sampler.constraint.complete:
