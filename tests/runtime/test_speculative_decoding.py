@@ -154,11 +154,10 @@ def test_contract_drafts_of_a_choice_constraint_give_the_plain_tokens(make_engin
 
 
 def test_int4_package_oracle_drafts_give_the_plain_tokens(request):
-    """int4 base (MatMulNBits): a verification step computes its positions as a prompt does (one
-    product over the row's tokens, where a decode step computes one per row), which rounds
-    differently; the greedy tokens stay the plain ones on the tiny package, whose scores are far from
-    ties. (A sampled row's draw may land on the other side of a boundary: its distribution is kept,
-    not its exact tokens.)"""
+    """int4 base (MatMulNBits): a verification step computes its positions as a prompt does, which
+    rounds differently from one-token steps; the greedy tokens stay the plain ones on the tiny
+    package, whose scores are far from ties. (A sampled row's draw may land on the other side of a
+    boundary: its distribution is kept, not its exact tokens.)"""
     requests = {k: v for k, v in REQUESTS.items() if k != "sampled"}
     from pathlib import Path
 

@@ -21,9 +21,9 @@ distribution p and accept the draft d iff the draw is d: d is accepted with prob
 on rejection the token follows p without d, renormalised, which is the speculative sampling rule
 for a point-mass draft (so the output keeps its distribution). Drawn this way, a sampled row
 consumes its seeded generator exactly as plain decoding does: the same seed gives the same tokens
-with speculation on or off, whatever the drafts, as long as the logits are the same. (On int4
-packages they differ slightly: a multi-token step goes through MatMulNBits' multi-row kernel,
-which rounds differently from the one-token kernel of a decode step, as a prefill does.)
+with speculation on or off, whatever the drafts, as long as the logits are the same. (onnxruntime
+computes a multi-token step's logits slightly otherwise than a one-token step's, as for a
+prefill: ~3e-5 in fp32, up to ~0.4 on an int4 model, where near-ties can then differ.)
 
 `DraftBudget` adapts each row's draft length: it grows while drafts are accepted, shrinks on
 rejections, and stops drafting for a while (longer each time) after drafts that were all
