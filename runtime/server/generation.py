@@ -25,7 +25,7 @@ from loraplex.adapters.package.template import TemplateError
 from loraplex.runtime.engines.base import Engine, FinishReason, SamplingParams, TokenLogprobs
 from loraplex.runtime.errors import InvalidRequest, LoraplexError, Overloaded, ShuttingDown
 from loraplex.runtime.server.metrics import ServerMetrics
-from loraplex.runtime.server.mixes import DEFAULT_MAX_MIXES, Mixes
+from loraplex.runtime.server.mixes import DEFAULT_MAX_MIXES, MIX_PREFIX, Mixes
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
 from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
@@ -95,6 +95,9 @@ class GenerationService:
     def render(self, version: AdapterVersion, prompt: str | None, inputs: Mapping[str, str] | None) -> str:
         if inputs is not None:
             if version.template is None:
+                if version.name.startswith(MIX_PREFIX):
+                    raise InvalidRequest("this mix has no task template (its adapters do not share one): render "
+                                         "the prompt with the template you want and send `prompt` instead of `inputs`")
                 what = f"adapter {version.name!r}" if version.name else "the base model"
                 raise InvalidRequest(f"{what} has no task template; send `prompt` instead of `inputs`")
             try:
