@@ -1,7 +1,8 @@
 """`python -m bench.features.speculation --package PKG`: decode speed with speculative decoding.
 
-Two servers in process (`loraplex.runtime.api.LLM`, batched engine), one with `speculation=auto`
-and one with `off`, measured in interleaved rounds so both see the same machine state, greedy:
+Two servers in process (`loraplex.runtime.api.LLM`, batched engine), one with `speculation=on`
+(drafting whatever the precision) and one with `off`, measured in interleaved rounds so both see the
+same machine state, greedy:
 - `copy`: the base model asked to repeat a passage (its reply copies the prompt: prompt lookup);
 - `rewrite`: the base model asked to correct a passage's capitalisation (copies most of it);
 - `json`: a JSON schema (object with fixed keys) on an adapter (the contract forces keys and punctuation);
@@ -90,7 +91,7 @@ def measure(package_dir: Path, rounds: int, threads: int, clients: int) -> dict:
     mixed = names[:4]
     options = dict(engine="batched", max_batch=max(clients, 1), load_adapters=False, warmup=False,
                    intra_op_threads=threads, prefix_cache_mib=0)
-    with LLM(package_dir, speculation="auto", **options) as on, LLM(package_dir, speculation="off", **options) as off:
+    with LLM(package_dir, speculation="on", **options) as on, LLM(package_dir, speculation="off", **options) as off:
         for llm in (on, off):
             for name in sorted({adapter, *mixed}):
                 llm.load_adapter(name, package.adapter_path(name))

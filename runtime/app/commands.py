@@ -105,10 +105,12 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                              "genai engine has no prefix cache and ignores it)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="batched engine: keep no prompt prefixes across requests (same as --prefix-cache-mib 0)")
-    parser.add_argument("--speculation", choices=("off", "lookup", "contract", "auto"), default="auto",
+    parser.add_argument("--speculation", choices=("off", "lookup", "contract", "on", "auto"), default="auto",
                         help="batched engine: speculative decoding without a draft model: tokens drafted from the "
                              "prompt (lookup) and the output contract (contract) are verified in the decode step, "
-                             "greedy output unchanged; auto: both, where they pay (the genai engine has none)")
+                             "kept where they pay; on: both; auto: both on fp32 packages, off on quantized ones, whose "
+                             "multi-token steps round otherwise (greedy output could change at near-ties) "
+                             "(the genai engine has none)")
     parser.add_argument("--adapter-root", type=Path, default=None,
                         help="Adapters.Load paths must resolve under it (default: PACKAGE/adapters)")
     parser.add_argument("--adapter-store", type=Path, action="append", default=[], metavar="DIR",

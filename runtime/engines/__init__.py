@@ -43,7 +43,7 @@ def build_engine(package: Package, engine: EngineName, *, device: str, provider:
         if prefix_cache_bytes:
             log.info("the genai engine keeps no KV across requests (onnxruntime-genai has no prefix cache): "
                      "the prefix cache setting is ignored; --engine batched has one")
-        if speculation not in ("auto", "off"):
+        if speculation not in ("auto", "off"):  # lookup, contract, on: asked for explicitly
             log.info("the genai engine cannot verify drafted tokens (onnxruntime-genai decodes one token per "
                      "step): --speculation %s is ignored; --engine batched has speculative decoding", speculation)
 

@@ -41,8 +41,9 @@ from loraplex.adapters.package.output import OutputConstraint
 from loraplex.runtime.errors import InvalidRequest
 
 # Speculative decoding (the batched engine): drafts from the prompt (`lookup`), from the output
-# contract (`contract`), both where they pay (`auto`), or none (`off`).
-SPECULATION_MODES = ("off", "lookup", "contract", "auto")
+# contract (`contract`), from both (`on`), from both where verification is token-exact (`auto`:
+# fp32 packages), or none (`off`).
+SPECULATION_MODES = ("off", "lookup", "contract", "on", "auto")
 
 
 class FinishReason(enum.Enum):

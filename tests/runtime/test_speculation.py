@@ -413,3 +413,17 @@ def test_a_run_carries_each_token_s_logprobs():
     for j, entry in enumerate(run.logprobs):
         shifted = logits[j] - logits[j].max()
         assert entry.logprob == pytest.approx(float(shifted[best[j]] - np.log(np.exp(shifted).sum())), abs=1e-4)
+
+
+def test_auto_drafts_only_on_packages_where_verification_is_token_exact():
+    from loraplex.runtime.engines.batched.speculation import resolve_mode
+
+    assert resolve_mode("auto", "fp32") == "auto"
+    assert resolve_mode("auto", "int4") == "off"  # multi-token steps round otherwise than one-token steps
+    assert resolve_mode("auto", "fp16") == "off"
+    assert resolve_mode("on", "int4") == "on"  # asked for knowingly
+    assert resolve_mode("lookup", "int4") == "lookup"
+    assert resolve_mode("contract", "int4") == "contract"
+    assert resolve_mode("off", "fp32") == "off"
+    with pytest.raises(ValueError):
+        resolve_mode("sometimes", "fp32")

@@ -171,8 +171,8 @@ def test_int4_package_oracle_drafts_give_the_plain_tokens(request):
     files = package_files(Path(request.getfixturevalue("package_factory")(TINY_SPEC, precision="int4")))
     engine = BatchedEngine(Package.open(files.root), max_batch=8, max_slots=4, intra_op_threads=2)
     try:
+        assert engine.runner.speculator.mode == "off"  # "auto" drafts only where it is token-exact
         handles = {name: load(engine, files.root, name, "1", path) for name, path in files.adapters.items()}
-        engine.runner.speculator = Speculator("off", engine.max_len)
         plain = run_all(engine, handles, requests)
         truths = {k: tokens for k, (tokens, _) in plain.items()}
         truths["plain"] = []

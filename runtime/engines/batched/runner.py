@@ -45,7 +45,7 @@ from loraplex.runtime.engines.batched.kv import KVCache
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
 from loraplex.runtime.engines.batched.session import SessionSettings, create_session
-from loraplex.runtime.engines.batched.speculation import Speculator, choose_runs, timed
+from loraplex.runtime.engines.batched.speculation import Speculator, choose_runs, resolve_mode, timed
 from loraplex.runtime.engines.guidance import Guidance, RowConstraint
 from loraplex.runtime.engines.heap import release_free_heap
 
@@ -75,7 +75,7 @@ class ModelRunner:
                  speculation: str = "auto"):
         config = package.config
         self.config = config
-        self.speculator = Speculator(speculation, config.context_length)
+        self.speculator = Speculator(resolve_mode(speculation, package.manifest.precision), config.context_length)
         banked = ensure_batched_model(package.model_path)
         self.session = create_session(banked, session or SessionSettings())
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots)

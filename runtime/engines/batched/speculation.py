@@ -62,6 +62,23 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+EXACT_PRECISIONS = ("fp32",)  # where verified drafts were token-exact on every test and bench request
+
+
+def resolve_mode(mode: str, precision: str) -> str:
+    """The mode a package runs with: "auto" drafts only where verifying drafts keeps greedy output
+    token-exact (`EXACT_PRECISIONS`). A quantized package's multi-token steps round otherwise than its
+    one-token steps (up to ~0.4 in the logits on SmolLM2-135M int4), so a near-tie could break the
+    other way than without speculation, and, since drafting follows measured step times, differently
+    from run to run: there "auto" is off, and `on` / `lookup` / `contract` turn drafting on knowingly."""
+    if check_mode(mode) == "auto" and precision not in EXACT_PRECISIONS:
+        log.info("speculation auto is off on this %s package: a multi-token step rounds otherwise than a "
+                 "one-token step, so drafts could change greedy output at near-ties (--speculation on turns "
+                 "drafting on)", precision)
+        return "off"
+    return mode
+
+
 class PromptLookup:
     """An n-gram index over a row's tokens (its prompt, then its output as it grows).
 
@@ -196,8 +213,8 @@ class RowDrafter:
                  max_draft: int = MAX_DRAFT):
         check_mode(mode)
         self.constraint = constraint
-        self.lookup = PromptLookup(prompt_ids) if mode in ("lookup", "auto") else None
-        self.contract = constraint is not None and mode in ("contract", "auto")
+        self.lookup = PromptLookup(prompt_ids) if mode in ("lookup", "on", "auto") else None
+        self.contract = constraint is not None and mode in ("contract", "on", "auto")
         self.lookup_budget = DraftBudget(max_draft)
         self.contract_budget = DraftBudget(max_draft, length=max_draft, hits=4.0)  # forced tokens: mostly right
         self.drafted = 0  # drafts verified so far
