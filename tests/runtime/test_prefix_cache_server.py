@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 from loraplex.runtime.api import LLM
 
+from tests.fixtures import serving
 from tests.fixtures.serving import wait_until
 
 TEMPLATE = ("Instructions: read the text below with care, keep every name as written, answer in one short line "
@@ -24,14 +24,7 @@ def metric(server, name: str) -> float | None:
 
 
 def generate_all(server, requests, max_new_tokens: int = 8) -> list[list[int]]:
-    """Every (adapter, prompt) at once, from as many clients (they share the engine's batch)."""
-    def one(request):
-        with server.client() as client:
-            return list(client.generate(request[0], request[1], max_new_tokens=max_new_tokens,
-                                        ignore_eos=True).token_ids)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        return list(pool.map(one, requests))
+    return serving.generate_all(server, requests, max_new_tokens)
 
 
 def test_tokens_equal_a_cache_off_server_and_a_template_s_second_request_reuses_its_prefix(server_factory, caplog):

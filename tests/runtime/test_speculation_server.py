@@ -6,12 +6,12 @@ with a logged note, and it exports no draft metrics. The in-process API takes th
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from loraplex.runtime.api import LLM
 from loraplex.runtime.server import ServerConfig
 
+from tests.fixtures import serving
 from tests.runtime.test_speculative_decoding import eager
 
 NAMES = ("", "alpha", "beta", "gamma")  # "" = the base model
@@ -19,13 +19,7 @@ TEXT = "the river runs north and the river runs south and the river runs north a
 
 
 def generate_all(server, requests, max_new_tokens: int = 16) -> list[list[int]]:
-    def one(request):
-        with server.client() as client:
-            return list(client.generate(request[0], request[1], max_new_tokens=max_new_tokens,
-                                        ignore_eos=True).token_ids)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        return list(pool.map(one, requests))
+    return serving.generate_all(server, requests, max_new_tokens)
 
 
 def metric(server, name: str, adapter: str) -> float | None:
