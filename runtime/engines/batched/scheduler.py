@@ -247,8 +247,8 @@ class Scheduler:
     def _cached_prefix(self, job: GenerationJob) -> tuple[int, list]:
         """How many prompt tokens the prefix cache holds for `job` and the payloads of the blocks that
         hold them. At most all but the last two: the prefill must compute the last token's logits, and
-        a run of one token takes the decoding kernels, whose int4 MatMulNBits round differently from a
-        prefill's (logits 0.5 apart on SmolLM2 int4), so the first token would not be the cache-off one."""
+        a run of one token rounds otherwise than a prefill over the same positions (logits up to 0.5
+        apart on SmolLM2 int4), so the first token would not be the cache-off one."""
         namespace = prefix_namespace(job.adapter) if self.prefix is not None else None
         if namespace is None:
             return 0, []
