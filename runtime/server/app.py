@@ -120,8 +120,9 @@ class ServerConfig:
     # Batched engine: MiB for the KV of prompt prefixes kept across requests (per adapter version's weights;
     # 0 = off, None = 64). The genai engine has no prefix cache: a value given there is ignored (logged).
     prefix_cache_mib: float | None = None
-    # Batched engine: speculative decoding, drafts verified in the decode step (`auto`: prompt lookup and
-    # the output contract where they pay; `lookup`, `contract`: one source; `off`). The genai engine has none.
+    # Batched engine: speculative decoding, drafts verified in the decode step (`on`: prompt lookup and
+    # the output contract where they pay; `auto`: the same on fp32 packages, off on quantized ones, whose
+    # multi-token steps round otherwise; `lookup`, `contract`: one source; `off`). The genai engine has none.
     speculation: str = "auto"
     adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
     # Where a request's adapter that is not loaded is found on first use (directories, or any

@@ -220,9 +220,10 @@ class BatchedEngine(EngineCore):
         a step gathers one slot per row whatever the bank size.
     prefix_cache_bytes: the prefix cache's bound (`prefix_cache`: prompt prefixes' KV kept across requests,
         per adapter version's weights; 0 = off).
-    speculation: which drafts decode steps verify (`speculation.MODES`): "auto" (the default) drafts
-        from the prompt (lookup) and from the output contract where the cost model says it pays,
-        "lookup" or "contract" from one source only, "off" never (one token per row and step).
+    speculation: which drafts decode steps verify (`speculation.MODES`), each kept where the cost model
+        says it pays: "on" from the prompt (lookup) and from the output contract, "auto" (the default)
+        the same on fp32 packages and none on quantized ones (`speculation.resolve_mode`), "lookup" or
+        "contract" from one source only, "off" never (one token per row and step).
     intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
         `session.SessionSettings`; the cache is made at the first start on a machine).
     """
