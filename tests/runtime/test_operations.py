@@ -60,11 +60,15 @@ def test_cancelled_request_frees_its_slot(server_factory):
             client.generate("beta", "hi", max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         stream.cancel()
+        # The engine stays held until the server has seen the cancel: released earlier, it may finish
+        # the 400 tokens first (the request then ends OK, not CANCELLED).
+        cancelled = 'loraplex_requests_total{adapter="alpha",status="CANCELLED"}'
+        wait_until(lambda: metric(server, cancelled) == 1, what="the server to see the cancel")
         brake.release()
         wait_until(lambda: server.running.service.in_flight == 0, what="the cancelled job to leave the engine")
         assert server.running.registry.get("alpha").leases == 0
         assert len(client.generate("beta", "hi", max_new_tokens=2).token_ids) == 2
-    assert metric(server, 'loraplex_requests_total{adapter="alpha",status="CANCELLED"}') == 1
+    assert metric(server, cancelled) == 1
 
 
 def test_deadline_stops_generation_and_frees_the_slot(server_factory):
