@@ -48,18 +48,21 @@ class Reference:
             held = ort.AdapterFormat.read_adapter(str(padded))
             self.adapters[name] = {k: np.array(v.numpy(), copy=True) for k, v in held.get_parameters().items()}
 
-    def logprobs(self, adapter: str, ids: list[int]) -> np.ndarray:
-        """[len(ids), vocab]: row i is the distribution of the token after ids[: i + 1]."""
-        from loraplex.runtime.engines.logprobs import log_softmax
-
+    def logits(self, adapter: str, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab]: row i scores the token after ids[: i + 1] (one run, no past)."""
         feeds = dict(self.adapters[adapter])
         feeds["input_ids"] = np.array([ids], dtype=np.int64)
         feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
         for value in self.session.get_inputs():
             if value.name.startswith("past_key_values."):
                 feeds[value.name] = np.zeros((1, value.shape[1], 0, self.package.config.head_size), np.float32)
-        logits = self.session.run(["logits"], feeds)[0][0]
-        return np.stack([log_softmax(row) for row in logits])
+        return self.session.run(["logits"], feeds)[0][0]
+
+    def logprobs(self, adapter: str, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab]: row i is the distribution of the token after ids[: i + 1]."""
+        from loraplex.runtime.engines.logprobs import log_softmax
+
+        return np.stack([log_softmax(row) for row in self.logits(adapter, ids)])
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +118,8 @@ def _penalised_logprobs(reference: Reference, adapter: str, ids: list[int], toke
                         penalty: float) -> list[float]:
     from loraplex.runtime.engines.logprobs import log_softmax
 
-    feeds = dict(reference.adapters[adapter])
     sequence = ids + tokens
-    feeds["input_ids"] = np.array([sequence], dtype=np.int64)
-    feeds["attention_mask"] = np.ones((1, len(sequence)), dtype=np.int64)
-    for value in reference.session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((1, value.shape[1], 0, reference.package.config.head_size), np.float32)
-    logits = reference.session.run(["logits"], feeds)[0][0]
+    logits = reference.logits(adapter, sequence)
     out = []
     for i, token in enumerate(tokens):
         scores = logits[len(ids) - 1 + i].astype(np.float64)
