@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import grpc
 from loraplex.adapters.package.devices import DEVICES, PROVIDERS
 from loraplex.runtime.server.profiles import PROFILES
 
@@ -215,7 +214,7 @@ def _add_client_tls(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_tls(args: argparse.Namespace):
-    from loraplex.runtime.server import ServerTLS
+    from loraplex.runtime.server.config import ServerTLS
 
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_client_ca is not None:
@@ -229,7 +228,7 @@ def _server_tls(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, *, listening: bool = True):
     """The ServerConfig of `loraplex serve` (or, without `listening`, each serve-ray replica's)
     arguments: options left out take the --profile's values."""
-    from loraplex.runtime.server import ServerConfig
+    from loraplex.runtime.server.config import ServerConfig
 
     ports = dict(host=args.host, port=args.port, metrics_port=args.metrics_port, tls=_server_tls(args),
                  http_port=args.http_port) if listening else {}
@@ -246,15 +245,24 @@ def server_config(args: argparse.Namespace, *, listening: bool = True):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """The model starts loading first; the gRPC server stack (grpc, servicers, Prometheus) imports while
+    onnxruntime makes the session, then the server takes the load over (and closes it if its start fails)."""
     from loraplex.runtime.errors import LoraplexError
-    from loraplex.runtime.server import serve
+    from loraplex.runtime.server.loading import start_loading
 
+    load = None
     try:
         config = server_config(args)
-        return asyncio.run(serve(config, drain_grace=args.drain_grace))
+        load = start_loading(config)
+        from loraplex.runtime.server.app import serve
+
+        return asyncio.run(serve(config, drain_grace=args.drain_grace, load=load))
     except (LoraplexError, OSError, ValueError, ImportError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if load is not None:
+            load.close()  # a no-op once the server took it
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -294,6 +302,8 @@ def _client(args: argparse.Namespace):
 
 
 def _rpc(call) -> int:
+    import grpc
+
     try:
         call()
         return 0

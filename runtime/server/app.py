@@ -1,9 +1,11 @@
 """Build and run a loraplex gRPC server in-process: `start_server(ServerConfig) -> RunningServer`.
 
 The CLI (`loraplex serve`), the tests, the demo and the benchmarks all start servers through this.
-Order at start: the gRPC port opens first with health NOT_SERVING (load balancers see the
-replica), then the package is read, the engine loads the model, the package's adapters are loaded,
-every adapter is warmed up with one token, and only then health says SERVING. `drain` is the
+Order at start: the package is read and the model starts loading in threads (`loading`; `loraplex
+serve` starts it before it imports this module, so the session is made while grpc, the servicers
+and Prometheus import); the gRPC port opens with health NOT_SERVING (load balancers see the
+replica) while it loads; then the package's adapters are loaded, every adapter (the edge profile:
+the base) is warmed up with one token, and only then health says SERVING. `drain` is the
 SIGTERM path: NOT_SERVING, no new requests, in-flight requests finish, then the port closes.
 
 With `http_port`, the OpenAI-compatible HTTP front end (`loraplex.runtime.http`, the `http` extra)
@@ -18,7 +20,6 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,19 +28,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loraplex.adapters.package.reader import Package
-from loraplex.runtime.engines import build_engine, resolve_engine
-from loraplex.runtime.engines.base import SPECULATION_MODES, Engine, SamplingParams
-from loraplex.runtime.engines.heap import limit_heap_arenas
+from loraplex.runtime.engines.base import Engine, SamplingParams
 from loraplex.runtime.server.adapter_metrics import watch_adapter_cache
 from loraplex.runtime.server.adapter_store import AdapterSource, AdapterStores, DirectoryStore
-from loraplex.runtime.server.auth import AuthScope, BearerAuth
+from loraplex.runtime.server.auth import BearerAuth
+from loraplex.runtime.server.config import BYTES_PER_CONTEXT_TOKEN, ServerConfig, ServerTLS  # noqa: F401 (re-exported)
 from loraplex.runtime.server.generation import GenerationRequest, GenerationService
+from loraplex.runtime.server.loading import ModelLoad, start_loading
 from loraplex.runtime.server.metrics import ServerMetrics
-from loraplex.runtime.server.profiles import get_profile
 from loraplex.runtime.server.registry import AdapterRegistry, adapter_cache
 from loraplex.runtime.server.servicers import AdaptersServicer, GenerationServicer
 from loraplex.runtime.server.status import ServingInterceptor
-from loraplex.runtime.server.tokenizer import open_tokenizer
 from loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
@@ -52,133 +51,6 @@ SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 )
-
-
-MIB = 1 << 20
-BYTES_PER_CONTEXT_TOKEN = 16  # a prompt longer than this per context token cannot fit the context anyway
-
-
-@dataclass(frozen=True)
-class ServerTLS:
-    """TLS on the gRPC port and the metrics endpoint; with `client_ca`, mutual TLS: every client
-    must present a certificate signed by that CA (a client without one is refused at the handshake)."""
-
-    cert: Path  # PEM certificate chain of the server
-    key: Path  # PEM private key of the server
-    client_ca: Path | None = None  # PEM CA bundle client certificates must chain to (mutual TLS)
-
-    def __post_init__(self) -> None:
-        for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{what} {path} is not a file: give a PEM file")
-        self._check_pem()
-
-    def _check_pem(self) -> None:
-        """Each file holds what it should, and the key is the certificate's: gRPC's own failure says only
-        'Failed to bind to address'."""
-        import ssl
-
-        for what, path, marker in (("--tls-cert", self.cert, "CERTIFICATE-----"),
-                                   ("--tls-key", self.key, "PRIVATE KEY-----"),
-                                   ("--tls-client-ca", self.client_ca, "CERTIFICATE-----")):
-            if path is not None and marker not in Path(path).read_text(errors="replace"):
-                raise ValueError(f"{what} {path} holds no PEM {marker.rstrip('-').lower()}: give a PEM file")
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)
-        except ssl.SSLError as exc:
-            raise ValueError(f"--tls-key {self.key} is not the private key of --tls-cert {self.cert} (or one of "
-                             f"them cannot be read: {exc.reason or exc})") from None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        client_ca = Path(self.client_ca).read_bytes() if self.client_ca else None
-        return grpc.ssl_server_credentials(
-            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-
-
-@dataclass
-class ServerConfig:
-    package: Path
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 = any free port (RunningServer.port tells which)
-    device: str = "cpu"  # cpu | gpu | npu
-    provider: str | None = None  # cuda | dml | qnn | openvino | webgpu (default: per device)
-    engine: str = "auto"  # auto | batched | genai; __post_init__ resolves auto (batched on cpu)
-    # Presets for the options left None below (see `profiles`): "default" or "edge".
-    profile: str = "default"
-    max_batch: int | None = None  # requests decoding at once (default 8; edge 4)
-    max_queue: int | None = None  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED (64; edge 16)
-    max_slots: int | None = None  # batched engine: adapters resident in the weight bank (None = max_batch)
-    intra_op_threads: int | None = None  # batched engine: onnxruntime threads (0 = one per physical core)
-    allow_spinning: bool | None = None  # batched engine: onnxruntime threads busy-wait (default yes; edge no)
-    memory_arena: bool | None = None  # batched engine: onnxruntime's CPU arena (default on; edge off)
-    warm_adapters: bool | None = None  # warm every adapter at start, else the base only (default yes; edge no)
-    malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
-    session_cache: bool = True  # batched engine: optimized session + prepacked weights cached per machine
-    # Batched engine: MiB for the KV of prompt prefixes kept across requests (per adapter version's weights;
-    # 0 = off, None = 64). The genai engine has no prefix cache: a value given there is ignored (logged).
-    prefix_cache_mib: float | None = None
-    # Batched engine: speculative decoding, drafts verified in the decode step (`on`: prompt lookup and
-    # the output contract where they pay; `auto`: the same on fp32 packages, off on quantized ones, whose
-    # multi-token steps round otherwise; `lookup`, `contract`: one source; `off`). The genai engine has none.
-    speculation: str = "auto"
-    adapter_root: Path | None = None  # Load paths resolve under it (default: the package's adapters/)
-    # Where a request's adapter that is not loaded is found on first use (directories, or any
-    # `AdapterSource`); with any, the package's own adapters/ is the first store. Empty: none.
-    adapter_stores: Sequence[Path | str | AdapterSource] = ()
-    pin: Sequence[str] = ()  # adapter names whose versions stay in host memory (never evicted)
-    # Host memory for adapters no request uses (None: a tenth of the machine's memory, at most 2 GiB);
-    # beyond it the least recently used are dropped and read again from their file on next use.
-    adapter_cache_mib: float | None = None
-    max_mixes: int = 16  # weighted adapter mixes kept loaded; beyond, the least recently used idle one is unloaded
-    auth_token_file: Path | None = None  # bearer token for Adapters.Load/Unload (or every call: auth_scope)
-    auth_scope: AuthScope = "admin"
-    metrics_port: int | None = None  # Prometheus HTTP(S) port (0 = any free port, None = off)
-    # A prompt (or the task inputs) over this many UTF-8 bytes is refused before tokenizing
-    # (None = BYTES_PER_CONTEXT_TOKEN per token of the model's context length).
-    max_prompt_bytes: int | None = None
-    tls: ServerTLS | None = None  # None = plaintext (loopback, or behind a TLS-terminating proxy)
-    # OpenAI-compatible HTTP port beside gRPC (0 = any free port, None = off); needs `loraplex[http]`.
-    # Same auth (scope `all` guards its /v1 routes), TLS and metrics as the gRPC port.
-    http_port: int | None = None
-    load_package_adapters: bool = True
-    warmup: bool = True
-
-    def __post_init__(self) -> None:
-        self.package = Path(self.package)
-        self.engine = resolve_engine(self.engine, self.device)
-        preset = get_profile(self.profile)
-        for option in ("max_batch", "max_queue", "intra_op_threads", "allow_spinning", "memory_arena",
-                       "warm_adapters", "malloc_arenas"):
-            if getattr(self, option) is None:
-                setattr(self, option, getattr(preset, option))
-        if self.prefix_cache_mib is None and self.engine == "batched":  # genai has none
-            self.prefix_cache_mib = preset.prefix_cache_mib
-        if self.max_batch < 1 or self.max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        if self.max_slots is not None and self.max_slots < 1:
-            raise ValueError("max_slots must be >= 1 (or None: one per batch row)")
-        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
-            raise ValueError("max_prompt_bytes must be >= 1 (or None: derived from the context length)")
-        if self.adapter_cache_mib is not None and self.adapter_cache_mib < 0:
-            raise ValueError("adapter_cache_mib must be >= 0 (0: no host copies of adapters no request uses)")
-        if self.speculation not in SPECULATION_MODES:
-            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)} (got {self.speculation!r})")
-        if self.prefix_cache_mib is not None and self.prefix_cache_mib < 0:
-            raise ValueError("prefix_cache_mib must be >= 0 (0: no prefix cache)")
-        if self.intra_op_threads < 0:
-            raise ValueError("intra_op_threads must be >= 0 (0: one per physical core)")
-
-    def engine_options(self) -> dict:
-        """The keyword arguments `build_engine` takes from this configuration."""
-        return dict(device=self.device, provider=self.provider, max_batch=self.max_batch, max_slots=self.max_slots,
-                    intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning,
-                    memory_arena=self.memory_arena, session_cache=self.session_cache,
-                    prefix_cache_bytes=None if self.prefix_cache_mib is None else int(self.prefix_cache_mib * 2**20),
-                    adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB),
-                    speculation=self.speculation)
 
 
 @dataclass
@@ -234,15 +106,21 @@ class RunningServer:
             self._metrics_http.server_close()
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
-    """Start serving `config.package`; returns once health says SERVING."""
-    if config.malloc_arenas:  # before the engine's threads start
-        limit_heap_arenas(config.malloc_arenas)
-    auth = BearerAuth(read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
-    package = await asyncio.to_thread(Package.open, config.package)
+async def start_server(config: ServerConfig, load: ModelLoad | None = None) -> RunningServer:
+    """Start serving `config.package`; returns once health says SERVING. `load`: the model's load,
+    started by the caller from `config` (`loraplex serve` starts it before importing this module);
+    the server owns it from here, and closes its engine if the start fails."""
+    try:
+        auth = BearerAuth(read_token(config.auth_token_file), config.auth_scope) if config.auth_token_file else None
+        load = load or start_loading(config)
+    except BaseException:
+        if load is not None:
+            await load.aclose()
+        raise
+    package = load.package
     metrics = ServerMetrics()
     # The model loads (the session is made without the GIL) while the port opens.
-    core_task = asyncio.ensure_future(build_core(config, package, metrics))
+    core_task = asyncio.ensure_future(build_core(config, package, metrics, load))
     try:
         generation = generation_servicer(config, package)
         adapters = AdaptersServicer(metrics, package.manifest.precision)
@@ -343,21 +221,18 @@ class ServingCore:
     service: GenerationService
 
 
-async def build_core(config: ServerConfig, package: Package, metrics: ServerMetrics) -> ServingCore:
-    """Load the model, the package's adapters (if configured) and warm up; the engine is closed on failure.
+async def build_core(config: ServerConfig, package: Package, metrics: ServerMetrics,
+                     load: ModelLoad | None = None) -> ServingCore:
+    """Load the model (or take `load`'s), the package's adapters (if configured) and warm up; the engine
+    is closed on failure.
 
     `start_server` serves the result on its own port; a cluster replica (`loraplex.runtime.cluster`)
     serves it behind Ray Serve's proxy.
     """
-    # Side by side (both load native libraries and release the GIL): start-up is the longer of the two.
-    built, tokenizer = await asyncio.gather(
-        asyncio.to_thread(build_engine, package, config.engine, **config.engine_options()),
-        asyncio.to_thread(open_tokenizer, package.root, package.manifest.tokenizer), return_exceptions=True)
-    engine = built if isinstance(built, Engine) else None
+    # Engine and tokenizer side by side (both load native libraries and release the GIL): start-up is
+    # the longer of the two.
+    engine, tokenizer = await (load or ModelLoad(config, package)).result()
     try:
-        for outcome in (built, tokenizer):
-            if isinstance(outcome, BaseException):
-                raise outcome
         registry = AdapterRegistry(engine, package, Path(config.adapter_root or package.adapter_dir),
                                    adapter_stores(config, package), set(config.pin))
         watch_adapter_cache(metrics, adapter_cache(engine))
@@ -375,8 +250,7 @@ async def build_core(config: ServerConfig, package: Package, metrics: ServerMetr
         if config.warmup:
             await _warm_up(service, registry.names() if config.warm_adapters else [])
     except BaseException:
-        if engine is not None:
-            await asyncio.to_thread(engine.close)
+        await asyncio.to_thread(engine.close)
         raise
     return ServingCore(package, engine, registry, service)
 
@@ -425,9 +299,9 @@ def read_token(path: Path) -> str:
     return token
 
 
-async def serve(config: ServerConfig, drain_grace: float = 30.0) -> int:
-    """Run until SIGTERM/SIGINT, then drain and exit (what `loraplex serve` runs)."""
-    running = await start_server(config)
+async def serve(config: ServerConfig, drain_grace: float = 30.0, load: ModelLoad | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain and exit (what `loraplex serve` runs); `load` as `start_server`'s."""
+    running = await start_server(config, load)
     print(f"loraplex serving on {running.target}", flush=True)
     if running.metrics_port is not None:
         scheme = "https" if config.tls else "http"

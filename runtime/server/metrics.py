@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from loraplex.runtime.engines.batched.prefix_cache import PrefixCache
     from loraplex.runtime.engines.batched.speculation import Speculator
-    from loraplex.runtime.server.app import ServerTLS
+    from loraplex.runtime.server.config import ServerTLS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

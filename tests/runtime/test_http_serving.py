@@ -125,7 +125,7 @@ def test_auth_scope_all_and_mutual_tls_guard_the_http_port(server_factory, tls_f
 # holds on either engine whatever their token delivery; the start's warm-up runs before any hold.
 GATED_SERVE = """
 import asyncio, sys, threading
-from loraplex.runtime.server import app
+from loraplex.runtime.server import loading
 
 gate = threading.Event()
 gate.set()
@@ -140,7 +140,7 @@ def control():
 
 threading.Thread(target=control, daemon=True).start()
 waiting = set()
-build = app.build_engine
+build = loading.build_engine
 
 def gated_engine(*args, **kwargs):
     engine = build(*args, **kwargs)
@@ -160,7 +160,7 @@ def gated_engine(*args, **kwargs):
     engine.submit = gated_submit
     return engine
 
-app.build_engine = gated_engine
+loading.build_engine = gated_engine
 from loraplex.runtime.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """

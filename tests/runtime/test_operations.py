@@ -112,18 +112,18 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warm(tiny_package, 
     import threading
 
     from loraplex.runtime.client import Client
-    from loraplex.runtime.server import app
+    from loraplex.runtime.server import loading as model_loading
 
     from tests.fixtures.serving import ServerThread, serving_config
 
     loading = threading.Event()
-    build = app.build_engine
+    build = model_loading.build_engine
 
     def slow_build(*args, **kwargs):
         loading.wait(60)  # the model "loads" until the test has looked
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(app, "build_engine", slow_build)
+    monkeypatch.setattr(model_loading, "build_engine", slow_build)
     config = serving_config(tiny_package, engine=engine, port=_free_port(), metrics_port=None)
     holder: list[ServerThread] = []
     starting = threading.Thread(target=lambda: holder.append(ServerThread(config)))

@@ -21,7 +21,7 @@ from tests.fixtures.serving import ENGINES
 # machine.
 GATED_SERVE = """
 import sys, threading
-from loraplex.runtime.server import app
+from loraplex.runtime.server import loading
 
 gate = threading.Event()
 gate.set()
@@ -41,7 +41,7 @@ class GatedSink:
         if output.tokens:
             gate.wait()
 
-build = app.build_engine
+build = loading.build_engine
 
 def gated_engine(*args, **kwargs):
     engine = build(*args, **kwargs)
@@ -52,7 +52,7 @@ def gated_engine(*args, **kwargs):
     engine.submit = gated_submit
     return engine
 
-app.build_engine = gated_engine
+loading.build_engine = gated_engine
 from loraplex.runtime.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
