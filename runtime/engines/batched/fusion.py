@@ -10,8 +10,8 @@ gate/up: seven nodes per layer become four).
 Exact: each output column of a MatMul (or MatMulNBits block-quantized weights, whose blocks run
 along the input dimension) is computed from its own weight column alone, so the fused node gives
 the same values bit for bit (checked by the engine's tests: greedy tokens equal onnxruntime-genai's
-on the unfused graph, fp32 and int4). The LoRA branches are untouched: they read the same input and
-add to the Split's outputs as before.
+on the unfused graph, fp32 and int4). The LoRA branches of a fused group are then made one as well
+(`lora_groups`), and GroupQueryAttention reads a fused q/k/v packed (`pack_qkv_into_attention`).
 
 The fused weights are new initializers, written to their own external data file beside the
 rewritten graph (the package's own weights stay as they are, for the genai engine).
@@ -155,3 +155,37 @@ def _fuse(nodes: list, inits: dict, model_dir: Path, data: _Data, graph) -> list
     split = helper.make_node("Split", [out, sizes], [n.output[0] for n in nodes], name=f"{name}/Split", axis=-1)
     log.debug("fused %s into one %s of width %d", [n.name for n in nodes], fused.op_type, sum(widths))
     return [fused, split]
+
+
+def pack_qkv_into_attention(graph) -> int:
+    """Feed GroupQueryAttention the fused q/k/v projection whole, without its Split.
+
+    GroupQueryAttention takes query, key and value packed in one tensor `[batch, seq, (heads +
+    2 * kv_heads) * head_size]` when its key and value inputs are empty, which is exactly the fused
+    projection's output (q, k, v side by side). Exact (the kernel reads the same values where the
+    Split would have put them), and one node fewer per layer. Returns the number of Splits removed."""
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    drop = set()
+    for node in graph.node:
+        if node.op_type != "Split" or len(node.output) != 3:
+            continue
+        users = [consumers[name] for name in node.output]
+        attention = users[0][0] if users[0] else None
+        if attention is None or attention.op_type != "GroupQueryAttention" or attention.domain != _MS_DOMAIN:
+            continue
+        if any(len(u) != 1 or u[0] is not attention for u in users) or list(attention.input[:3]) != list(node.output):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if axis != -1:
+            continue
+        attention.input[0] = node.input[0]
+        attention.input[1] = attention.input[2] = ""
+        drop.add(id(node))
+    if drop:
+        kept = [node for node in graph.node if id(node) not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(drop)

@@ -5,24 +5,24 @@ as a graph input shared by the whole batch:
 
     y = x @ W  +  (x @ A) @ B          A: [in, lora_r], B: [lora_r, out]  (B pre-scaled)
 
-For the `batched` engine every weight pair becomes a *bank* holding one adapter per slot, and
-one new input `adapter_slot [batch]` (int64) says which slot each row uses:
+For the `batched` engine the weights become *banks* holding one adapter per slot, and one new
+input `adapter_slot [batch]` (int64) says which slot each row uses. First the base projections that
+read the same input (q/k/v, gate/up) are fused into one MatMul each (`fusion`: exact, fewer and
+larger kernels; the attention reads q/k/v packed). Then the LoRA branches of each such group
+become one (`lora_groups`): with `A_g` the members' A side by side and `B_g` block-diagonal,
 
-    A_row = Gather(A_bank [lora_slots, in, lora_r], adapter_slot)   -> [batch, in, lora_r]
-    B_row = Gather(B_bank [lora_slots, lora_r, out], adapter_slot)  -> [batch, lora_r, out]
-    y = x @ W  +  (x [batch, seq, in] @ A_row) @ B_row              (batched MatMul)
+    A_rows = Gather(A_g bank [lora_slots, in, lora_r_g], adapter_slot)     -> [batch, in, lora_r_g]
+    B_rows = Gather(B_g bank [lora_slots, lora_r_g, width], adapter_slot)  -> [batch, lora_r_g, width]
+    fused = x @ W_fused  +  (x [batch, seq, in] @ A_rows) @ B_rows         (batched MatMul), then Split
 
 This is the BGMV idea of Punica and S-LoRA in plain ONNX ops, so it runs on every execution
-provider. The bank inputs keep the LoRA input names of the original graph, so an adapter file's
-tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
-(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's are zero-padded: exact. Each pair has
-its own symbolic rank (`lora_r_0`, `lora_r_1`, ...): the engine sizes each bank to the ranks of the
-adapters that adapt that module, and ONNX Runtime's memory planner takes tensors whose shapes
-share a symbolic dim for equal in size (one shared `lora_r` with banks of different ranks fails
-with "Shape mismatch attempting to re-use buffer").
-
-Before that, the base projections that read the same input (q/k/v, gate/up) are fused into one
-MatMul each (`fusion`: exact, and fewer, larger kernels).
+provider. A projection that was not fused keeps its own branch and Add (a group of one). The bank
+layout (which module takes which columns) is recorded beside the graph (`lora_groups()`); slot 0
+is kept all zeros by the engine: the base model (x @ 0 = 0 and y + 0 = y, exactly). Ranks below the
+bank's are zero-padded: exact. Each group has its own symbolic rank (`lora_r_0`, `lora_r_1`, ...):
+the engine sizes each bank to the ranks of the adapters that adapt its modules, and ONNX Runtime's
+memory planner takes tensors whose shapes share a symbolic dim for equal in size (one shared
+`lora_r` with banks of different ranks fails with "Shape mismatch attempting to re-use buffer").
 
 A further, independent change: the LM head computes only the positions each row asks for, picked
 by a new input `logits_index [batch, positions]` (GatherND before the head), so `logits` is
@@ -46,7 +46,8 @@ import shutil
 from pathlib import Path
 
 from loraplex.adapters.package.lora_inputs import LoraInputs, LoraPair
-from loraplex.runtime.engines.batched.fusion import fuse_shared_input_projections
+from loraplex.runtime.engines.batched.fusion import fuse_shared_input_projections, pack_qkv_into_attention
+from loraplex.runtime.engines.batched.lora_groups import LoraGroup, group_branches
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,12 @@ LOGITS_OUTPUT = "logits"
 _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
-RANK_DIM = "lora_r"  # + "_<pair index>": each bank's own rank
+RANK_DIM = "lora_r"  # + "_<group index>": each group bank's own rank
 BATCHED_SUFFIX = ".batched.onnx"
 FUSED_DATA_SUFFIX = ".fused.data"  # model.batched.fused.data: the fused projections' weights
 _STAMP_SUFFIX = ".batched.json"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 5
+REWRITE_VERSION = 6
 
 
 class LoraBankError(ValueError):
@@ -90,12 +91,12 @@ def _batch_dim_name(graph) -> str:
     raise LoraBankError("the graph has no input_ids input: is this a decoder exported by loraplex?")
 
 
-def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: bool = True) -> list[LoraPair]:
+def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: bool = True) -> list[LoraGroup]:
     """Write the banked version of `model_path` to `out_path`; external data is shared (hard-linked
     into `out_path`'s directory when that is another one), never copied.
 
     `fuse`: one MatMul for the projections that read the same input (`fusion`; exact).
-    Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
+    Returns the LoRA groups (the banks' layout, `lora_groups`). Raises LoraBankError when the graph has no
     LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
     """
     import onnx
@@ -113,8 +114,9 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: boo
     with open(data_tmp, "wb") as data:
         fused = fuse_shared_input_projections(graph, model_path.parent, data, data_name) \
             if fuse and _opset(model) >= 13 else 0
-    _banks_as_inputs(graph, pairs, batch)
-    _gather_before_lora_matmuls(graph, pairs)
+    groups = _banks_as_inputs(graph, pairs, batch)
+    if fused:
+        pack_qkv_into_attention(graph)
     _pick_logits_rows(graph, batch)
     model.metadata_props.append(onnx.StringStringEntryProto(key="loraplex.lora_bank", value=str(REWRITE_VERSION)))
     tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two servers may start at once
@@ -124,7 +126,7 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: boo
     else:
         data_tmp.unlink()
     os.replace(tmp, out_path)
-    return pairs
+    return groups
 
 
 def _opset(model) -> int:
@@ -150,8 +152,9 @@ def _check_lora_consumers(graph, pairs: list[LoraPair]) -> None:
             )
 
 
-def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> None:
-    """Replace each per-adapter LoRA input (and its zero-rank default) by a bank input, add `adapter_slot`."""
+def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> list[LoraGroup]:
+    """Replace the per-adapter LoRA inputs (and their zero-rank defaults) by the group banks
+    (`lora_groups`), read through `adapter_slot`."""
     from onnx import TensorProto, helper
 
     lora = _lora_names(pairs)
@@ -161,39 +164,11 @@ def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> None:
             seen.add(inp.name)
             kept.append(inp)
     inits = [i for i in graph.initializer if i.name not in lora]
-    # Also the shapes recorded for the lora_A MatMuls' outputs: the builder wrote them with the rank
-    # of the adapter it baked in (a fixed number), so the memory planner would size those buffers by
-    # it; without them ONNX Runtime infers `[batch, seq, lora_r_<i>]` from each bank.
-    rank_outputs = {out for node in graph.node if any(n in lora and ".lora_A." in n for n in node.input)
-                    for out in node.output}
-    vinfo = [v for v in graph.value_info if v.name not in lora and v.name not in rank_outputs]
-    for field, values in ((graph.input, kept), (graph.initializer, inits), (graph.value_info, vinfo)):
+    for field, values in ((graph.input, kept), (graph.initializer, inits)):
         del field[:]
         field.extend(values)
     graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
-    for index, p in enumerate(pairs):
-        rank = f"{RANK_DIM}_{index}"
-        for spec, dims in ((p.a, [SLOTS_DIM, p.in_features, rank]), (p.b, [SLOTS_DIM, rank, p.out_features])):
-            graph.input.append(helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, dims))
-
-
-def _gather_before_lora_matmuls(graph, pairs: list[LoraPair]) -> None:
-    """A Gather of each row's slot in front of every LoRA MatMul, which becomes batched by shape alone."""
-    from onnx import helper
-
-    lora = _lora_names(pairs)
-    new_nodes = []
-    for node in graph.node:
-        for name in node.input:
-            if name in lora:
-                rows = f"{name}/bank_rows"
-                new_nodes.append(
-                    helper.make_node("Gather", [name, SLOT_INPUT], [rows], name=f"/lora_bank/{name}/Gather", axis=0)
-                )
-                node.input[1] = rows
-        new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    return group_branches(graph, pairs, SLOT_INPUT, SLOTS_DIM, RANK_DIM)
 
 
 def _pick_logits_rows(graph, batch: str) -> None:
@@ -301,14 +276,23 @@ def _ensure_in(model_path: Path, out_dir: Path) -> Path:
     want = _fingerprint(model_path)
     if out.is_file() and stamp.is_file():
         try:
-            if json.loads(stamp.read_text()).get("source") == want:
+            record = json.loads(stamp.read_text())
+            if record.get("source") == want and "groups" in record:
                 return out
         except json.JSONDecodeError:
             pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = rewrite_for_banks(model_path, out)
-    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n"
+    groups = rewrite_for_banks(model_path, out)
+    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION,
+                         "groups": [g.to_record() for g in groups]}) + "\n"
     tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
     tmp.write_text(record)
     os.replace(tmp, stamp)
     return out
+
+
+def lora_groups(banked_path: str | Path) -> list[LoraGroup]:
+    """The bank layout of a banked graph made by `ensure_batched_model` (recorded beside it)."""
+    banked_path = Path(banked_path)
+    stamp = banked_path.with_name(banked_path.name.removesuffix(BATCHED_SUFFIX) + _STAMP_SUFFIX)
+    return [LoraGroup.from_record(r) for r in json.loads(stamp.read_text())["groups"]]
