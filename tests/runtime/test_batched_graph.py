@@ -83,7 +83,7 @@ def test_rewrite_turns_each_lora_group_into_two_banks_and_adds_one_slot_input(pa
         path.unlink()
     lora = sorted({i.name for i in original.input if ".lora_" in i.name})
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
-    assert inputs[SLOT_INPUT] == ["batch_size"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
+    assert inputs[SLOT_INPUT] == ["slot_rows"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
     assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert not any(name in inputs for name in lora) and not any(i.name in lora for i in banked.initializer)
     # Every LoRA pair is in exactly one group; q/k/v and gate/up (where adapted) share theirs.
@@ -140,6 +140,11 @@ def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
             np.testing.assert_allclose(got[row, column], expected[slot][position], rtol=0, atol=1e-5)
     # Adapters really change the output, so the comparison above can fail.
     assert all(np.abs(expected[k] - expected[0]).max() > 1e-2 for k in range(1, rows))
+    # One slot for every row (`adapter_slot` [1]): the same logits, bit for bit, as that slot given per row.
+    for slot in range(rows):
+        shared, per_row = ({**batch_feeds, **banks, SLOT_INPUT: np.full(n, slot), LOGITS_INDEX_INPUT: positions}
+                           for n in (1, rows))
+        assert np.array_equal(banked.run(["logits"], shared)[0], banked.run(["logits"], per_row)[0])
 
 
 def test_cached_rewrite_is_reused_and_redone_when_the_graph_changes(package, tmp_path):

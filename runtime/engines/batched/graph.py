@@ -6,10 +6,11 @@ as a graph input shared by the whole batch:
     y = x @ W  +  (x @ A) @ B          A: [in, lora_r], B: [lora_r, out]  (B pre-scaled)
 
 For the `batched` engine the weights become *banks* holding one adapter per slot, and one new
-input `adapter_slot [batch]` (int64) says which slot each row uses. First the base projections that
-read the same input (q/k/v, gate/up) are fused into one MatMul each (`fusion`: exact, fewer and
-larger kernels; the attention reads q/k/v packed). Then the LoRA branches of each such group
-become one (`lora_groups`): with `A_g` the members' A side by side and `B_g` block-diagonal,
+input `adapter_slot [batch]` (int64) says which slot each row uses (or `[1]`: one slot for all).
+First the base projections that read the same input (q/k/v, gate/up) are fused into one MatMul
+each (`fusion`: exact, fewer and larger kernels; the attention reads q/k/v packed). Then the
+LoRA branches of each such group become one (`lora_groups`): with `A_g` the members' A side by
+side and `B_g` block-diagonal,
 
     A_rows = Gather(A_g bank [lora_slots, in, lora_r_g], adapter_slot)     -> [batch, in, lora_r_g]
     B_rows = Gather(B_g bank [lora_slots, lora_r_g, width], adapter_slot)  -> [batch, lora_r_g, width]
@@ -58,6 +59,7 @@ LOGITS_OUTPUT = "logits"
 _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
+SLOT_ROWS_DIM = "slot_rows"  # adapter_slot's length: the batch, or 1 (one slot for every row)
 RANK_DIM = "lora_r"  # + "_<group index>": each group bank's own rank
 BATCHED_SUFFIX = ".batched.onnx"
 FUSED_DATA_SUFFIX = ".fused.data"  # model.batched.fused.data: the fused projections' weights
@@ -167,7 +169,9 @@ def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> list[LoraGroup
     for field, values in ((graph.input, kept), (graph.initializer, inits)):
         del field[:]
         field.extend(values)
-    graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [batch]))
+    # [batch], or [1] when every row uses one slot: the banks' rows are then read once and each LoRA
+    # MatMul broadcasts them over the batch (one matrix product instead of one per row).
+    graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [SLOT_ROWS_DIM]))
     return group_branches(graph, pairs, SLOT_INPUT, SLOTS_DIM, RANK_DIM)
 
 

@@ -256,7 +256,10 @@ class ModelRunner:
         binding.bind_cpu_input(LOGITS_INDEX_INPUT, index)
         binding.bind_cpu_input(config.input_ids_name, ids)
         binding.bind_cpu_input(config.attention_mask_name, mask)
-        binding.bind_cpu_input(SLOT_INPUT, np.array([row.slot for row in rows], dtype=np.int64))
+        slots = [row.slot for row in rows]
+        if len(set(slots)) == 1:  # one slot for every row: its banks are read once, broadcast (see graph)
+            slots = slots[:1]
+        binding.bind_cpu_input(SLOT_INPUT, np.array(slots, dtype=np.int64))
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
