@@ -1,0 +1,133 @@
+"""The session cache's pages that loading read but decoding does not are dropped from the process
+(`runtime.engines.batched.pages`): found as onnx finds them, gone after requests, tokens unchanged."""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from loraplex.adapters.package.adapter_file import read_adapter_file
+from loraplex.adapters.package.reader import Package
+from loraplex.runtime.engines.base import GenerationJob, SamplingParams
+from loraplex.runtime.engines.batched import BatchedEngine, session
+from loraplex.runtime.engines.batched.pages import (
+    UNREAD_INPUTS,
+    _graph,
+    _mappings,
+    external_initializers,
+    unread_only,
+)
+from loraplex.runtime.engines.batched.session import CACHE_SUFFIX
+
+from tests.fixtures.quantized import int4_copy
+from tests.runtime.test_batched_engine import PROMPTS, Collected
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap is Linux's")
+
+
+@pytest.fixture(scope="module")
+def int4_package(recipe_package, tmp_path_factory) -> Path:
+    return int4_copy(recipe_package, tmp_path_factory.mktemp("pages_int4") / "package")
+
+
+@pytest.fixture
+def cached_package(int4_package, tmp_path) -> Path:
+    """A copy of the int4 package whose session cache exists (written by a first engine)."""
+    out = tmp_path / "package"
+    shutil.copytree(int4_package, out, ignore=shutil.ignore_patterns(f"*{CACHE_SUFFIX}*"))
+    _run(out)
+    assert list(out.glob(f"*{CACHE_SUFFIX}"))
+    return out
+
+
+def _run(root: Path, check=None) -> list[list[int]]:
+    """Greedy tokens of a fresh engine on `root`, base then alpha; `check(engine)` before it closes."""
+    package = Package.open(root)
+    engine = BatchedEngine(package, max_batch=2, intra_op_threads=1)
+    try:
+        alpha = engine.load_adapter("alpha", "1", read_adapter_file(package.adapter_path("alpha"), package.lora_inputs))
+        out = []
+        for handle in (None, alpha):
+            sink = Collected()
+            engine.submit(GenerationJob(request_id="r", prompt_ids=PROMPTS[0], adapter=handle, sink=sink,
+                                        params=SamplingParams(max_new_tokens=8)))
+            out.append(sink.wait())
+        if check is not None:
+            check(engine)
+        return out
+    finally:
+        engine.close()
+
+
+def _matmul_nbits_only(model: Path) -> set[str]:
+    """The unread initializers only MatMulNBits nodes read (a gather's rows come back as requests read them)."""
+    import onnx
+
+    consumers: dict[str, set[str]] = {}
+    for node in onnx.load(str(model), load_external_data=False).graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    return {name for name in unread_only(_graph(model.read_bytes())) if consumers.get(name) == {"MatMulNBits"}}
+
+
+def _present_pages(model: Path, names: set[str]) -> tuple[int, int]:
+    """(pages present, whole pages) of initializers `names` in this process's mappings of their data file."""
+    page = mmap.PAGESIZE
+    present = total = 0
+    initializers = external_initializers(_graph(model.read_bytes()))
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        for name in names & set(initializers):
+            location, first, length = initializers[name]
+            for start, end, offset, _ in _mappings(model.parent / location):
+                whole = range(-(-max(first, offset) // page), min(first + length, offset + end - start) // page)
+                for file_page in whole:
+                    pagemap.seek((start // page + file_page - offset // page) * 8)
+                    present += struct.unpack("<Q", pagemap.read(8))[0] >> 63
+                    total += 1
+    return present, total
+
+
+def test_the_graph_walk_reads_what_onnx_reads(cached_package):
+    import onnx
+
+    (cache,) = cached_package.glob(f"*{CACHE_SUFFIX}")
+    model = onnx.load(str(cache), load_external_data=False)
+    want = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            want[tensor.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+    graph = _graph(cache.read_bytes())
+    assert external_initializers(graph) == want and want
+
+    roles: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            roles.setdefault(name, set()).add(index in UNREAD_INPUTS.get(node.op_type, ()))
+    unread = {name for name, seen in roles.items() if seen == {True}}
+    assert unread_only(graph) == unread
+    assert any("scale" in name for name in unread & set(want))  # MatMulNBits scales are among them
+
+
+def test_pages_read_only_at_load_are_dropped_and_stay_out_and_tokens_are_unchanged(cached_package, monkeypatch):
+    (cache,) = cached_package.glob(f"*{CACHE_SUFFIX}")
+    names = _matmul_nbits_only(cache)
+    seen = {}
+
+    def look(engine):
+        assert Path(engine.runner.session._model_path) == cache  # the session came from the cache
+        seen["pages"] = _present_pages(cache, names)
+
+    dropped_tokens = _run(cached_package, look)
+    present, total = seen["pages"]
+    assert total > 0 and present == 0, f"{present} of {total} dropped pages came back after requests"
+
+    monkeypatch.setattr(session, "drop_unread_pages", lambda model: 0)  # the same start without the drop
+    kept_tokens = _run(cached_package, look)
+    present, total = seen["pages"]
+    assert present > 0  # without the drop, loading left them mapped: what the drop saves
+    assert dropped_tokens == kept_tokens
