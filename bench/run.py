@@ -133,6 +133,9 @@ class Bench:
                     log_dir=self.log_dir,
                     max_batch=max(self.grid.concurrency),
                     label=label,
+                    # The bench's prompts repeat: a prefix cache across requests would turn them into hits the
+                    # in-process peers do not get (its own value is measured in `bench.features.prefix_cache`).
+                    extra_args=("--no-prefix-cache",) if engine == "batched" else (),
                 )
             except Unavailable as exc:
                 self._unavailable(name, str(exc))

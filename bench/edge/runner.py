@@ -112,7 +112,10 @@ class EdgeBench:
         self.results["unavailable"][name] = reason
 
     def loraplex(self, precision: str, n_adapters: int, *, profile: str = "edge", engine: str = "batched",
-                 max_batch: int | None = None, poll_s: float = 0.25) -> LoraplexServer | None:
+                 max_batch: int | None = None, poll_s: float = 0.25, prefix_cache: bool = True,
+                 ) -> LoraplexServer | None:
+        """`prefix_cache=False` for the speed scenarios: the bench's few prompts repeat, which a cache across
+        requests would turn into hits no peer gets (its value is measured on its own, `bench.features`)."""
         from loraplex.runtime.server.profiles import get_profile
 
         package = self.art.package_with(n_adapters, precision)
@@ -120,6 +123,8 @@ class EdgeBench:
         args = ["--profile", profile, "--threads", str(self.grid.threads)]
         if self.spin:
             args.append("--spin")
+        if not prefix_cache:
+            args.append("--no-prefix-cache")
         try:
             return LoraplexServer(package, engine, log_dir=self.log_dir, label=label, extra_args=tuple(args),
                                   max_batch=max_batch or get_profile(profile).max_batch, poll_s=poll_s)
@@ -263,8 +268,10 @@ class EdgeBench:
         from bench.systems.llamacpp import LlamaCppPython
 
         self._check_quiet("single")
-        systems = [s for s in (self.loraplex("int4", 2), self.loraplex("int4", 2, engine="genai"),
-                               self.loraplex("fp32", 2), self.llama_server("Q4_1", 2)) if s is not None]
+        systems = [s for s in (self.loraplex("int4", 2, prefix_cache=False),
+                               self.loraplex("int4", 2, engine="genai"),
+                               self.loraplex("fp32", 2, prefix_cache=False), self.llama_server("Q4_1", 2))
+                   if s is not None]
         try:
             systems.append(LlamaCppPython(self.llama, self.gguf_models["Q4_1"], self.adapters_gguf(2),
                                           name="llama-cpp-python Q4_1", threads=self.grid.threads, spin=self.spin))
@@ -287,7 +294,7 @@ class EdgeBench:
         adapters = self.workload.adapter_names(n)
         out: dict[str, Any] = {}
         for spread in (adapters[:1], adapters):
-            systems = [s for s in (self.loraplex("int4", n, max_batch=self.grid.clients),
+            systems = [s for s in (self.loraplex("int4", n, max_batch=self.grid.clients, prefix_cache=False),
                                    self.llama_server("Q4_1", n, parallel=self.grid.clients),
                                    self.llama_server("Q4_1", n, parallel=1)) if s is not None]
             try:

@@ -70,7 +70,8 @@ def _header(results: dict) -> list[str]:
         f"projections, non-zero B; the throughput scenarios serve {wl.get('served_adapters')}.",
         f"- Requests: {wl.get('prompt_tokens')}-token prompts, {wl.get('new_tokens')} new tokens, greedy, EOS "
         "ignored (`min_length` in onnxruntime-genai, `min_new_tokens` in PEFT, `ignore_eos` over gRPC where "
-        "the contract has it).",
+        "the contract has it). The prompts repeat, so the batched engine runs with its prefix cache off "
+        "(`--no-prefix-cache`): no peer here caches across requests.",
         f"- Built artefacts cached in `{wl.get('cache')}`.",
         "",
     ]

@@ -51,7 +51,9 @@ def _header(edge: dict) -> list[str]:
         f"{num(files.get('gguf', 0) / 1024, 0)} KiB LoRA GGUF.",
         f"- Threads: {edge.get('threads')} on both sides. " + _policy(edge),
         f"- Requests: {wl.get('prompt_tokens')}-token prompts, {wl.get('new_tokens')} new tokens, greedy, EOS ignored "
-        "(throughput); accuracy stops at EOS.",
+        "(throughput); accuracy stops at EOS. The prompts repeat, so loraplex's speed scenarios run with its prefix "
+        "cache off (`--no-prefix-cache`; llama-server keeps its per-slot prompt cache, its default); the memory and "
+        "start-up scenarios serve the shipped defaults.",
         "",
     ]
 
