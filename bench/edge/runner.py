@@ -167,6 +167,7 @@ class EdgeBench:
                                      for profile in ("default", "edge")}
 
     def run_cold_start(self) -> None:
+        edge_scenarios.byte_compile_loraplex()
         rows: dict[str, list[float]] = {}
         cpu: dict[str, list[float | None]] = {}  # the process's CPU seconds by then: robust to a busy machine
         errors: dict[str, str] = {}
