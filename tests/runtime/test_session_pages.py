@@ -18,6 +18,7 @@ from loraplex.runtime.engines.batched.pages import (
     UNREAD_INPUTS,
     _graph,
     _mappings,
+    _written,
     external_initializers,
     unread_only,
 )
@@ -82,7 +83,7 @@ def _present_pages(model: Path, names: set[str]) -> tuple[int, int]:
     with open("/proc/self/pagemap", "rb") as pagemap:
         for name in names & set(initializers):
             location, first, length = initializers[name]
-            for start, end, offset, _ in _mappings(model.parent / location):
+            for start, end, offset in _mappings(model.parent / location):
                 whole = range(-(-max(first, offset) // page), min(first + length, offset + end - start) // page)
                 for file_page in whole:
                     pagemap.seek((start // page + file_page - offset // page) * 8)
@@ -131,3 +132,21 @@ def test_pages_read_only_at_load_are_dropped_and_stay_out_and_tokens_are_unchang
     present, total = seen["pages"]
     assert present > 0  # without the drop, loading left them mapped: what the drop saves
     assert dropped_tokens == kept_tokens
+
+
+def test_a_page_written_in_a_private_file_mapping_counts_as_written(tmp_path):
+    """The guard that keeps a copied-on-write page (which holds what the file does not) from being dropped."""
+    import ctypes
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "data"
+    path.write_bytes(bytes(range(256)) * (4 * page // 256))
+    with open(path, "rb") as f, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        mapping = mmap.mmap(f.fileno(), 4 * page, access=mmap.ACCESS_COPY)  # MAP_PRIVATE, writable
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        assert mapping[0] == 0 and mapping[2 * page] == 0  # pages 0 and 2 read: file pages
+        mapping[2 * page] = 7  # page 2 written: now an anonymous copy
+        assert not _written(pagemap, address, 2 * page)
+        assert _written(pagemap, address + 2 * page, page)
+        assert _written(pagemap, address, 4 * page)
+        assert any(start == address for start, _, _ in _mappings(path))

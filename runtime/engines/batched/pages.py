@@ -11,8 +11,8 @@ about 21 MiB of the process's RSS, and dropped after load, only the rows request
 `drop_unread_pages` finds those initializers in the cached graph (a small protobuf walk: no `onnx`
 import at start) and `madvise(MADV_DONTNEED)`s the whole pages they cover in the process's mappings
 of the data file. Safe: onnxruntime maps each initializer privately (MAP_PRIVATE) from a file nothing
-writes, and never writes to them (checked per mapping: one holding anonymous, copy-on-write pages is
-left alone), and the engine does not run yet when this is called; so a page dropped is only
+writes, and never writes to them (checked per page in /proc/self/pagemap: a range holding a page
+copied on write is left alone), and the engine does not run yet when this is called; so a page dropped is only
 unmapped from this process (the page cache keeps it) and, should anything read it again, it is
 faulted back in with the same bytes. An initializer that any other node (or another input) also
 reads is kept. Linux only; elsewhere a no-op.
@@ -28,6 +28,8 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -122,49 +124,52 @@ def unread_ranges(model_path: Path) -> dict[Path, list[tuple[int, int]]]:
     return ranges
 
 
-def _mappings(path: Path) -> list[tuple[int, int, int, bool]]:
-    """(start, end, file offset, has anonymous pages) of this process's mappings of `path`."""
-    found, current = [], None
+def _mappings(path: Path) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of this process's private mappings of `path`."""
+    found = []
     target = str(path.resolve())
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
             head = line.split(maxsplit=5)
-            if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
-                current = None
-                if len(head) == 6 and head[5].rstrip("\n") == target and head[1].endswith("p"):
-                    start, end = (int(x, 16) for x in head[0].split("-"))
-                    current = [start, end, int(head[2], 16), False]
-                    found.append(current)
-            elif current is not None and line.startswith("Anonymous:"):
-                current[3] = int(line.split()[1]) > 0
-    return [tuple(m) for m in found]
+            if len(head) == 6 and head[5].rstrip("\n") == target and head[1].endswith("p"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                found.append((start, end, int(head[2], 16)))
+    return found
+
+
+def _written(pagemap, address: int, length: int) -> bool:
+    """Whether a page of [address, address + length) is anonymous (copied on write) in this process:
+    present (bit 63 of its /proc/self/pagemap entry) and not a file page (bit 61)."""
+    pagemap.seek(address // mmap.PAGESIZE * 8)
+    entries = np.frombuffer(pagemap.read(length // mmap.PAGESIZE * 8), dtype="<u8")
+    return bool(np.any((entries >> np.uint64(63)) & ~(entries >> np.uint64(61)) & np.uint64(1)))
 
 
 def drop_unread_pages(model_path: Path) -> int:
     """madvise(MADV_DONTNEED) the whole pages of `unread_ranges` in this process's private mappings of
-    their data files; the bytes dropped (0 where this is not Linux or nothing is mapped)."""
+    their data files, where none was written; the bytes dropped (0 where this is not Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
     dropped = 0
-    for data_file, ranges in unread_ranges(model_path).items():
-        # by file offset: (first byte, end, address of the first byte), mappings with written pages left out
-        mapped = sorted((offset, offset + end - start, start) for start, end, offset, written in _mappings(data_file)
-                        if not written)
-        firsts = [m[0] for m in mapped]
-        for offset, length in ranges:
-            index = max(bisect.bisect_right(firsts, offset) - 1, 0)
-            while index < len(mapped) and mapped[index][0] < offset + length:
-                map_first, map_end, address = mapped[index]
-                index += 1
-                first = -(-max(offset, map_first) // page) * page  # whole pages inside the range only
-                last = min(offset + length, map_end) // page * page
-                if last <= first:
-                    continue
-                if libc.madvise(address + first - map_first, last - first, MADV_DONTNEED) != 0:
-                    log.debug("madvise failed on %s: %s", data_file, os.strerror(ctypes.get_errno()))
-                    return dropped
-                dropped += last - first
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for data_file, ranges in unread_ranges(model_path).items():
+            # by file offset: (first byte, end, address of the first byte)
+            mapped = sorted((offset, offset + end - start, start) for start, end, offset in _mappings(data_file))
+            firsts = [m[0] for m in mapped]
+            for offset, length in ranges:
+                index = max(bisect.bisect_right(firsts, offset) - 1, 0)
+                while index < len(mapped) and mapped[index][0] < offset + length:
+                    map_first, map_end, address = mapped[index]
+                    index += 1
+                    first = -(-max(offset, map_first) // page) * page  # whole pages inside the range only
+                    last = min(offset + length, map_end) // page * page
+                    if last <= first or _written(pagemap, address + first - map_first, last - first):
+                        continue  # a written page holds what is not in the file: dropping it would lose it
+                    if libc.madvise(address + first - map_first, last - first, MADV_DONTNEED) != 0:
+                        log.debug("madvise failed on %s: %s", data_file, os.strerror(ctypes.get_errno()))
+                        return dropped
+                    dropped += last - first
     return dropped
