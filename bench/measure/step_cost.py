@@ -3,7 +3,8 @@
 Three tables, on the package's own banked graph and weights:
 
 1. the whole decode step (the engine's session run through its IO binding, KV rows of 64 tokens,
-   every row on one adapter slot) at 1, 2, 4, 8 and 16 rows, with 1 and 2 threads;
+   the rows spread over the package's adapters, at most `SPREAD` of them, as the bench's clients are)
+   at 1, 2, 4, 8 and 16 rows, with 1 and 2 threads;
 2. each distinct int4/int8 matmul of the graph (`MatMulNBits`: the layers' projections and the LM
    head, with the graph's own K, N, bits, block size and zero points) alone, repeated as many times
    as the graph has it, at the same row counts: which kernel makes several rows expensive;
@@ -30,6 +31,7 @@ import numpy as np
 
 ROWS = (1, 2, 4, 8, 16)
 CONTEXT = 64  # tokens already in each row's cache
+SPREAD = 4  # adapters a step's rows are spread over (the package's, repeated if it has fewer)
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,34 @@ def step_times(package_dir: Path, threads: int, repeats: int) -> dict[int, float
     from loraplex.runtime.engines.batched.session import SessionSettings
 
     package = Package.open(package_dir)
-    runner = ModelRunner(package, max_batch=max(ROWS), max_slots=2,
+    runner = ModelRunner(package, max_batch=max(ROWS), max_slots=SPREAD,
                          session=SessionSettings(intra_op_threads=threads, allow_spinning=True))
+    _fill_adapters(runner, package)
     out: dict[int, float] = {}
     for rows in ROWS:
-        out[rows] = _median_ms(lambda n=rows: runner.forward(0, _decode_rows(n), keep=0), repeats)
+        out[rows] = _median_ms(lambda n=rows: runner.forward(0, _decode_rows(n, runner.bank.capacity - 1), keep=0),
+                               repeats)
     runner.close()
     return out
 
 
-def _decode_rows(rows: int) -> list:
-    """A decode step's rows: one token each after CONTEXT cached ones, all on slot 0."""
+def _fill_adapters(runner, package) -> None:
+    """Bank slots 1..SPREAD hold the package's adapters (repeated if it has fewer; none: the base)."""
+    from loraplex.adapters.package.adapter_file import read_adapter_file
+    from loraplex.runtime.engines.batched.scheduler import BatchedAdapter
+
+    files = sorted((package.root / "adapters").glob("*.onnx_adapter"))
+    for slot in range(1, SPREAD + 1) if files else ():
+        path = files[(slot - 1) % len(files)]
+        weights = read_adapter_file(path, package.lora_inputs)
+        runner.bank.fill(slot, BatchedAdapter(name=f"{path.stem}#{slot}", version="1", path=path, weights=weights))
+
+
+def _decode_rows(rows: int, slots: int) -> list:
+    """A decode step's rows: one token each after CONTEXT cached ones, row i on slot 1 + i % slots (0: base)."""
     from loraplex.runtime.engines.batched.runner import RowInput
 
-    return [RowInput(slot=0, past=CONTEXT, tokens=(42,)) for _ in range(rows)]
+    return [RowInput(slot=1 + i % slots if slots else 0, past=CONTEXT, tokens=(42,)) for i in range(rows)]
 
 
 def graph_matmuls(banked: Path) -> collections.Counter[MatMulShape]:
@@ -146,9 +162,11 @@ def profile_shares(package_dir: Path, threads: int, rows: int, steps: int = 32) 
             return options
 
     settings = Profiled(intra_op_threads=threads, allow_spinning=True, cache=False)
-    runner = runner_module.ModelRunner(Package.open(package_dir), max_batch=rows, max_slots=2, session=settings)
+    package = Package.open(package_dir)
+    runner = runner_module.ModelRunner(package, max_batch=rows, max_slots=SPREAD, session=settings)
+    _fill_adapters(runner, package)
     for _ in range(steps):
-        runner.forward(0, _decode_rows(rows), keep=0)
+        runner.forward(0, _decode_rows(rows, runner.bank.capacity - 1), keep=0)
     trace = Path(runner.session.end_profiling())
     totals: collections.Counter[str] = collections.Counter()
     for event in json.loads(trace.read_text()):
