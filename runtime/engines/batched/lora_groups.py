@@ -104,7 +104,7 @@ def group_branches(graph, pairs: list[LoraPair], slot_input: str, slots_dim: str
     emit_at: dict[int, list] = {}  # id of a node replaced -> the nodes that take its place
     drop: set[int] = set()
     for x, members in by_input.items():
-        split = _common_split(members, producer, inits)
+        split = _common_split(members, producer, consumers, inits)
         if split is None:
             parts = [[b] for b in members]
         else:
@@ -153,10 +153,10 @@ def _branch(pair: LoraPair, consumers: dict[str, list]) -> _Branch:
     return _Branch(pair, node_a, node_b, add, base)
 
 
-def _common_split(members: list[_Branch], producer: dict, inits: dict):
+def _common_split(members: list[_Branch], producer: dict, consumers: dict, inits: dict):
     """The Split (of a fused projection, on the last axis, sizes constant) whose outputs are every
-    member's base, each member's delta added to it alone; None if the members do not share one."""
-    if len(members) < 2 or any(b.add is None or b.base is None for b in members):
+    member's base, read by nothing but the member's Add; None if the members do not share one."""
+    if len(members) < 2 or any(b.add is None or b.base is None or len(consumers[b.base]) != 1 for b in members):
         return None
     split = producer.get(members[0].base)
     if split is None or split.op_type != "Split" or len(split.input) < 2 or split.input[1] not in inits:
