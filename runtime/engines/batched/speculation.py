@@ -517,7 +517,9 @@ class Speculator:
     def record(self, rows: Sequence[Row], drafts: list[list[int]] | None,
                outcomes: Sequence[int | list[int] | Exception], seconds: float | None = None) -> None:
         """A step's outcome: every drafter sees its row's new tokens; a decode step's time (`seconds`)
-        teaches the cost model."""
+        teaches the cost model (not when speculation is off: nothing would read it)."""
+        if self.mode == "off":
+            return
         counts: dict[str, list[int]] = {}
         fed = 0
         for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
