@@ -23,6 +23,7 @@ from loraplex.runtime.engines.batched.pages import (
     unread_only,
 )
 from loraplex.runtime.engines.batched.session import CACHE_SUFFIX
+from loraplex.runtime.engines.heap import release_free_heap
 
 from tests.fixtures.quantized import int4_copy
 from tests.runtime.test_batched_engine import PROMPTS, Collected
@@ -116,21 +117,25 @@ def test_the_graph_walk_reads_what_onnx_reads(cached_package):
 
 def test_pages_read_only_at_load_are_dropped_and_stay_out_and_tokens_are_unchanged(cached_package, monkeypatch):
     (cache,) = cached_package.glob(f"*{CACHE_SUFFIX}")
-    names = _matmul_nbits_only(cache)
+    matmul_only = _matmul_nbits_only(cache)
+    unread = unread_only(_graph(cache.read_bytes()))
     seen = {}
 
     def look(engine):
         assert Path(engine.runner.session._model_path) == cache  # the session came from the cache
-        seen["pages"] = _present_pages(cache, names)
+        seen["after requests"] = _present_pages(cache, matmul_only)
+        release_free_heap()  # what the engine runs once idle
+        seen["at rest"] = _present_pages(cache, unread)
 
     dropped_tokens = _run(cached_package, look)
-    present, total = seen["pages"]
+    present, total = seen["after requests"]
     assert total > 0 and present == 0, f"{present} of {total} dropped pages came back after requests"
+    present, total = seen["at rest"]  # the gathered table's rows requests read leave again at rest
+    assert total > seen["after requests"][1] and present == 0, f"{present} of {total} pages mapped at rest"
 
-    monkeypatch.setattr(session, "drop_unread_pages", lambda model: 0)  # the same start without the drop
+    monkeypatch.setattr(session, "_drop_unread_pages", lambda *args: None)  # the same start without the drop
     kept_tokens = _run(cached_package, look)
-    present, total = seen["pages"]
-    assert present > 0  # without the drop, loading left them mapped: what the drop saves
+    assert seen["after requests"][0] > 0  # without the drop, loading left them mapped: what the drop saves
     assert dropped_tokens == kept_tokens
 
 

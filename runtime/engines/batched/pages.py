@@ -145,31 +145,44 @@ def _written(pagemap, address: int, length: int) -> bool:
     return bool(np.any((entries >> np.uint64(63)) & ~(entries >> np.uint64(61)) & np.uint64(1)))
 
 
+class UnreadPages:
+    """`unread_ranges(model_path)`, found once; `drop` hands their pages back whenever called: right
+    after load, and whenever the engine is idle (`heap.on_idle`): the gathered rows requests brought
+    back (each with the pages around it that the kernel maps on a fault) leave again at rest."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.ranges = unread_ranges(model_path) if sys.platform.startswith("linux") else {}
+
+    def drop(self) -> int:
+        """madvise(MADV_DONTNEED) the whole pages of the ranges in this process's private mappings of
+        their data files, where none was written; the bytes dropped (0 where this is not Linux)."""
+        if not self.ranges:
+            return 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        page = mmap.PAGESIZE
+        dropped = 0
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for data_file, ranges in self.ranges.items():
+                # by file offset: (first byte, end, address of the first byte)
+                mapped = sorted((offset, offset + end - start, start) for start, end, offset in _mappings(data_file))
+                firsts = [m[0] for m in mapped]
+                for offset, length in ranges:
+                    index = max(bisect.bisect_right(firsts, offset) - 1, 0)
+                    while index < len(mapped) and mapped[index][0] < offset + length:
+                        map_first, map_end, address = mapped[index]
+                        index += 1
+                        first = -(-max(offset, map_first) // page) * page  # whole pages inside the range only
+                        last = min(offset + length, map_end) // page * page
+                        if last <= first or _written(pagemap, address + first - map_first, last - first):
+                            continue  # a written page holds what is not in the file: dropping it would lose it
+                        if libc.madvise(address + first - map_first, last - first, MADV_DONTNEED) != 0:
+                            log.debug("madvise failed on %s: %s", data_file, os.strerror(ctypes.get_errno()))
+                            return dropped
+                        dropped += last - first
+        return dropped
+
+
 def drop_unread_pages(model_path: Path) -> int:
-    """madvise(MADV_DONTNEED) the whole pages of `unread_ranges` in this process's private mappings of
-    their data files, where none was written; the bytes dropped (0 where this is not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = mmap.PAGESIZE
-    dropped = 0
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for data_file, ranges in unread_ranges(model_path).items():
-            # by file offset: (first byte, end, address of the first byte)
-            mapped = sorted((offset, offset + end - start, start) for start, end, offset in _mappings(data_file))
-            firsts = [m[0] for m in mapped]
-            for offset, length in ranges:
-                index = max(bisect.bisect_right(firsts, offset) - 1, 0)
-                while index < len(mapped) and mapped[index][0] < offset + length:
-                    map_first, map_end, address = mapped[index]
-                    index += 1
-                    first = -(-max(offset, map_first) // page) * page  # whole pages inside the range only
-                    last = min(offset + length, map_end) // page * page
-                    if last <= first or _written(pagemap, address + first - map_first, last - first):
-                        continue  # a written page holds what is not in the file: dropping it would lose it
-                    if libc.madvise(address + first - map_first, last - first, MADV_DONTNEED) != 0:
-                        log.debug("madvise failed on %s: %s", data_file, os.strerror(ctypes.get_errno()))
-                        return dropped
-                    dropped += last - first
-    return dropped
+    """`UnreadPages(model_path).drop()`."""
+    return UnreadPages(model_path).drop()

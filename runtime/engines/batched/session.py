@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
-from loraplex.runtime.engines.batched.pages import drop_unread_pages
+from loraplex.runtime.engines.batched.pages import UnreadPages
+from loraplex.runtime.engines.heap import on_idle
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +95,22 @@ def create_session(model: Path, settings: SessionSettings, cache_dir: Path | Non
         except Exception as exc:  # onnxruntime raises bare errors for a truncated or foreign file
             log.warning("ignoring the session cache %s (%s); making it again", cached, exc)
         else:
-            _drop_unread_pages(cached)
+            _drop_unread_pages(session, cached)
             return session
     return _create_and_cache(model, settings, cached)
 
 
-def _drop_unread_pages(cached: Path) -> None:
-    """The cached data's pages read at load only, out of the process's RSS (`pages`); never fatal."""
+def _drop_unread_pages(session: ort.InferenceSession, cached: Path) -> None:
+    """The cached data's pages decoding does not read, out of the process's RSS now and whenever the
+    engine is idle (`pages`, `heap.on_idle`); never fatal."""
     try:
-        dropped = drop_unread_pages(cached)
+        pages = UnreadPages(cached)
+        dropped = pages.drop()
     except Exception as exc:  # an unreadable /proc, a graph this walk cannot read: the pages stay mapped
         log.debug("kept the session cache's pages mapped (%s)", exc)
-    else:
-        log.debug("dropped %.1f MiB of the session cache's mapped pages that decoding does not read", dropped / 2**20)
+        return
+    on_idle(session, pages.drop)
+    log.debug("dropped %.1f MiB of the session cache's mapped pages that decoding does not read", dropped / 2**20)
 
 
 def _create_and_cache(model: Path, settings: SessionSettings, cached: Path) -> ort.InferenceSession:
