@@ -1,21 +1,24 @@
-"""Model-file pages the session read while it loaded but decoding does not read, handed back after load.
+"""Model-file pages the session read while it loaded but decoding does not read, out of the process.
 
 A session made from the per-machine cache (`session`) maps the cached data file. While it loads,
 onnxruntime reads every MatMulNBits node's scales and zero points, but its prepacked weights carry
 their own copy of them: decoding reads the prepacked buffers only. It also reads part of the
 embedding table (the tied LM head's int8 copy that constant folding made for the gather, and its
-scales), of which a request reads only the rows of its tokens. Measured on SmolLM2-135M int4
-(`/proc/self/pagemap`, at rest after a request on the base and on each adapter): those pages hold
-about 21 MiB of the process's RSS, and dropped after load, only the rows requests gather come back.
+scales), of which a request reads only the rows of its tokens; each row it faults in brings the
+pages around it (the kernel's fault-around), so a few long prompts map most of the table again.
+Measured on SmolLM2-135M int4 (`/proc/self/pagemap`, the bench's memory scenario: a request on the
+base and on each adapter, RSS 2 s later): 37 MiB less RSS at rest (284 -> 247 MiB), with the
+scales dropped once after load and the gathered table dropped again whenever the engine is idle
+(the next request re-faults only its own rows; no measurable cost).
 
-`drop_unread_pages` finds those initializers in the cached graph (a small protobuf walk: no `onnx`
+`UnreadPages` finds those initializers in the cached graph (a small protobuf walk: no `onnx`
 import at start) and `madvise(MADV_DONTNEED)`s the whole pages they cover in the process's mappings
 of the data file. Safe: onnxruntime maps each initializer privately (MAP_PRIVATE) from a file nothing
-writes, and never writes to them (checked per page in /proc/self/pagemap: a range holding a page
-copied on write is left alone), and the engine does not run yet when this is called; so a page dropped is only
-unmapped from this process (the page cache keeps it) and, should anything read it again, it is
-faulted back in with the same bytes. An initializer that any other node (or another input) also
-reads is kept. Linux only; elsewhere a no-op.
+writes and never writes to it (checked per page in /proc/self/pagemap: a range holding a page copied
+on write is left alone); a page dropped is only unmapped from this process (the page cache keeps
+it), and whatever reads it next, even while the drop runs, faults it back in with the same bytes.
+An initializer that any other node (or another input) also reads is kept. Linux only; elsewhere a
+no-op.
 """
 
 from __future__ import annotations
