@@ -134,7 +134,7 @@ class Mixes:
         for key in idle[: max(0, len(self._live) - self.max_mixes)]:
             version = self._live.pop(key)
             version.retired = True
-            self.registry._schedule_unload(version)
+            self.registry.schedule_unload(version)
             asyncio.get_running_loop().create_task(self._remove_file(version))
 
     async def _remove_file(self, version: AdapterVersion) -> None:

@@ -166,7 +166,7 @@ class AdapterRegistry:
     def _release(self, version: AdapterVersion) -> None:
         version.leases -= 1
         if version.retired and version.leases == 0:
-            self._schedule_unload(version)
+            self.schedule_unload(version)
 
     def names(self) -> list[str]:
         return sorted(n for n in self._current if n)
@@ -225,7 +225,7 @@ class AdapterRegistry:
             if old is not None:
                 old.retired = True
                 if old.leases == 0:
-                    self._schedule_unload(old)
+                    self.schedule_unload(old)
         log.info("adapter %s version %s loaded from %s (replaced: %s)", name, new.version, file, old and old.version)
         return new
 
@@ -249,7 +249,7 @@ class AdapterRegistry:
         del self._current[name]
         version.retired = True
         if version.leases == 0:
-            self._schedule_unload(version)
+            self.schedule_unload(version)
         return version
 
     async def close(self) -> None:
@@ -261,8 +261,9 @@ class AdapterRegistry:
         """The real file a Load path names, refusing anything outside the adapter root."""
         return self.files.resolve(path)
 
-    # -- internals ------------------------------------------------------------------------
-    def _schedule_unload(self, version: AdapterVersion) -> None:
+    def schedule_unload(self, version: AdapterVersion) -> None:
+        """Unload `version` from the engine off the event loop (call it once no request holds the
+        version); `version.unloaded` is set when that is done."""
         if version.handle is None:
             version.unloaded.set()
             return
