@@ -550,3 +550,29 @@ def test_an_adapters_output_contract_loads_llguidance_at_its_first_constrained_r
         assert sink.finish == FinishReason.STOP
     finally:
         engine.close()
+
+
+def test_an_idle_engine_gives_back_the_rank_of_an_adapter_that_left(package, make_engine):
+    """gamma (rank 16 on the MLP) widens the banks; once it is unloaded, the next idle release shrinks
+    them to what alpha (rank 4 on q/v) needs, and alpha stays exact."""
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    runner, bank = engine.runner, engine.runner.bank
+    released = threading.Event()
+    release = runner.release_memory
+
+    def release_and_tell() -> None:
+        release()
+        released.set()
+
+    runner.release_memory = release_and_tell
+    for name in ("gamma", "alpha"):
+        assert submit(engine, PROMPTS[0], handles[name])[1].wait() == reference(package, name, PROMPTS[0])
+    assert _adapted(bank)["gate_proj"] == 16
+    wide = bank.nbytes
+    engine.unload_adapter(handles["gamma"])
+    assert handles["gamma"].weights is None
+    released.clear()
+    assert submit(engine, PROMPTS[1], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[1])
+    assert released.wait(WAIT_S), "the idle engine did not release its memory"
+    assert _adapted(bank) == {"q_proj": 4, "v_proj": 4} and bank.nbytes < wide
+    assert submit(engine, PROMPTS[2], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[2])

@@ -11,7 +11,8 @@ Memory follows the adapters actually loaded, not the limits:
 - slots are allocated as adapters arrive: the banks hold as many slots as the highest slot
   filled so far (plus slot 0), never `max_slots` up front;
 - each module's rank is the largest rank of the adapters filled so far that adapt it (0 while none
-  does): a rank-4 adapter on q/v beside a rank-16 one on the MLP does not pad q/v to 16. The
+  does): a rank-4 adapter on q/v beside a rank-16 one on the MLP does not pad q/v to 16; once the
+  widest has left, an idle engine shrinks it back (`fit`). The
   banked graph gives each group its own symbolic rank dim, so ONNX Runtime's memory planner never
   takes two banks' ranks for equal;
 - an adapter's weights live in one place only: its slot while it has one (the host copy read
@@ -104,6 +105,21 @@ class WeightBank:
         adapter.weights = replace(weights, tensors={})  # the slot is the copy now
         self.on_fill(adapter)
 
+    def fit(self) -> bool:
+        """Shrink each module's rank to what the adapters still in slots need (a wide adapter or mix
+        that left would otherwise keep every slot that wide); call only when no row runs. True if the
+        banks were reallocated."""
+        ranks = dict.fromkeys(self.ranks, 0)
+        for adapter in self.owner.values():
+            if adapter.weights is not None:
+                for module, rank in adapter.weights.ranks.items():
+                    if module in ranks:
+                        ranks[module] = max(ranks[module], rank)
+        if all(ranks[m] >= r for m, r in self.ranks.items()):
+            return False
+        self._allocate(self.capacity, ranks)
+        return True
+
     def _a_view(self, slot: int, module: str, rank: int | None = None) -> np.ndarray:
         """Slot `slot`'s A columns of `module` at `rank` (default: the bank's), a view into its group's bank."""
         group = self._member[module][0]
@@ -147,15 +163,16 @@ class WeightBank:
             offset += size
         if keep:
             for module, old_rank in self.ranks.items():
-                if not old_rank:
+                rank = min(old_rank, ranks[module])  # a shrink (`fit`) keeps what the slots' adapters use
+                if not rank:
                     continue
                 group, member = self._member[module]
                 old_start, new_start = self.offset(module), self.offset(module, ranks)
                 columns = slice(member.column, member.column + member.out_features)
-                arrays[group.a_input][:keep, :, new_start: new_start + old_rank] = \
-                    self.arrays[group.a_input][:keep, :, old_start: old_start + old_rank]
-                arrays[group.b_input][:keep, new_start: new_start + old_rank, columns] = \
-                    self.arrays[group.b_input][:keep, old_start: old_start + old_rank, columns]
+                arrays[group.a_input][:keep, :, new_start: new_start + rank] = \
+                    self.arrays[group.a_input][:keep, :, old_start: old_start + rank]
+                arrays[group.b_input][:keep, new_start: new_start + rank, columns] = \
+                    self.arrays[group.b_input][:keep, old_start: old_start + rank, columns]
         self.arrays = arrays
         self.ortvalues = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         self.capacity, self.ranks = capacity, dict(ranks)
