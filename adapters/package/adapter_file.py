@@ -40,6 +40,7 @@ class AdapterWeights:
     path: Path
     tensors: dict[str, np.ndarray]
     ranks: dict[str, int]  # module -> rank
+    sha256: str = ""  # the file's, once a server has verified it ("": not known)
 
     @property
     def rank(self) -> int:

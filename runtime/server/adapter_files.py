@@ -20,7 +20,7 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loraplex.adapters.package.adapter_file import ADAPTER_SUFFIX, AdapterFileError, AdapterWeights, read_adapter_file
@@ -139,7 +139,7 @@ class AdapterFiles:
                 _match_digest(file, sha, recorded.lower(), "the adapter store's record")
             else:
                 self._verify_digest(file, sha, [e for m in manifests for e in m.adapters.values()])
-            weights = read_adapter_file(file, self.package.lora_inputs)
+            weights = replace(read_adapter_file(file, self.package.lora_inputs), sha256=sha)
             size = file.stat().st_size
         except AdapterFileError as exc:
             raise AdapterIncompatible(

@@ -146,3 +146,23 @@ def test_the_byte_bound_holds_and_the_least_recently_used_prefix_goes_first(reci
         assert cache.stats.tokens_reused - reused == 2 * DEFAULT_BLOCK_TOKENS  # b was evicted: no reuse
     finally:
         engine.close()
+
+
+def test_a_server_read_adapter_is_namespaced_by_its_verified_file_sha256(recipe_package, tmp_path):
+    """The server reads and verifies an adapter file's sha256; the engine keys the adapter's prefixes by it
+    instead of hashing the tensors again (a file read another way is keyed by its tensors' digest)."""
+    from loraplex.adapters.package.manifest import file_sha256
+    from loraplex.runtime.engines.batched.prefix_cache import weights_digest
+    from loraplex.runtime.server.adapter_files import AdapterFiles
+
+    package = Package.open(recipe_package)
+    path = package.adapter_path("alpha")
+    _, checked = AdapterFiles(package, path.parent).read("alpha", path)
+    assert checked.sha256 == file_sha256(path)
+    engine = BatchedEngine(package, intra_op_threads=2, max_batch=2, max_slots=2, prefix_cache_bytes=MIB)
+    try:
+        assert engine.load_adapter("alpha", "1", checked).digest == checked.sha256
+        plain = read_adapter_file(path, package.lora_inputs)
+        assert engine.load_adapter("alpha", "2", plain).digest == weights_digest(plain.tensors)
+    finally:
+        engine.close()
