@@ -60,21 +60,31 @@ def _close_built(future: Future[Engine]) -> None:
 
 
 class ModelLoad:
-    """`package`'s engine and tokenizer, loading in threads from construction until `result`.
+    """`package`'s engine, loading in a thread from construction; its tokenizer, read in another once
+    `result` is awaited.
 
-    Whoever takes the result owns the engine; a load given up before that (`close`, `aclose`,
-    `discard`) closes the engine once it is built.
+    The tokenizer holds the GIL while it reads (about 0.1 s): started with the engine, it would only
+    contend with the caller's imports, so it starts when the caller is done with them (`result`),
+    still beside the session, which onnxruntime makes mostly without the GIL. Whoever takes the
+    result owns the engine; a load given up before that (`close`, `aclose`, `discard`) closes the
+    engine once it is built.
     """
 
     def __init__(self, config: ServerConfig, package: Package) -> None:
         self.package = package
         importlib.import_module(ENGINE_MODULES[config.engine])
-        importlib.import_module(TOKENIZER_MODULES.get(package.manifest.tokenizer or "", DEFAULT_TOKENIZER_MODULE))
         self.engine: Future[Engine] = _in_thread("loraplex-load-engine", build_engine, package, config.engine,
                                                  **config.engine_options())
-        self.tokenizer: Future[Tokenizer] = _in_thread("loraplex-load-tokenizer", open_tokenizer, package.root,
-                                                       package.manifest.tokenizer)
+        self.tokenizer: Future[Tokenizer] | None = None
         self.taken = False
+
+    def _start_tokenizer(self) -> Future[Tokenizer]:
+        if self.tokenizer is None:
+            importlib.import_module(TOKENIZER_MODULES.get(self.package.manifest.tokenizer or "",
+                                                          DEFAULT_TOKENIZER_MODULE))
+            self.tokenizer = _in_thread("loraplex-load-tokenizer", open_tokenizer, self.package.root,
+                                        self.package.manifest.tokenizer)
+        return self.tokenizer
 
     async def result(self) -> tuple[Engine, Tokenizer]:
         """The engine and the tokenizer once both are loaded (the caller owns the engine from then on).
@@ -84,16 +94,17 @@ class ModelLoad:
             raise RuntimeError("this model load was already taken")
         self.taken = True
         try:
-            await asyncio.wait([asyncio.wrap_future(self.engine), asyncio.wrap_future(self.tokenizer)])
-        except asyncio.CancelledError:
+            tokenizer = self._start_tokenizer()
+            await asyncio.wait([asyncio.wrap_future(self.engine), asyncio.wrap_future(tokenizer)])
+        except BaseException:  # cancelled, or the tokenizer's library cannot be imported
             self.discard()
             raise
-        error = self.engine.exception() or self.tokenizer.exception()
+        error = self.engine.exception() or tokenizer.exception()
         if error is not None:
             if self.engine.exception() is None:
                 await asyncio.to_thread(self.engine.result().close)
             raise error
-        return self.engine.result(), self.tokenizer.result()
+        return self.engine.result(), tokenizer.result()
 
     def discard(self) -> None:
         """Close the engine once it is built, without waiting for it."""
@@ -103,7 +114,7 @@ class ModelLoad:
         """Wait for the load and close its engine, unless `result` handed it over."""
         if not self.taken:
             self.taken = True
-            wait_all([self.engine, self.tokenizer])
+            wait_all([self.engine] if self.tokenizer is None else [self.engine, self.tokenizer])
             _close_built(self.engine)
 
     async def aclose(self) -> None:
@@ -112,7 +123,7 @@ class ModelLoad:
 
 
 def start_loading(config: ServerConfig) -> ModelLoad:
-    """Open `config.package` (its errors raised here) and start loading its engine and tokenizer; with
+    """Open `config.package` (its errors raised here) and start loading its engine; with
     `config.malloc_arenas`, the heap's arenas are limited first (before the engine's threads start)."""
     if config.malloc_arenas:
         limit_heap_arenas(config.malloc_arenas)
