@@ -41,6 +41,7 @@ def test_host_copies_are_dropped_and_read_again_with_requests_in_flight(server_f
             brake.hold()
             stream = client.stream("alpha", PROMPT, max_new_tokens=6)
             next(stream)  # alpha is in flight, its engine held at its first token
+            assert brake.held.wait(30), "alpha's first token never reached the brake"  # its prefill ran
             wait_until(lambda: server.running.registry.get("alpha").leases == 1, what="alpha in flight")
             # Its file read again if it was on disk (off the engine), then held at its first token.
             wait_until(lambda: tier(server, "alpha").tier != "disk", what="alpha in memory")
