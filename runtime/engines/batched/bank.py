@@ -12,9 +12,8 @@ Memory follows the adapters actually loaded, not the limits:
   filled so far (plus slot 0), never `max_slots` up front;
 - each module's rank is the largest rank of the adapters filled so far that adapt it (0 while none
   does): a rank-4 adapter on q/v beside a rank-16 one on the MLP does not pad q/v to 16; once the
-  widest has left, an idle engine shrinks it back (`fit`). The
-  banked graph gives each group its own symbolic rank dim, so ONNX Runtime's memory planner never
-  takes two banks' ranks for equal;
+  widest has left, an idle engine shrinks it back (`fit`). The banked graph gives each group its
+  own symbolic rank dim, so ONNX Runtime's memory planner never takes two banks' ranks for equal;
 - an adapter's weights live in one place only: its slot while it has one (the host copy read
   from its file is dropped once copied in), else a compact host copy at its own ranks (made again
   from the slot when an LRU swap gives the slot to another adapter). A slot costs more than the
