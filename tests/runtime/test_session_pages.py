@@ -115,7 +115,8 @@ def test_the_graph_walk_reads_what_onnx_reads(cached_package):
     assert any("scale" in name for name in unread & set(want))  # MatMulNBits scales are among them
 
 
-def test_pages_read_only_at_load_are_dropped_and_stay_out_and_tokens_are_unchanged(cached_package, monkeypatch):
+def test_pages_decoding_does_not_read_leave_at_rest_and_stay_out_and_tokens_are_unchanged(cached_package,
+                                                                                          monkeypatch):
     (cache,) = cached_package.glob(f"*{CACHE_SUFFIX}")
     matmul_only = _matmul_nbits_only(cache)
     unread = unread_only(_graph(cache.read_bytes()))
@@ -123,20 +124,27 @@ def test_pages_read_only_at_load_are_dropped_and_stay_out_and_tokens_are_unchang
 
     def look(engine):
         assert Path(engine.runner.session._model_path) == cache  # the session came from the cache
-        seen["after requests"] = _present_pages(cache, matmul_only)
+        seen["loaded"] = _present_pages(cache, matmul_only)
         release_free_heap()  # what the engine runs once idle
         seen["at rest"] = _present_pages(cache, unread)
+        sink = Collected()  # decoding again reads none of the prepacked kernels' inputs
+        engine.submit(GenerationJob(request_id="again", prompt_ids=PROMPTS[1], adapter=None, sink=sink,
+                                    params=SamplingParams(max_new_tokens=8)))
+        seen["again"] = sink.wait()
+        seen["after a request"] = _present_pages(cache, matmul_only)
 
-    dropped_tokens = _run(cached_package, look)
-    present, total = seen["after requests"]
-    assert total > 0 and present == 0, f"{present} of {total} dropped pages came back after requests"
-    present, total = seen["at rest"]  # the gathered table's rows requests read leave again at rest
-    assert total > seen["after requests"][1] and present == 0, f"{present} of {total} pages mapped at rest"
+    dropped = _run(cached_package, look)
+    assert seen["loaded"][0] > 0  # loading mapped them: what the drop saves
+    present, total = seen["at rest"]
+    assert total > seen["loaded"][1] and present == 0, f"{present} of {total} pages still mapped at rest"
+    present, total = seen["after a request"]
+    assert total > 0 and present == 0, f"{present} of {total} dropped pages came back with a request"
+    dropped.append(seen["again"])
 
-    monkeypatch.setattr(session, "_drop_unread_pages", lambda *args: None)  # the same start without the drop
-    kept_tokens = _run(cached_package, look)
-    assert seen["after requests"][0] > 0  # without the drop, loading left them mapped: what the drop saves
-    assert dropped_tokens == kept_tokens
+    monkeypatch.setattr(session, "_drop_unread_pages", lambda *args: None)  # the same engine without the drop
+    kept = _run(cached_package, look)
+    assert seen["after a request"][0] > 0
+    assert dropped == [*kept, seen["again"]]
 
 
 def test_a_page_written_in_a_private_file_mapping_counts_as_written(tmp_path):

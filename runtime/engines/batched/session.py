@@ -101,16 +101,10 @@ def create_session(model: Path, settings: SessionSettings, cache_dir: Path | Non
 
 
 def _drop_unread_pages(session: ort.InferenceSession, cached: Path) -> None:
-    """The cached data's pages decoding does not read, out of the process's RSS now and whenever the
-    engine is idle (`pages`, `heap.on_idle`); never fatal."""
-    try:
-        pages = UnreadPages(cached)
-        dropped = pages.drop()
-    except Exception as exc:  # an unreadable /proc, a graph this walk cannot read: the pages stay mapped
-        log.debug("kept the session cache's pages mapped (%s)", exc)
-        return
-    on_idle(session, pages.drop)
-    log.debug("dropped %.1f MiB of the session cache's mapped pages that decoding does not read", dropped / 2**20)
+    """The cached data's pages decoding does not read, out of the process's RSS whenever the engine is
+    idle (`pages`, `heap.on_idle`: the first time half a second after the warm-up, not on the way to
+    the first token)."""
+    on_idle(session, UnreadPages(cached).drop)
 
 
 def _create_and_cache(model: Path, settings: SessionSettings, cached: Path) -> ort.InferenceSession:
