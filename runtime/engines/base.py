@@ -32,6 +32,7 @@ import abc
 import enum
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -190,3 +191,10 @@ class Engine(abc.ABC):
     def healthy(self) -> bool:
         """False once the engine can no longer decode (its thread died): health checks report it."""
         return True
+
+    def quiet(self) -> AbstractContextManager:
+        """Hold decoding between steps while the caller does Python work that needs the GIL (reading
+        and checking an adapter file). An engine whose steps hold the GIL (onnxruntime-genai's)
+        otherwise lets that work run only between its steps: seconds for a load under load. Others
+        release the GIL while they compute and need nothing (the default)."""
+        return nullcontext()

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from concurrent import futures
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from loraplex.adapters.package.adapter_file import AdapterWeights
@@ -111,6 +112,10 @@ class Executor(abc.ABC):
     def release_memory(self) -> None:
         """Nothing has run for a while: hand free memory back to the system."""
 
+    def quiet(self) -> AbstractContextManager:
+        """See `Engine.quiet` (default: nothing to hold)."""
+        return nullcontext()
+
     @abc.abstractmethod
     def close(self) -> None:
         """The engine thread has ended: free what the executor holds."""
@@ -165,6 +170,9 @@ class EngineCore(Engine):
 
     def load_adapter(self, name: str, version: str, weights: AdapterWeights) -> AdapterHandle:
         return self.executor.load_adapter(name, version, weights)
+
+    def quiet(self) -> AbstractContextManager:
+        return self.executor.quiet()
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         """Free an adapter version on the engine thread; returns once it is freed (raises what the

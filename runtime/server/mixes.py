@@ -108,9 +108,10 @@ class Mixes:
 
     async def _build(self, key: str, sources: list[AdapterVersion], weights: list[float]) -> AdapterVersion:
         name = MIX_PREFIX + key[:16]
-        checked, derived = await asyncio.to_thread(self._write, name, key, sources, weights)
         engine = self.registry.engine
-        handle = await asyncio.to_thread(engine.load_adapter, name, checked.version, derived)
+        with engine.quiet():  # reading the sources and writing the mix need the GIL (see Engine.quiet)
+            checked, derived = await asyncio.to_thread(self._write, name, key, sources, weights)
+            handle = await asyncio.to_thread(engine.load_adapter, name, checked.version, derived)
         if (cache := adapter_cache(engine)) is not None:
             cache.record_sha256(handle, checked.sha256, checked.fingerprint)
         template = sources[0].template if all(v.template == sources[0].template for v in sources) else None

@@ -212,11 +212,12 @@ class AdapterRegistry:
                 return current
             fallback = template if template is not None else (current.template if current else None)
             contract = output if output is not None else (current.output if current else None)
-            checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract,
-                                                       recorded)
-            if pin:
-                self.pinned.add(name)
-            handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
+            with self.engine.quiet():  # reading the file needs the GIL, which some engines' steps hold
+                checked, weights = await asyncio.to_thread(self.files.read, name, file, version, fallback, contract,
+                                                           recorded)
+                if pin:
+                    self.pinned.add(name)
+                handle = await asyncio.to_thread(self.engine.load_adapter, name, checked.version, weights)
             if (cache := adapter_cache(self.engine)) is not None:
                 cache.record_sha256(handle, checked.sha256, checked.fingerprint)
             new = AdapterVersion.of(checked, handle)
