@@ -468,10 +468,8 @@ def test_bank_slots_are_allocated_as_adapters_arrive_and_sized_to_their_ranks(pa
     assert submit(engine, PROMPTS[1], handles["gamma"])[1].wait() == reference(package, "gamma", PROMPTS[1])
     assert bank.capacity == 3 and _adapted(bank) == {"q_proj": 4, "v_proj": 4, "gate_proj": 16, "up_proj": 16,
                                                       "down_proj": 16}
-    # Exactly the slots and ranks in use: 3 slots; no bank padded to 16 where only 4 is needed. Each group
-    # (q/k/v, gate/up, or one projection) takes its members' ranks side by side: A [in, r], B [r, width].
-    widths = [sum(bank.ranks[m.module] for m in group.members) for group in bank.groups]
-    expected = sum(3 * r * (group.in_features + group.width) * 4 for group, r in zip(bank.groups, widths, strict=True))
+    # Exactly the slots and ranks in use: 3 slots; no bank padded to 16 where only 4 is needed.
+    expected = sum(3 * spec.fixed * bank.ranks[pair.module] * 4 for pair in bank.pairs for spec in (pair.a, pair.b))
     assert bank.nbytes == expected
     # alpha still exact after the banks grew (its slot's contents were kept)
     assert submit(engine, PROMPTS[2], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[2])

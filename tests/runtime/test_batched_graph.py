@@ -1,6 +1,5 @@
 """The LoRA bank rewrite: slot k of the banked graph computes what the original graph computes
-with adapter k's weights as its LoRA inputs, for every row of a mixed batch; the projections (and
-their LoRA branches) that read one input run as one."""
+with adapter k's weights as its LoRA inputs, for every row of a mixed batch."""
 
 from __future__ import annotations
 
@@ -17,10 +16,8 @@ from loraplex.runtime.engines.batched.graph import (
     SLOT_INPUT,
     LoraBankError,
     ensure_batched_model,
-    lora_groups,
     rewrite_for_banks,
 )
-from loraplex.runtime.engines.batched.lora_groups import LoraGroup
 
 from tests.fixtures.reference import PackageFiles, package_files
 
@@ -49,21 +46,6 @@ def _adapter(package: PackageFiles, path) -> dict[str, np.ndarray]:
             for name, t in weights.padded(inputs).items()}
 
 
-def _banks(groups: list[LoraGroup], slots: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Group banks holding `slots` (each an adapter as `_adapter` gives it, every member at rank 16):
-    member j of a group takes A's columns and B's rows [16 j, 16 j + 16), B in its own output columns."""
-    banks = {}
-    for group in groups:
-        a = np.zeros((len(slots), group.in_features, 16 * len(group.members)), np.float32)
-        b = np.zeros((len(slots), 16 * len(group.members), group.width), np.float32)
-        for s, weights in enumerate(slots):
-            for j, m in enumerate(group.members):
-                a[s, :, 16 * j: 16 * j + 16] = weights[m.a_name]
-                b[s, 16 * j: 16 * j + 16, m.column: m.column + m.out_features] = weights[m.b_name]
-        banks[group.a_input], banks[group.b_input] = a, b
-    return banks
-
-
 def _prompt_feeds(package: PackageFiles, ids: np.ndarray) -> dict[str, np.ndarray]:
     """A first prompt: empty past (head size from genai_config: the graph's dim is symbolic)."""
     decoder = json.loads((package.root / "genai_config.json").read_text())["model"]["decoder"]
@@ -74,38 +56,28 @@ def _prompt_feeds(package: PackageFiles, ids: np.ndarray) -> dict[str, np.ndarra
     return feeds
 
 
-def test_rewrite_turns_each_lora_group_into_two_banks_and_adds_one_slot_input(package):
+def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(package):
     out = package.model.with_name("model.test_rewrite.onnx")  # beside the model: shares its external data
-    groups = rewrite_for_banks(package.model, out)
+    rewrite_for_banks(package.model, out)
     original = onnx.load(str(package.model), load_external_data=False).graph
     banked = onnx.load(str(out), load_external_data=False).graph
-    for path in (out, out.with_name("model.test_rewrite.fused.data")):
-        path.unlink()
+    out.unlink()
     lora = sorted({i.name for i in original.input if ".lora_" in i.name})
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
     assert inputs[SLOT_INPUT] == ["slot_rows"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
     assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
-    assert not any(name in inputs for name in lora) and not any(i.name in lora for i in banked.initializer)
-    # Every LoRA pair is in exactly one group; q/k/v and gate/up (where adapted) share theirs.
-    assert sorted(n for g in groups for m in g.members for n in (m.a_name, m.b_name)) == lora
-    kinds = sorted(tuple(m.module.rsplit(".", 1)[-1] for m in g.members) for g in groups)
-    layers = sum(1 for i in original.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
-    assert set(kinds) == {("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
-    assert len(kinds) == 4 * layers
-    for group in groups:
-        assert inputs[group.a_input] == ["lora_slots", group.in_features, f"lora_r_{group.index}"]
-        assert inputs[group.b_input] == ["lora_slots", f"lora_r_{group.index}", group.width]
-        assert sorted(m.column for m in group.members) == [m.column for m in group.members]  # column order
+    assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now banks
+    for name in lora:
+        dims = inputs[name]
+        assert dims[0] == "lora_slots" and len(dims) == 3
+        assert (dims[2] if ".lora_A." in name else dims[1]).startswith("lora_r_")  # each bank its own rank
+    assert not any(i.name in lora for i in banked.initializer)  # zero-rank defaults gone
     gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
-    assert sorted(n.input[0] for n in gathers) == sorted(n for g in groups for n in (g.a_input, g.b_input))
-    # Per group 4 LoRA nodes (2 Gathers, 2 MatMuls) replace 2 MatMuls per pair; a group of several adds one
-    # Add before its Split and drops its members' Adds. Per layer q/k/v (3 nodes) become one MatMul read
-    # packed by the attention (no Split), gate/up (2) one MatMul and a Split; + Unsqueeze, GatherND.
-    adds = sum(1 - len(g.members) for g in groups if len(g.members) > 1)
-    assert len(banked.node) == len(original.node) - len(lora) + 4 * len(groups) + adds - 2 * layers + 2
-    assert sum(1 for n in banked.node if n.op_type == "Split") == layers  # gate/up only
-    attention = [n for n in banked.node if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == layers and all(n.input[1] == n.input[2] == "" for n in attention)
+    assert sorted(n.input[0] for n in gathers) == lora
+    layers = sum(1 for i in original.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
+    # + the Gathers, + Unsqueeze, GatherND; per layer q/k/v (3 nodes) and gate/up (2) each
+    # become one MatMul and a Split
+    assert len(banked.node) == len(original.node) + len(lora) + 2 - layers
     head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
     assert head.input[0] == "/lora_bank/logits_rows/gather"
 
@@ -124,11 +96,10 @@ def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
     rank = next(iter(weights[0].values())).shape[1]
     zero = {name: np.zeros(w.shape[:1] + (rank,) if ".lora_A." in name else (rank,) + w.shape[1:], np.float32)
             for name, w in weights[0].items()}
-    assert rank == 16
     expected = [original.run(["logits"], {**feeds, **zero})[0][0]]
     expected += [original.run(["logits"], {**feeds, **w})[0][0] for w in weights]
 
-    banks = _banks(lora_groups(ensure_batched_model(package.model)), [zero] + weights)
+    banks = {name: np.stack([zero[name]] + [w[name] for w in weights]) for name in zero}
     rows = len(expected)
     batch_feeds = {k: np.repeat(v, rows, axis=0) for k, v in _prompt_feeds(package, ids).items()}
     slots = np.arange(rows, dtype=np.int64)[::-1].copy()  # row i uses slot rows-1-i
@@ -170,7 +141,7 @@ def test_banked_graph_in_another_directory_shares_the_external_data(package, tmp
     ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
     feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([[3]])}
     for inp in beside.get_inputs():
-        if inp.name.startswith("lora_bank."):
+        if ".lora_" in inp.name:
             fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 slot (zeros), rank 1
             feeds[inp.name] = np.zeros(fixed, dtype=np.float32)
     np.testing.assert_array_equal(beside.run(["logits"], feeds)[0], elsewhere.run(["logits"], feeds)[0])
@@ -187,10 +158,10 @@ def test_graph_without_lora_inputs_is_refused_with_the_fix(tmp_path):
         rewrite_for_banks(tmp_path / "model.onnx", tmp_path / "model.batched.onnx")
 
 
-def test_projections_reading_one_input_are_fused_and_the_result_is_bit_for_bit_the_unfused_one(package):
+def test_projections_reading_one_input_are_fused_into_one_matmul_and_a_split(package):
     fused_path, plain_path = (package.model.with_name(f"model.test_{kind}.onnx") for kind in ("fused", "plain"))
-    fused_groups = rewrite_for_banks(package.model, fused_path)
-    plain_groups = rewrite_for_banks(package.model, plain_path, fuse=False)
+    rewrite_for_banks(package.model, fused_path)
+    rewrite_for_banks(package.model, plain_path, fuse=False)
     original = onnx.load(str(package.model), load_external_data=False).graph
     banked = onnx.load(str(fused_path), load_external_data=False).graph
     fused, plain = _session(fused_path), _session(plain_path)
@@ -208,17 +179,57 @@ def test_projections_reading_one_input_are_fused_and_the_result_is_bit_for_bit_t
         return found
 
     before, after = projections(original), projections(banked)
-    groups = [outs for outs in before.values() if len(outs) > 1]
+    groups = {tuple(outs) for outs in before.values() if len(outs) > 1}
     assert sorted(len(g) for g in groups) == sorted([2, 3] * (len(groups) // 2))  # q/k/v and gate/up per layer
     assert all(len(outs) == 1 for outs in after.values())  # one projection per input now
-    assert all(len(g.members) == 1 for g in plain_groups)  # unfused: each LoRA branch on its own
-    assert len(fused_groups) < len(plain_groups)
+    assert {tuple(n.output) for n in banked.node if n.op_type == "Split"} == groups  # the original names, in order
     # Bit for bit: the base and an adapter in one batch, fused against unfused.
     rng = np.random.default_rng(1)
     ids = rng.integers(2, fused.get_outputs()[0].shape[-1], size=(2, 7), dtype=np.int64)
-    weights_a = _adapter(package, package.adapters[sorted(package.adapters)[-1]])
-    zero = {name: np.zeros_like(w) for name, w in weights_a.items()}
-    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.array([0, 1]), LOGITS_INDEX_INPUT: np.array([[6], [3]])}
-    got = fused.run(["logits"], {**feeds, **_banks(fused_groups, [zero, weights_a])})[0]
-    want = plain.run(["logits"], {**feeds, **_banks(plain_groups, [zero, weights_a])})[0]
+    weights_a = _adapter(package, package.adapters[sorted(package.adapters)[0]])
+    banks = {name: np.stack([np.zeros_like(w), w]) for name, w in weights_a.items()}
+    feeds = {**_prompt_feeds(package, ids), **banks, SLOT_INPUT: np.array([0, 1]),
+             LOGITS_INDEX_INPUT: np.array([[6], [3]])}
+    got, want = (s.run(["logits"], feeds)[0] for s in (fused, plain))
+    assert np.array_equal(got, want)
+
+
+def test_a_fused_qkv_without_lora_branches_goes_to_the_attention_packed(package):
+    """With no LoRA branch adding to q/k/v, the attention reads the fused projection whole (key and
+    value inputs empty, no Split): bit for bit what the Split gave it."""
+    from loraplex.runtime.engines.batched.fusion import pack_qkv_into_attention
+
+    banked_path = package.model.with_name("model.test_pack.onnx")
+    rewrite_for_banks(package.model, banked_path)
+    model = onnx.load(str(banked_path), load_external_data=False)
+    graph = model.graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all(n.input[1] for n in attention)  # the recipe adapts q/k/v: nothing packed
+    # The graph a package without q/k/v branches has: each attention input straight from the Split.
+    producer = {out: n for n in graph.node for out in n.output}
+    adds = [producer[node.input[i]] for node in attention for i in range(3)]
+    for node in attention:
+        for i in range(3):
+            node.input[i] = next(x for x in producer[node.input[i]].input if producer[x].op_type == "Split")
+    kept = [n for n in graph.node if all(n is not a for a in adds)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    paths = {kind: package.model.with_name(f"model.test_{kind}.onnx") for kind in ("split", "packed")}
+    onnx.save(model, str(paths["split"]))
+    splits = sum(n.op_type == "Split" for n in graph.node)
+    assert pack_qkv_into_attention(graph) == len(attention)
+    assert sum(n.op_type == "Split" for n in graph.node) == splits - len(attention)
+    assert all(n.input[1] == n.input[2] == "" for n in graph.node if n.op_type == "GroupQueryAttention")
+    onnx.save(model, str(paths["packed"]))
+    try:
+        sessions = {kind: _session(path) for kind, path in paths.items()}
+    finally:
+        for path in (*paths.values(), banked_path, banked_path.with_name("model.test_pack.fused.data")):
+            path.unlink(missing_ok=True)
+    ids = np.array([[5, 17, 33, 2, 9]], dtype=np.int64)
+    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([[4]])}
+    for inp in sessions["split"].get_inputs():
+        if ".lora_" in inp.name:
+            feeds[inp.name] = np.zeros([d if isinstance(d, int) else 1 for d in inp.shape], dtype=np.float32)
+    got, want = (sessions[k].run(["logits"], feeds)[0] for k in ("packed", "split"))
     assert np.array_equal(got, want)

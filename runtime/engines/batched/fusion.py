@@ -10,8 +10,9 @@ gate/up: seven nodes per layer become four).
 Exact: each output column of a MatMul (or MatMulNBits block-quantized weights, whose blocks run
 along the input dimension) is computed from its own weight column alone, so the fused node gives
 the same values bit for bit (checked by the engine's tests: greedy tokens equal onnxruntime-genai's
-on the unfused graph, fp32 and int4). The LoRA branches of a fused group are then made one as well
-(`lora_groups`), and GroupQueryAttention reads a fused q/k/v packed (`pack_qkv_into_attention`).
+on the unfused graph, fp32 and int4). The LoRA branches are untouched: they read the same input and
+add to the Split's outputs as before. Where no branch adds to q/k/v, GroupQueryAttention reads the
+fused q/k/v packed, without the Split (`pack_qkv_into_attention`).
 
 The fused weights are new initializers, written to their own external data file beside the
 rewritten graph (the package's own weights stay as they are, for the genai engine).

@@ -5,25 +5,33 @@ as a graph input shared by the whole batch:
 
     y = x @ W  +  (x @ A) @ B          A: [in, lora_r], B: [lora_r, out]  (B pre-scaled)
 
-For the `batched` engine the weights become *banks* holding one adapter per slot, and one new
-input `adapter_slot [batch]` (int64) says which slot each row uses (or `[1]`: one slot for all).
-First the base projections that read the same input (q/k/v, gate/up) are fused into one MatMul
-each (`fusion`: exact, fewer and larger kernels; the attention reads q/k/v packed). Then the
-LoRA branches of each such group become one (`lora_groups`): with `A_g` the members' A side by
-side and `B_g` block-diagonal,
+For the `batched` engine every weight pair becomes a *bank* holding one adapter per slot, and
+one new input `adapter_slot [batch]` (int64) says which slot each row uses (or `[1]`, one slot for
+every row: the banks' rows are then read once and each LoRA MatMul broadcasts them):
 
-    A_rows = Gather(A_g bank [lora_slots, in, lora_r_g], adapter_slot)     -> [batch, in, lora_r_g]
-    B_rows = Gather(B_g bank [lora_slots, lora_r_g, width], adapter_slot)  -> [batch, lora_r_g, width]
-    fused = x @ W_fused  +  (x [batch, seq, in] @ A_rows) @ B_rows         (batched MatMul), then Split
+    A_row = Gather(A_bank [lora_slots, in, lora_r], adapter_slot)   -> [batch, in, lora_r]
+    B_row = Gather(B_bank [lora_slots, lora_r, out], adapter_slot)  -> [batch, lora_r, out]
+    y = x @ W  +  (x [batch, seq, in] @ A_row) @ B_row              (batched MatMul)
 
 This is the BGMV idea of Punica and S-LoRA in plain ONNX ops, so it runs on every execution
-provider. A projection that was not fused keeps its own branch and Add (a group of one). The bank
-layout (which module takes which columns) is recorded beside the graph (`lora_groups()`); slot 0
-is kept all zeros by the engine: the base model (x @ 0 = 0 and y + 0 = y, exactly). Ranks below the
-bank's are zero-padded: exact. Each group has its own symbolic rank (`lora_r_0`, `lora_r_1`, ...):
-the engine sizes each bank to the ranks of the adapters that adapt its modules, and ONNX Runtime's
-memory planner takes tensors whose shapes share a symbolic dim for equal in size (one shared
-`lora_r` with banks of different ranks fails with "Shape mismatch attempting to re-use buffer").
+provider. The bank inputs keep the LoRA input names of the original graph, so an adapter file's
+tensors map one to one onto bank slots. Slot 0 is kept all zeros by the engine: the base model
+(x @ 0 = 0 and y + 0 = y, exactly). Ranks below the bank's are zero-padded: exact. Each pair has
+its own symbolic rank (`lora_r_0`, `lora_r_1`, ...): the engine sizes each bank to the ranks of the
+adapters that adapt that module, and ONNX Runtime's memory planner takes tensors whose shapes
+share a symbolic dim for equal in size (one shared `lora_r` with banks of different ranks fails
+with "Shape mismatch attempting to re-use buffer").
+
+Before that, the base projections that read the same input (q/k/v, gate/up) are fused into one
+MatMul each (`fusion`: exact, and fewer, larger kernels); a fused q/k/v that no LoRA branch adds to
+goes to the attention packed, without its Split.
+
+Why each LoRA branch keeps its own banks: the branches of a fused group can be made one (A side by
+side, B block-diagonal, one Gather and MatMul pair per group instead of per projection). Measured on
+SmolLM2-135M int4 (2 threads, no profiler), that halved the LoRA nodes and saved nothing at one row,
+while the block-diagonal B's zeros made every row's gathered weights 1.5x larger: an 8-row step over
+4 adapters took 10% longer. onnxruntime's profiler had put the LoRA path at 31% of a one-row step;
+that was the profiler's own per-node cost.
 
 A further, independent change: the LM head computes only the positions each row asks for, picked
 by a new input `logits_index [batch, positions]` (GatherND before the head), so `logits` is
@@ -48,7 +56,6 @@ from pathlib import Path
 
 from loraplex.adapters.package.lora_inputs import LoraInputs, LoraPair
 from loraplex.runtime.engines.batched.fusion import fuse_shared_input_projections, pack_qkv_into_attention
-from loraplex.runtime.engines.batched.lora_groups import LoraGroup, group_branches
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,12 @@ _HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap")
 SLOTS_DIM = "lora_slots"
 SLOT_ROWS_DIM = "slot_rows"  # adapter_slot's length: the batch, or 1 (one slot for every row)
-RANK_DIM = "lora_r"  # + "_<group index>": each group bank's own rank
+RANK_DIM = "lora_r"  # + "_<pair index>": each bank's own rank
 BATCHED_SUFFIX = ".batched.onnx"
 FUSED_DATA_SUFFIX = ".fused.data"  # model.batched.fused.data: the fused projections' weights
 _STAMP_SUFFIX = ".batched.json"
 # Bump when the rewrite changes, so that cached graphs from an older loraplex are rebuilt.
-REWRITE_VERSION = 6
+REWRITE_VERSION = 7
 
 
 class LoraBankError(ValueError):
@@ -93,12 +100,12 @@ def _batch_dim_name(graph) -> str:
     raise LoraBankError("the graph has no input_ids input: is this a decoder exported by loraplex?")
 
 
-def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: bool = True) -> list[LoraGroup]:
+def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: bool = True) -> list[LoraPair]:
     """Write the banked version of `model_path` to `out_path`; external data is shared (hard-linked
     into `out_path`'s directory when that is another one), never copied.
 
     `fuse`: one MatMul for the projections that read the same input (`fusion`; exact).
-    Returns the LoRA groups (the banks' layout, `lora_groups`). Raises LoraBankError when the graph has no
+    Returns the LoRA pairs found, in graph order. Raises LoraBankError when the graph has no
     LoRA inputs or when a LoRA input is consumed by anything other than one MatMul.
     """
     import onnx
@@ -116,7 +123,8 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: boo
     with open(data_tmp, "wb") as data:
         fused = fuse_shared_input_projections(graph, model_path.parent, data, data_name) \
             if fuse and _opset(model) >= 13 else 0
-    groups = _banks_as_inputs(graph, pairs, batch)
+    _banks_as_inputs(graph, pairs)
+    _gather_before_lora_matmuls(graph, pairs)
     if fused:
         pack_qkv_into_attention(graph)
     _pick_logits_rows(graph, batch)
@@ -128,7 +136,7 @@ def rewrite_for_banks(model_path: str | Path, out_path: str | Path, *, fuse: boo
     else:
         data_tmp.unlink()
     os.replace(tmp, out_path)
-    return groups
+    return pairs
 
 
 def _opset(model) -> int:
@@ -154,9 +162,8 @@ def _check_lora_consumers(graph, pairs: list[LoraPair]) -> None:
             )
 
 
-def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> list[LoraGroup]:
-    """Replace the per-adapter LoRA inputs (and their zero-rank defaults) by the group banks
-    (`lora_groups`), read through `adapter_slot`."""
+def _banks_as_inputs(graph, pairs: list[LoraPair]) -> None:
+    """Replace each per-adapter LoRA input (and its zero-rank default) by a bank input, add `adapter_slot`."""
     from onnx import TensorProto, helper
 
     lora = _lora_names(pairs)
@@ -166,13 +173,39 @@ def _banks_as_inputs(graph, pairs: list[LoraPair], batch: str) -> list[LoraGroup
             seen.add(inp.name)
             kept.append(inp)
     inits = [i for i in graph.initializer if i.name not in lora]
-    for field, values in ((graph.input, kept), (graph.initializer, inits)):
+    # Also the shapes recorded for the lora_A MatMuls' outputs: the builder wrote them with the rank
+    # of the adapter it baked in (a fixed number), so the memory planner would size those buffers by
+    # it; without them ONNX Runtime infers `[batch, seq, lora_r_<i>]` from each bank.
+    rank_outputs = {out for node in graph.node if any(n in lora and ".lora_A." in n for n in node.input)
+                    for out in node.output}
+    vinfo = [v for v in graph.value_info if v.name not in lora and v.name not in rank_outputs]
+    for field, values in ((graph.input, kept), (graph.initializer, inits), (graph.value_info, vinfo)):
         del field[:]
         field.extend(values)
-    # [batch], or [1] when every row uses one slot: the banks' rows are then read once and each LoRA
-    # MatMul broadcasts them over the batch (one matrix product instead of one per row).
     graph.input.append(helper.make_tensor_value_info(SLOT_INPUT, TensorProto.INT64, [SLOT_ROWS_DIM]))
-    return group_branches(graph, pairs, SLOT_INPUT, SLOTS_DIM, RANK_DIM)
+    for index, p in enumerate(pairs):
+        rank = f"{RANK_DIM}_{index}"
+        for spec, dims in ((p.a, [SLOTS_DIM, p.in_features, rank]), (p.b, [SLOTS_DIM, rank, p.out_features])):
+            graph.input.append(helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, dims))
+
+
+def _gather_before_lora_matmuls(graph, pairs: list[LoraPair]) -> None:
+    """A Gather of each row's slot in front of every LoRA MatMul, which becomes batched by shape alone."""
+    from onnx import helper
+
+    lora = _lora_names(pairs)
+    new_nodes = []
+    for node in graph.node:
+        for name in node.input:
+            if name in lora:
+                rows = f"{name}/bank_rows"
+                new_nodes.append(
+                    helper.make_node("Gather", [name, SLOT_INPUT], [rows], name=f"/lora_bank/{name}/Gather", axis=0)
+                )
+                node.input[1] = rows
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
 
 
 def _pick_logits_rows(graph, batch: str) -> None:
@@ -280,23 +313,14 @@ def _ensure_in(model_path: Path, out_dir: Path) -> Path:
     want = _fingerprint(model_path)
     if out.is_file() and stamp.is_file():
         try:
-            record = json.loads(stamp.read_text())
-            if record.get("source") == want and "groups" in record:
+            if json.loads(stamp.read_text()).get("source") == want:
                 return out
         except json.JSONDecodeError:
             pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = rewrite_for_banks(model_path, out)
-    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION,
-                         "groups": [g.to_record() for g in groups]}) + "\n"
+    pairs = rewrite_for_banks(model_path, out)
+    record = json.dumps({"source": want, "rewrite_version": REWRITE_VERSION, "pairs": len(pairs)}) + "\n"
     tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
     tmp.write_text(record)
     os.replace(tmp, stamp)
     return out
-
-
-def lora_groups(banked_path: str | Path) -> list[LoraGroup]:
-    """The bank layout of a banked graph made by `ensure_batched_model` (recorded beside it)."""
-    banked_path = Path(banked_path)
-    stamp = banked_path.with_name(banked_path.name.removesuffix(BATCHED_SUFFIX) + _STAMP_SUFFIX)
-    return [LoraGroup.from_record(r) for r in json.loads(stamp.read_text())["groups"]]

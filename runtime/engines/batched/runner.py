@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.batched.bank import WeightBank
-from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model, lora_groups
+from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
 from loraplex.runtime.engines.batched.kv import KVCache
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
@@ -79,7 +79,7 @@ class ModelRunner:
         self.speculator = Speculator(resolve_mode(speculation, package.manifest.precision), config.context_length)
         banked = ensure_batched_model(package.model_path)
         self.session = create_session(banked, session or SessionSettings())
-        self.bank = WeightBank(lora_groups(banked), max_slots)
+        self.bank = WeightBank(package.lora_inputs.pairs, max_slots)
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._bindings_stamp = (-1, -1)
