@@ -121,8 +121,7 @@ class EdgeBench:
         package = self.art.package_with(n_adapters, precision)
         label = f"{precision} {profile}"
         args = ["--profile", profile, "--threads", str(self.grid.threads)]
-        if self.spin:
-            args.append("--spin")
+        args.append("--spin" if self.spin else "--no-spin")  # the two policies the tables compare
         if not prefix_cache:
             args.append("--no-prefix-cache")
         try:

@@ -92,7 +92,10 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="batched engine: onnxruntime threads (default 0 = one per physical core)")
     parser.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
-                        help="batched engine: idle threads busy-wait (default yes; edge no: they share cores)")
+                        help="batched engine: onnxruntime's idle threads busy-wait as long as onnxruntime likes "
+                             "(--spin: a device whose cores are all loraplex's) or not at all (--no-spin); "
+                             "default: 20 us, then they sleep (near --spin's speed alone, and other "
+                             "processes on the cores keep their share)")
     parser.add_argument("--arena", action=argparse.BooleanOptionalAction, default=None,
                         help="batched engine: onnxruntime's CPU memory arena (default on; edge off)")
     parser.add_argument("--session-cache", action=argparse.BooleanOptionalAction, default=True,

@@ -32,7 +32,8 @@ def build_engine(package: Package, engine: EngineName, *, device: str, provider:
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
                  memory_arena: bool = True, session_cache: bool = True,
                  prefix_cache_bytes: int | None = None,
-                 adapter_cache_bytes: int | None = None, speculation: str = "auto") -> Engine:
+                 adapter_cache_bytes: int | None = None, speculation: str = "auto",
+                 spin_us: int | None = None) -> Engine:
     """The named engine on `package` (blocking: loads the model). The thread and arena options are the
     batched engine's (onnxruntime-genai takes its session options from the package's genai_config.json);
     `adapter_cache_bytes` bounds both engines' host copies of adapters (None: `adapter_cache.default_budget`);
@@ -56,4 +57,4 @@ def build_engine(package: Package, engine: EngineName, *, device: str, provider:
     return BatchedEngine(package, device=device, provider=provider, max_batch=max_batch, max_slots=max_slots,
                          intra_op_threads=intra_op_threads, allow_spinning=allow_spinning, memory_arena=memory_arena,
                          session_cache=session_cache, **prefix, adapter_cache_bytes=adapter_cache_bytes,
-                         speculation=speculation)
+                         speculation=speculation, spin_us=spin_us)

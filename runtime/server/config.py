@@ -80,7 +80,12 @@ class ServerConfig:
     max_queue: int | None = None  # requests waiting beyond max_batch before RESOURCE_EXHAUSTED (64; edge 16)
     max_slots: int | None = None  # batched engine: adapters resident in the weight bank (None = max_batch)
     intra_op_threads: int | None = None  # batched engine: onnxruntime threads (0 = one per physical core)
-    allow_spinning: bool | None = None  # batched engine: onnxruntime threads busy-wait (default yes; edge no)
+    # Batched engine: onnxruntime's idle threads busy-wait, None: briefly (the profile's `spin_us`, 20 us),
+    # True: as long as onnxruntime likes (`--spin`), False: not at all (`--no-spin`).
+    allow_spinning: bool | None = None
+    # With spinning, microseconds an idle thread spins (None: the profile's if spinning is left to it, else
+    # onnxruntime's own).
+    spin_us: int | None = None
     memory_arena: bool | None = None  # batched engine: onnxruntime's CPU arena (default on; edge off)
     warm_adapters: bool | None = None  # warm every adapter at start, else the base only (default yes; edge no)
     malloc_arenas: int | None = None  # glibc malloc arenas, set at start (0: glibc's default; edge 1)
@@ -118,6 +123,8 @@ class ServerConfig:
         self.package = Path(self.package)
         self.engine = resolve_engine(self.engine, self.device)
         preset = get_profile(self.profile)
+        if self.allow_spinning is None and self.spin_us is None:  # spinning chosen explicitly: no bound
+            self.spin_us = preset.spin_us
         for option in ("max_batch", "max_queue", "intra_op_threads", "allow_spinning", "memory_arena",
                        "warm_adapters", "malloc_arenas"):
             if getattr(self, option) is None:
@@ -146,4 +153,4 @@ class ServerConfig:
                     memory_arena=self.memory_arena, session_cache=self.session_cache,
                     prefix_cache_bytes=None if self.prefix_cache_mib is None else int(self.prefix_cache_mib * 2**20),
                     adapter_cache_bytes=None if self.adapter_cache_mib is None else int(self.adapter_cache_mib * MIB),
-                    speculation=self.speculation)
+                    speculation=self.speculation, spin_us=self.spin_us)

@@ -22,16 +22,17 @@ def test_default_profile_keeps_the_server_defaults():
     config = _config()
     assert (config.max_batch, config.max_queue, config.intra_op_threads) == (8, 64, 0)
     assert config.allow_spinning and config.memory_arena and config.warm_adapters and config.session_cache
+    assert config.spin_us == 20 and config.engine_options()["spin_us"] == 20  # threads spin briefly, then sleep
 
 
 def test_edge_profile_sets_the_options_left_out():
     config = _config("--profile", "edge")
     edge = PROFILES["edge"]
     assert (config.max_batch, config.max_queue) == (edge.max_batch, edge.max_queue) == (4, 16)
-    assert not config.allow_spinning and not config.memory_arena and not config.warm_adapters
+    assert config.allow_spinning and config.spin_us == 20 and not config.memory_arena and not config.warm_adapters
     assert (config.malloc_arenas, _config().malloc_arenas) == (1, 0)
     options = config.engine_options()
-    assert (options["max_batch"], options["allow_spinning"], options["memory_arena"]) == (4, False, False)
+    assert (options["max_batch"], options["allow_spinning"], options["memory_arena"]) == (4, True, False)
     # The batched engine's prefix cache is smaller on edge; the genai engine has none to size.
     assert (options["prefix_cache_bytes"], _config().engine_options()["prefix_cache_bytes"]) == (16 * 2**20, None)
     assert _config("--profile", "edge", "--engine", "genai").prefix_cache_mib is None
@@ -44,6 +45,9 @@ def test_explicit_options_override_the_profile():
     assert config.allow_spinning and config.memory_arena and not config.session_cache
     assert (config.prefix_cache_mib, _config("--profile", "edge", "--no-prefix-cache").prefix_cache_mib) == (64, 0)
     assert _config("--no-spin", "--no-arena").memory_arena is False
+    # --spin: as long as onnxruntime likes (no bound); --no-spin: not at all.
+    assert (config.spin_us, config.engine_options()["spin_us"]) == (None, None)
+    assert _config("--no-spin").allow_spinning is False
 
 
 def test_bad_profile_and_thread_counts_are_refused():
@@ -77,3 +81,15 @@ def test_an_edge_server_answers_as_a_default_one(server_factory):
         for adapter in ("", "alpha", "beta", "gamma"):
             got = ours.generate(adapter, "The weather today", max_new_tokens=8).token_ids
             assert got == theirs.generate(adapter, "The weather today", max_new_tokens=8).token_ids, adapter
+
+
+def test_the_spin_bound_reaches_onnxruntimes_session_options():
+    from loraplex.runtime.engines.batched.session import SessionSettings
+
+    key = "session.intra_op.spin_duration_us"
+    options = SessionSettings(allow_spinning=True, spin_us=20).options()
+    assert options.get_session_config_entry(key) == "20"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    for settings in (SessionSettings(allow_spinning=True), SessionSettings(allow_spinning=False, spin_us=20)):
+        with pytest.raises(Exception):  # noqa: B017 (onnxruntime raises a bare error for a missing key)
+            settings.options().get_session_config_entry(key)

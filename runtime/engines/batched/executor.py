@@ -225,7 +225,7 @@ class BatchedEngine(EngineCore):
         says it pays: "on" from the prompt (lookup) and from the output contract, "auto" (the default)
         the same on fp32 packages and none on quantized ones (`speculation.resolve_mode`), "lookup" or
         "contract" from one source only, "off" never (one token per row and step).
-    intra_op_threads, allow_spinning, memory_arena, session_cache: the onnxruntime session's (see
+    intra_op_threads, allow_spinning, spin_us, memory_arena, session_cache: the onnxruntime session's (see
         `session.SessionSettings`; the cache is made at the first start on a machine).
     """
 
@@ -235,13 +235,13 @@ class BatchedEngine(EngineCore):
                  max_slots: int | None = None, intra_op_threads: int = 0, allow_spinning: bool = True,
                  memory_arena: bool = True, session_cache: bool = True,
                  prefix_cache_bytes: int = DEFAULT_MIB * MIB, adapter_cache_bytes: int | None = None,
-                 speculation: str = "auto"):
+                 speculation: str = "auto", spin_us: int | None = None):
         if device not in ("cpu", "") or provider not in CPU_PROVIDERS:
             raise DeviceUnavailable(
                 f"the batched engine runs on the CPU execution provider only (asked for device={device!r}, "
                 f"provider={provider!r}); use --engine genai for accelerators"
             )
-        settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache)
+        settings = SessionSettings(intra_op_threads, allow_spinning, memory_arena, session_cache, spin_us)
         executor = BatchedExecutor(package, max_batch=max_batch, max_slots=max_slots or max_batch,
                                    session=settings, prefix_cache_bytes=prefix_cache_bytes, speculation=speculation,
                                    adapter_cache_bytes=adapter_cache_bytes)

@@ -48,12 +48,15 @@ class SessionSettings:
     allow_spinning: bool = True
     memory_arena: bool = True
     cache: bool = True  # the per-machine optimized-session cache (this module)
+    spin_us: int | None = None  # with spinning: how long an idle thread spins before it sleeps (None: onnxruntime's)
 
     def options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.enable_cpu_mem_arena = self.memory_arena
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.allow_spinning and self.spin_us is not None:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(self.spin_us))
         options.log_severity_level = 3
         return options
 
