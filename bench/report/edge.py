@@ -65,8 +65,9 @@ def _policy(edge: dict) -> str:
     return ("Every system runs at its own default and best setting for a dedicated device: threads spin "
             "(llama.cpp's OpenMP default, loraplex `--profile edge --spin`); llama-server with one slot and with "
             "one per client, llama-cpp-python in process; each ratio is against the peer's best. Threads waiting "
-            "passively on both sides (llama.cpp `OMP_WAIT_POLICY=PASSIVE`, loraplex `--profile edge`), what a "
-            "shared device wants, are the second table of each scenario. Before each spinning scenario the bench "
+            "passively on both sides (llama.cpp `OMP_WAIT_POLICY=PASSIVE`, loraplex `--profile edge --no-spin`) are "
+            "the second table of each scenario (loraplex's default spins 20 us, then sleeps: between the two). "
+            "Before each spinning scenario the bench "
             f"measures the CPU other processes use; above {edge.get('busy_threshold', 0):.0%} its comparison is not "
             "reported.")
 
