@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import shutil
 import struct
@@ -142,6 +143,12 @@ def test_pages_decoding_does_not_read_leave_at_rest_and_stay_out_and_tokens_are_
     dropped.append(seen["again"])
 
     monkeypatch.setattr(session, "_drop_unread_pages", lambda *args: None)  # the same engine without the drop
+    # The first engine's session must be gone: while it lives, its idle drop (registered per session) also
+    # drops the pages of this file that the second engine maps, which are the same file's.
+    gc.collect()
+    from loraplex.runtime.engines import heap
+
+    assert not any(Path(owner._model_path) == cache for owner in list(heap._idle.keys()))
     kept = _run(cached_package, look)
     assert seen["after a request"][0] > 0
     assert dropped == [*kept, seen["again"]]
