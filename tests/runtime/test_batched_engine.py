@@ -500,11 +500,8 @@ def test_edge_session_settings_keep_tokens_exact(package, make_engine):
         assert sink.wait() == reference(package, name, prompt), (name, prompt)
 
 
-def test_an_idle_engine_frees_its_kv_cache_and_the_next_requests_stay_exact(package, make_engine):
-    """At rest (the core's idle release) the KV cache and the bindings over it are freed; the next
-    requests make them again, the smallest, with the same tokens."""
-    engine, handles = make_engine(max_batch=4, max_slots=2)
-    runner = engine.runner
+def _tell_releases(runner) -> threading.Event:
+    """An event set each time the runner's idle memory release (the core's, at rest) has run."""
     released = threading.Event()
     release = runner.release_memory
 
@@ -513,6 +510,15 @@ def test_an_idle_engine_frees_its_kv_cache_and_the_next_requests_stay_exact(pack
         released.set()
 
     runner.release_memory = release_and_tell
+    return released
+
+
+def test_an_idle_engine_frees_its_kv_cache_and_the_next_requests_stay_exact(package, make_engine):
+    """At rest (the core's idle release) the KV cache and the bindings over it are freed; the next
+    requests make them again, the smallest, with the same tokens."""
+    engine, handles = make_engine(max_batch=4, max_slots=2)
+    runner = engine.runner
+    released = _tell_releases(runner)
     expected = [reference(package, "alpha", prompt) for prompt in PROMPTS[:2]]
     assert [sink.wait() for sink in [submit(engine, p, handles["alpha"])[1] for p in PROMPTS[:2]]] == expected
     released.clear()
@@ -554,15 +560,8 @@ def test_an_idle_engine_gives_back_the_rank_of_an_adapter_that_left(package, mak
     """gamma (rank 16 on the MLP) widens the banks; once it is unloaded, the next idle release shrinks
     them to what alpha (rank 4 on q/v) needs, and alpha stays exact."""
     engine, handles = make_engine(max_batch=4, max_slots=2)
-    runner, bank = engine.runner, engine.runner.bank
-    released = threading.Event()
-    release = runner.release_memory
-
-    def release_and_tell() -> None:
-        release()
-        released.set()
-
-    runner.release_memory = release_and_tell
+    bank = engine.runner.bank
+    released = _tell_releases(engine.runner)
     for name in ("gamma", "alpha"):
         assert submit(engine, PROMPTS[0], handles[name])[1].wait() == reference(package, name, PROMPTS[0])
     assert _adapted(bank)["gate_proj"] == 16
