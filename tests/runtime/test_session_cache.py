@@ -25,8 +25,9 @@ def package_copy(recipe_package, tmp_path) -> Path:
     return out
 
 
-def _tokens(root: Path, session_cache: bool = True) -> tuple[str, list[int], list[int]]:
-    """(the session's model file, base tokens, alpha tokens) from a fresh engine on `root`."""
+def _tokens(root: Path, session_cache: bool = True, check=None) -> tuple[str, list[int], list[int]]:
+    """(the session's model file, base tokens, alpha tokens) from a fresh engine on `root`; `check(engine)`
+    before it closes."""
     package = Package.open(root)
     engine = BatchedEngine(package, max_batch=2, intra_op_threads=1, session_cache=session_cache)
     try:
@@ -37,6 +38,8 @@ def _tokens(root: Path, session_cache: bool = True) -> tuple[str, list[int], lis
             engine.submit(GenerationJob(request_id="r", prompt_ids=PROMPTS[0], adapter=handle, sink=sink,
                                         params=SamplingParams(max_new_tokens=8)))
             out.append(sink.wait())
+        if check is not None:
+            check(engine)
         return engine.runner.session._model_path, *out
     finally:
         engine.close()

@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from loraplex.adapters.package.adapter_file import read_adapter_file
-from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.base import GenerationJob, SamplingParams
-from loraplex.runtime.engines.batched import BatchedEngine, session
+from loraplex.runtime.engines.batched import session
 from loraplex.runtime.engines.batched.pages import (
     UNREAD_INPUTS,
     _graph,
@@ -28,6 +26,7 @@ from loraplex.runtime.engines.heap import release_free_heap
 
 from tests.fixtures.quantized import int4_copy
 from tests.runtime.test_batched_engine import PROMPTS, Collected
+from tests.runtime.test_session_cache import _tokens
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap is Linux's")
 
@@ -49,21 +48,7 @@ def cached_package(int4_package, tmp_path) -> Path:
 
 def _run(root: Path, check=None) -> list[list[int]]:
     """Greedy tokens of a fresh engine on `root`, base then alpha; `check(engine)` before it closes."""
-    package = Package.open(root)
-    engine = BatchedEngine(package, max_batch=2, intra_op_threads=1)
-    try:
-        alpha = engine.load_adapter("alpha", "1", read_adapter_file(package.adapter_path("alpha"), package.lora_inputs))
-        out = []
-        for handle in (None, alpha):
-            sink = Collected()
-            engine.submit(GenerationJob(request_id="r", prompt_ids=PROMPTS[0], adapter=handle, sink=sink,
-                                        params=SamplingParams(max_new_tokens=8)))
-            out.append(sink.wait())
-        if check is not None:
-            check(engine)
-        return out
-    finally:
-        engine.close()
+    return list(_tokens(root, check=check)[1:])
 
 
 def _matmul_nbits_only(model: Path) -> set[str]:
