@@ -261,8 +261,14 @@ def targets(edge: dict) -> list[list[str]]:
             out.append([f"{what} vs llama.cpp", "—", f"not reported: the machine was busy ({busy[key]:.0%} of its "
                         "CPU used by other processes)", "—"])
     if mine and best:
-        out.append(["single stream, adapters switching, vs llama.cpp (its faster)", "≥ 1.20x",
-                    f"{mine / best[1]:.2f}x ({best[0]})", "met" if mine / best[1] >= 1.2 else "not met"])
+        out.append(["single stream, adapters switching, vs llama.cpp (its faster)", "≥ 1.50x",
+                    f"{mine / best[1]:.2f}x ({best[0]})", "met" if mine / best[1] >= 1.5 else "not met"])
+    mine_d = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")
+    best_d = _best({k: v.get("switching", {}).get("decode_tokens_per_s") for k, v in single.items()
+                    if k.startswith("llama")}, lowest=False)
+    if mine_d and best_d:
+        out.append(["decode only, one stream, vs llama.cpp (its faster)", "≥ 1.20x",
+                    f"{mine_d / best_d[1]:.2f}x ({best_d[0]})", "met" if mine_d / best_d[1] >= 1.2 else "not met"])
     conc = {} if "concurrency" in busy else ((edge.get("concurrency") or {}).get("by_adapters") or {})
     spread = max(conc, key=int) if conc else None
     if spread:
@@ -272,17 +278,18 @@ def targets(edge: dict) -> list[list[str]]:
                         for k in ("llama-cpp-python Q4_1 (serial)", "llama-server Q4_1 -np 1")}, lowest=False)
         if ours_c and serial:
             out.append([f"{edge['concurrency']['clients']} clients over {spread} adapters vs llama.cpp serial "
-                        "(its faster)", "≥ 3.00x", f"{ours_c / serial[1]:.2f}x ({serial[0]})",
-                        "met" if ours_c / serial[1] >= 3 else "not met"])
+                        "(its faster)", "≥ 4.00x", f"{ours_c / serial[1]:.2f}x ({serial[0]})",
+                        "met" if ours_c / serial[1] >= 4 else "not met"])
         server = next((v.get("tokens_per_s") for k, v in rows.items()
                        if k.startswith("llama-server") and not k.endswith("-np 1")), None)
         if ours_c and server:
-            out.append(["(same, vs llama-server -np)", "—", f"{ours_c / server:.2f}x", "—"])
+            out.append(["(same, vs llama-server with a slot per client)", "≥ 3.00x", f"{ours_c / server:.2f}x",
+                        "met" if ours_c / server >= 3 else "not met"])
     roof = (edge.get("roofline") or {}).get("tokens_per_s")
     decode = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")
     if roof and decode:
-        out.append(["int4 single stream, share of the bandwidth roofline", "≥ 55%", f"{decode / roof:.0%}",
-                    "met" if decode / roof >= 0.55 else "not met"])
+        out.append(["int4 single stream, share of the bandwidth roofline", "≥ 45%", f"{decode / roof:.0%}",
+                    "met" if decode / roof >= 0.45 else "not met"])
     acc = edge.get("accuracy") or {}
 
     def share(name: str) -> float | None:
