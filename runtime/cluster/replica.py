@@ -97,11 +97,7 @@ class EngineReplica:
     # this replica: it is returned (a stream: yielded last) for the front end to raise, so Serve
     # neither logs it as a failed request nor counts it against the replica.
     async def Generate(self, request: generation_pb2.GenerateRequest):
-        try:
-            await self._hold(request.adapter)
-            return await self.generation.Generate(request, None)
-        except LoraplexError as exc:
-            return exc
+        return await self._unary(self.generation.Generate, request)
 
     async def GenerateStream(self, request: generation_pb2.GenerateRequest) -> AsyncIterator[Any]:
         try:
@@ -112,16 +108,16 @@ class EngineReplica:
             yield exc
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest):
-        try:
-            await self._hold(request.adapter)
-            return await self.generation.Tokenize(request, None)
-        except LoraplexError as exc:
-            return exc
+        return await self._unary(self.generation.Tokenize, request)
 
     async def Classify(self, request: generation_pb2.ClassifyRequest):
+        return await self._unary(self.generation.Classify, request)
+
+    async def _unary(self, call, request):
+        """`call(request)` once this replica holds the request's adapter; a client's error is returned."""
         try:
             await self._hold(request.adapter)
-            return await self.generation.Classify(request, None)
+            return await call(request, None)
         except LoraplexError as exc:
             return exc
 
