@@ -3,9 +3,12 @@ adapter and prompt, whatever shares the batch; slots, joins, cancellation, hot r
 
 from __future__ import annotations
 
+import mmap
+import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from loraplex.adapters.package.adapter_file import AdapterFileError, read_adapter_file
 from loraplex.adapters.package.reader import Package
@@ -573,3 +576,38 @@ def test_an_idle_engine_gives_back_the_rank_of_an_adapter_that_left(package, mak
     assert released.wait(WAIT_S), "the idle engine did not release its memory"
     assert _adapted(bank) == {"q_proj": 4, "v_proj": 4} and bank.nbytes < wide
     assert submit(engine, PROMPTS[2], handles["alpha"])[1].wait() == reference(package, "alpha", PROMPTS[2])
+
+
+def _private_pages(address: int, length: int) -> int:
+    """Pages of `[address, address + length)` backed by memory of this process's own: present and
+    exclusively mapped in /proc/self/pagemap (bits 63 and 56; the shared zero page is not exclusive)."""
+    first, last = address // mmap.PAGESIZE, (address + length - 1) // mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype="<u8")
+    return int(np.count_nonzero((entries >> np.uint64(63)) & (entries >> np.uint64(56)) & np.uint64(1)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
+def test_the_base_slot_of_the_banks_takes_no_memory(package, make_engine):
+    """Slot 0 (the base: zeros) is read by every base row but never written, so its whole pages stay the
+    kernel's zero page, even after the banks grew (gamma, rank 16 on the MLP, then alpha: a growth that
+    keeps gamma's slot) and base and adapter rows ran."""
+    engine, handles = make_engine(max_batch=4, max_slots=4)
+    bank = engine.runner.bank
+    for name in ("gamma", "alpha", None):
+        assert submit(engine, PROMPTS[0], handles[name] if name else None)[1].wait() == \
+            reference(package, name, PROMPTS[0])
+    assert bank.capacity == 3
+    base_pages = filled_pages = 0
+    for array in bank.arrays.values():
+        slot = array[0].nbytes
+        address = array.ctypes.data
+        start, end = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE, (address + slot) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:  # slot 0's whole pages
+            base_pages += (end - start) // mmap.PAGESIZE
+            assert _private_pages(start, end - start) == 0
+        if slot and array[1].any():
+            filled_pages += _private_pages(address + slot, slot)
+    print(base_pages, filled_pages)
+    assert base_pages and filled_pages  # gamma's MLP banks hold whole pages of slot 0

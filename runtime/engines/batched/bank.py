@@ -19,6 +19,11 @@ Memory follows the adapters actually loaded, not the limits:
   about its file size, resident or not.
 A growth (more slots, a higher rank) reallocates the banks once, keeping what the slots hold.
 
+Slot 0 takes no memory of its own: the banks live in one anonymous mapping of their own (zero pages
+the kernel has not backed yet), each bank starting on a page boundary, and nothing ever writes slot
+0 (a growth copies slots 1 and up). A base row's Gather reads slot 0 through the kernel's shared zero
+page. On SmolLM2-135M with two rank-8 adapters, 3 of the banks' 10.5 MiB at rest.
+
 The banks are numpy arrays wrapped in OrtValues that share their memory, so filling a slot is a
 copy into the array and the session sees it at its next run. Only the engine thread touches
 this class.
@@ -26,6 +31,7 @@ this class.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -121,27 +127,46 @@ class WeightBank:
         """(Re)allocate the banks at `capacity` slots and per-module `ranks`, keeping what the slots hold."""
         arrays = {}
         keep = min(capacity, self.capacity)
-        # One allocation for every bank (views into it): large enough to be its own memory mapping,
-        # so the previous generation goes back to the system whole when it is freed, rather than
-        # leaving hundreds of holes in the heap.
         shapes = {spec.name: (capacity, *spec.shape(ranks[pair.module])) for pair in self.pairs
                   for spec in (pair.a, pair.b)}
-        block = np.zeros(sum(int(np.prod(shape)) for shape in shapes.values()), dtype=np.float32)
+        block = zero_block([int(np.prod(shape)) for shape in shapes.values()])
         offset = 0
         for pair in self.pairs:
             rank = min(self.ranks[pair.module], ranks[pair.module])  # a shrink (`fit`) keeps what slots use
             for spec in (pair.a, pair.b):
                 size = int(np.prod(shapes[spec.name]))
                 new = block[offset: offset + size].reshape(shapes[spec.name])
-                offset += size
+                offset += _page_floats(size)
                 old = self.arrays.get(spec.name)
-                if old is not None and keep and rank:
+                if old is not None and keep > 1 and rank:  # slot 0 stays untouched zeros
                     if spec.kind == "A":
-                        new[:keep, :, :rank] = old[:keep, :, :rank]
+                        new[1:keep, :, :rank] = old[1:keep, :, :rank]
                     else:
-                        new[:keep, :rank, :] = old[:keep, :rank, :]
+                        new[1:keep, :rank, :] = old[1:keep, :rank, :]
                 arrays[spec.name] = new
         self.arrays = arrays
         self.ortvalues = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         self.capacity, self.ranks = capacity, dict(ranks)
         self.generation += 1
+
+
+_FLOATS_PER_PAGE = mmap.PAGESIZE // 4
+
+
+def _page_floats(size: int) -> int:
+    """`size` float32s rounded up to whole pages."""
+    return -(-size // _FLOATS_PER_PAGE) * _FLOATS_PER_PAGE
+
+
+def zero_block(sizes: list[int]) -> np.ndarray:
+    """Zeros for arrays of `sizes` float32s laid out one after another, each from a page boundary, in an
+    anonymous mapping of their own: pages nothing writes are never backed by memory (reads see the
+    kernel's shared zero page), and the mapping goes back to the system whole once its last view is freed."""
+    floats = max(sum(_page_floats(size) for size in sizes), 1)
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: no private anonymous mappings through `mmap`
+        return np.zeros(floats, dtype=np.float32)
+    # Private: shared anonymous memory would back each page a read touches.
+    block = mmap.mmap(-1, floats * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a huge page would back slot 0 along with its neighbours
+        block.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(block, dtype=np.float32)
