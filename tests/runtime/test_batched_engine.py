@@ -609,5 +609,4 @@ def test_the_base_slot_of_the_banks_takes_no_memory(package, make_engine):
             assert _private_pages(start, end - start) == 0
         if slot and array[1].any():
             filled_pages += _private_pages(address + slot, slot)
-    print(base_pages, filled_pages)
     assert base_pages and filled_pages  # gamma's MLP banks hold whole pages of slot 0
