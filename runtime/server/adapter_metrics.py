@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from loraplex.runtime.engines.adapter_cache import HostCache
 from loraplex.runtime.server.metrics import ServerMetrics
-from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily
 
 
 def watch_adapter_cache(metrics: ServerMetrics, cache: HostCache | None) -> None:
     """Count `cache`'s lookups and evictions into `metrics` and export its size (nothing without one)."""
     if cache is None:
         return
-    lookups = Counter("loraplex_adapter_lookups", "Requests by where they found their adapter (disk: a miss)",
-                      ["adapter", "tier"], registry=metrics.registry)
-    evictions = Counter("loraplex_adapter_evictions", "Adapter host copies dropped for the cache budget",
-                        ["adapter"], registry=metrics.registry)
+    lookups = metrics.counter("loraplex_adapter_lookups", "Requests by where they found their adapter (disk: a miss)",
+                              ["adapter", "tier"])
+    evictions = metrics.counter("loraplex_adapter_evictions", "Adapter host copies dropped for the cache budget",
+                                ["adapter"])
 
     def observe(name: str, event: str) -> None:
         if event == "evicted":
@@ -31,7 +29,7 @@ def watch_adapter_cache(metrics: ServerMetrics, cache: HostCache | None) -> None
             lookups.labels(name, event).inc()
 
     cache.observer = observe
-    metrics.registry.register(_CacheCollector(cache))
+    metrics.add_collector(_CacheCollector(cache))
 
 
 class _CacheCollector:
@@ -39,6 +37,8 @@ class _CacheCollector:
         self._cache = cache
 
     def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
         yield GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes of adapter host copies",
                                 value=self._cache.bytes)
         yield GaugeMetricFamily("loraplex_adapter_cache_budget_bytes", "The adapter host copies' byte bound",

@@ -102,13 +102,13 @@ class PausingEngine:
 
 def test_leaving_a_stream_early_cancels_its_request(llm):
     service = llm._core.service
-    cancelled = llm.metrics.requests.labels("", "CANCELLED")._value.get()
+    cancelled = llm.metrics.requests.labels("", "CANCELLED").get()
     service.engine = paused = PausingEngine(service.engine)
     try:
         stream = llm.stream(PROMPTS[0], max_new_tokens=400, ignore_eos=True)
         assert next(stream).token_ids  # the engine now waits after this job's first token
         stream.close()  # the caller stops reading
-        wait_until(lambda: llm.metrics.requests.labels("", "CANCELLED")._value.get() == cancelled + 1,
+        wait_until(lambda: llm.metrics.requests.labels("", "CANCELLED").get() == cancelled + 1,
                    what="the request cancelled")
         assert service.in_flight == 1  # its engine job is still held
     finally:
