@@ -8,10 +8,9 @@ metric without bound.
 
 The server counts into small metrics of its own (`Counter`, `Gauge`, `Histogram`: the part of
 prometheus_client's interface it uses) and imports `prometheus_client` only when something reads
-`ServerMetrics.registry` (the exporter, the HTTP `/metrics` route, a cluster replica, the adapter
-cache's metrics): a server that nobody scrapes does not hold it (2 MiB of RSS at rest, with the modules it
-imports). The registry's samples are those prometheus_client's own metrics would give (`_total`,
-`_created`, `_bucket`, ...).
+`ServerMetrics.registry` (the exporter, the HTTP `/metrics` route, a cluster replica): a server that
+nobody scrapes does not hold it (2 MiB of RSS at rest, with the modules it imports). The registry's
+samples are those prometheus_client's own metrics would give (`_total`, `_created`, `_bucket`, ...).
 """
 
 from __future__ import annotations
