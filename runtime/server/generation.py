@@ -27,7 +27,6 @@ from loraplex.runtime.errors import InvalidRequest, LoraplexError, Overloaded, S
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.mixes import DEFAULT_MAX_MIXES, MIX_PREFIX, Mixes
 from loraplex.runtime.server.registry import AdapterRegistry, AdapterVersion
-from loraplex.runtime.server.relay import LoopRelay
 from loraplex.runtime.server.request_state import Finished, RequestState, Started, TextPiece
 from loraplex.runtime.server.tokenizer import TextTokenizer
 from loraplex.runtime.server.validation import prompt_input
@@ -75,16 +74,10 @@ class GenerationService:
         self.max_prompt_bytes = max_prompt_bytes
         self.draining = False
         self._requests: set[RequestState] = set()
-        self._relay: LoopRelay | None = None  # the engine's outputs to the loop (made on the loop, at first use)
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.in_flight.set_function(lambda: len(self._requests))
         metrics.queue_depth.set_function(lambda: sum(1 for r in list(self._requests) if r.job.started_at is None))
-
-    def _relay_of(self, loop: asyncio.AbstractEventLoop) -> LoopRelay:
-        if self._relay is None or self._relay.loop is not loop:
-            self._relay = LoopRelay(loop)
-        return self._relay
 
     @property
     def in_flight(self) -> int:
@@ -167,7 +160,7 @@ class GenerationService:
             state = RequestState(
                 request_id=request.request_id or uuid.uuid4().hex[:16], prompt_ids=prompt_ids, params=params,
                 lease=lease, tokenizer=self.tokenizer, metrics=self.metrics, received=received,
-                on_done=self._request_done, relay=self._relay_of(asyncio.get_running_loop()),
+                on_done=self._request_done,
             )
             self._submit(state)
             yield Started(state.adapter, lease.version.version, state.job.request_id, len(prompt_ids))

@@ -1,8 +1,7 @@
 """One request's output side: the engine's token sink and the output processor on the event loop.
 
 The engine calls `on_output` on its own thread once per step with the job's new tokens; the state
-only hands the output to the asyncio loop through the service's `relay.LoopRelay` (which never makes
-the engine thread wait for the loop), so the engine thread never detokenizes. On the loop it
+only hands the output to the asyncio loop, so the engine thread never detokenizes. On the loop it
 decodes UTF-8 safe text pieces, holds back text that may start a stop string (and stops the job
 when one appears: the engine ends it before its next step, and tokens it made meanwhile are
 dropped), times the first token and the gaps between tokens, and queues `TextPiece` / `Finished`
@@ -14,6 +13,7 @@ hears "finished" can count on the slot being free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +22,6 @@ from loraplex.runtime.errors import EngineFailure
 from loraplex.runtime.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.runtime.server.metrics import ServerMetrics
 from loraplex.runtime.server.registry import Lease
-from loraplex.runtime.server.relay import LoopRelay
 from loraplex.runtime.server.tokenizer import TextTokenizer
 
 
@@ -61,7 +60,7 @@ class RequestState:
 
     def __init__(self, *, request_id: str, prompt_ids: list[int], params: SamplingParams, lease: Lease,
                  tokenizer: TextTokenizer, metrics: ServerMetrics, received: float,
-                 on_done: Callable[[RequestState], None], relay: LoopRelay):
+                 on_done: Callable[[RequestState], None]):
         self.lease = lease
         self.adapter = lease.version.name
         self.prompt_tokens = len(prompt_ids)
@@ -75,12 +74,13 @@ class RequestState:
         self._held_logprobs: list[TokenLogprobs] = []  # theirs, when the request asked for them
         self._first: float | None = None
         self._last = 0.0
-        self._relay = relay
+        self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[TextPiece | Finished] = asyncio.Queue()
 
     # -- the engine's thread -------------------------------------------------------------
     def on_output(self, output: StepOutput) -> None:
-        self._relay.post(self._process, output)
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server stopped): nobody listens
+            self._loop.call_soon_threadsafe(self._process, output)
 
     # -- the loop --------------------------------------------------------------------------
     def _process(self, output: StepOutput) -> None:
