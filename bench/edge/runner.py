@@ -39,6 +39,7 @@ class EdgeGrid:
     clients: int = 8
     concurrency_adapters: int = 4
     concurrency_requests: int = 24
+    concurrency_rounds: int = 2  # systems take turns, so a drifting machine shifts them alike
     serial_measured: int = 6
     memory_counts: tuple[int, ...] = (1, 2, 8, 32)
     cold_reps: int = 3
@@ -47,7 +48,8 @@ class EdgeGrid:
     accuracy_max_tokens: int = 32
 
 
-QUICK_EDGE = EdgeGrid(single_reps=2, concurrency_requests=8, serial_measured=2, memory_counts=(1, 2, 8), cold_reps=1,
+QUICK_EDGE = EdgeGrid(single_reps=2, concurrency_requests=8, concurrency_rounds=1, serial_measured=2,
+                      memory_counts=(1, 2, 8), cold_reps=1,
                       agreement_prompts=1)
 # RSS is read this long after the last request: a server at rest (loraplex's batched engine hands
 # its free heap back after 0.5 s idle; llama.cpp's RSS does not change), the same wait for every system.
@@ -308,7 +310,7 @@ class EdgeBench:
                     guarded(system.name, "warm-up", system.generate, self.prompts[0], adapters[0], 4)
                 out[str(len(spread))] = edge_scenarios.concurrency(
                     systems, self.prompts, spread, self.grid.clients, self.grid.concurrency_requests,
-                    self.workload.new_tokens, self.grid.serial_measured)
+                    self.workload.new_tokens, self.grid.serial_measured, self.grid.concurrency_rounds)
             finally:
                 for system in systems:
                     system.close()

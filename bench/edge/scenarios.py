@@ -67,18 +67,34 @@ def single_switching(systems: list[Any], prompts: list[Prompt], adapters: tuple[
 
 
 def concurrency(systems: list[Any], prompts: list[Prompt], adapters: list[str], clients: int, requests: int,
-                new_tokens: int, serial_measured: int = 6) -> dict[str, dict]:
-    """Closed-loop clients over `adapters` (round robin): throughput and latency per system."""
+                new_tokens: int, serial_measured: int = 6, rounds: int = 1) -> dict[str, dict]:
+    """Closed-loop clients over `adapters` (round robin): throughput and latency per system.
+
+    With several `rounds` the systems take turns (each runs the load once per round) and a system's
+    figures pool its rounds: a machine whose speed drifts during the scenario (shared hosts do)
+    shifts every system alike instead of the one measured last."""
     load = [(prompts[i % len(prompts)], adapters[i % len(adapters)]) for i in range(requests)]
-    out = {}
+    pooled: dict[str, tuple[list, float, str]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for system in systems:
+            if system.name in failed:
+                continue
+            kwargs = {"max_measured": serial_measured} if getattr(system, "serial", False) else {}
+            got = guarded(system.name, "concurrency", system.run_load, load, clients, new_tokens, **kwargs)
+            if isinstance(got, Exception):
+                failed[system.name] = failure_line(got)
+                continue
+            results, wall, note = got
+            before = pooled.get(system.name, ([], 0.0, note))
+            pooled[system.name] = (before[0] + list(results), before[1] + wall, note)
+    out: dict[str, dict] = {}
     for system in systems:
-        kwargs = {"max_measured": serial_measured} if getattr(system, "serial", False) else {}
-        got = guarded(system.name, "concurrency", system.run_load, load, clients, new_tokens, **kwargs)
-        if isinstance(got, Exception):
-            out[system.name] = {"error": failure_line(got)}
+        if system.name in failed:
+            out[system.name] = {"error": failed[system.name]}
             continue
-        results, wall, note = got
-        out[system.name] = {**summarize_load(results, wall), "note": note}
+        results, wall, note = pooled[system.name]
+        out[system.name] = {**summarize_load(results, wall), "rounds": rounds, "note": note}
         log.info("%-34s %d clients x %d adapters: %.1f tok/s", system.name, clients, len(adapters),
                  out[system.name]["tokens_per_s"])
     return out

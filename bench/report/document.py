@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bench.report import edge as edge_report
-from bench.report.markdown import md_table, num, ratio
+from bench.report.markdown import load_average, md_table, num, ratio
 
 PEERS = ("onnxruntime-genai", "pytorch-peft")
 
@@ -52,8 +52,8 @@ def _header(results: dict) -> list[str]:
         f"({m.get('usable_cores')} usable), {m.get('memory_gb')} GiB",
         f"- Copy bandwidth (numpy, {bw.get('buffer_mb')} MiB buffers, read + write): best "
         f"{num(bw.get('gb_per_s'))} GB/s, median {num(bw.get('median_gb_per_s'))} GB/s",
-        f"- Load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')} "
-        "(a shared machine shows here)",
+        f"- Load average (1 / 5 / 15 min) at start {load_average(m.get('load_average_at_start'))}, at end "
+        f"{load_average(m.get('load_average_at_end'))} (a shared machine shows here)",
         f"- {m.get('platform')}, Python {m.get('python')}",
         "",
     ]

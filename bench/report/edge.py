@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report.markdown import md_table, num
+from bench.report.markdown import load_average, md_table, num
 
 MIB = 2**20
 POLICY_TITLE = {False: "", True: " (threads waiting passively on both sides)"}
@@ -186,8 +186,11 @@ def _concurrency(edge: dict, passive: bool = False) -> list[str]:
             rows.append([spread, name, num(r["tokens_per_s"]), num(r.get("p50_s"), 2), num(r.get("p99_s"), 2),
                          r.get("note", "")])
     clients = edge["concurrency"].get("clients")
+    rounds = max((r.get("rounds", 1) for systems in data.values() for r in systems.values()), default=1)
+    turns = f" The systems take turns, {rounds} rounds each, pooled." if rounds > 1 else ""
     return [f"### Concurrency{POLICY_TITLE[passive]}", "", f"{clients} closed-loop clients, requests round robin "
-            "over the adapters. llama-cpp-python serves one request at a time (measured, replayed as a FIFO queue); "
+            f"over the adapters.{turns} llama-cpp-python serves one request at a time (measured, replayed as a FIFO "
+            "queue); "
             f"llama-server runs `-np {clients}` slots but batches only requests with the same adapter set.",
             ""] + ([] if passive else _busy_line(edge, "concurrency")) + md_table(
         ["adapters", "system", "tokens/s", "p50 (s)", "p99 (s)", "how"], rows)
@@ -312,7 +315,9 @@ def render(edge: dict) -> list[str]:
     rows = targets(edge)
     if rows:
         load = edge.get("load_average")
-        lines += ["### Edge targets", "", f"Load average during this part: {load}." if load else ""]
+        lines += ["### Edge targets", "", f"Load average (1 / 5 / 15 min) during this part: "
+                  f"{load_average(load.get('start'))} at its start, {load_average(load.get('end'))} at its end."
+                  if load else ""]
         lines += md_table(["target", "needs", "measured", "status"], rows)
     for section in (_single, _concurrency):
         lines += section(edge)

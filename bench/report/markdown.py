@@ -22,3 +22,10 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines + [""]
+
+
+def load_average(value) -> str:
+    """`os.getloadavg()`'s (1, 5, 15 minutes) as "1.41 / 1.75 / 1.80"; "—" when missing."""
+    if not value:
+        return "—"
+    return " / ".join(f"{v:.2f}" for v in value)
