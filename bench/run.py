@@ -306,8 +306,7 @@ class Bench:
         if "edge" in parts:
             self.run_edge()
         if "random" not in parts:
-            self.results["machine"]["load_average_at_end"] = os.getloadavg()
-            self.results["timings_s"]["total"] = time.perf_counter() - start
+            self.finish(start)
             return
         self.build()
         self.measure_roofline()
@@ -321,7 +320,14 @@ class Bench:
         finally:
             self.close()
         self._timed("memory", self.run_memory)
+        self.finish(start)
+
+    def finish(self, start: float) -> None:
+        """The load average and the copy bandwidth again at the end: a host whose memory bandwidth drifted
+        during the run (other tenants) shows it beside the tables."""
         self.results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self.results["bandwidth_at_end"] = roofline.measure_copy_bandwidth(
+            buffer_mb=self.bandwidth.buffer_mb).__dict__
         self.results["timings_s"]["total"] = time.perf_counter() - start
 
     def close(self) -> None:

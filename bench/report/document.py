@@ -31,6 +31,7 @@ def _ok(row: dict | None) -> bool:
 
 def _header(results: dict) -> list[str]:
     m, bw, wl = results.get("machine", {}), results.get("bandwidth", {}), results.get("workload", {})
+    end = results.get("bandwidth_at_end") or {}
     shape = wl.get("shape", {})
     lines = [
         "# loraplex benchmarks against peers",
@@ -51,7 +52,9 @@ def _header(results: dict) -> list[str]:
         f"- CPU: {m.get('cpu')}, {m.get('logical_cores')} logical / {m.get('physical_cores')} physical cores "
         f"({m.get('usable_cores')} usable), {m.get('memory_gb')} GiB",
         f"- Copy bandwidth (numpy, {bw.get('buffer_mb')} MiB buffers, read + write): best "
-        f"{num(bw.get('gb_per_s'))} GB/s, median {num(bw.get('median_gb_per_s'))} GB/s",
+        f"{num(bw.get('gb_per_s'))} GB/s, median {num(bw.get('median_gb_per_s'))} GB/s" + (
+            f"; at the end of the run best {num(end.get('gb_per_s'))}, median {num(end.get('median_gb_per_s'))} GB/s"
+            if end else ""),
         f"- Load average (1 / 5 / 15 min) at start {load_average(m.get('load_average_at_start'))}, at end "
         f"{load_average(m.get('load_average_at_end'))} (a shared machine shows here)",
         f"- {m.get('platform')}, Python {m.get('python')}",
