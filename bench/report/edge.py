@@ -317,7 +317,7 @@ def render(edge: dict) -> list[str]:
         load = edge.get("load_average")
         lines += ["### Edge targets", "", f"Load average (1 / 5 / 15 min) during this part: "
                   f"{load_average(load.get('start'))} at its start, {load_average(load.get('end'))} at its end."
-                  if load else ""]
+                  if load else "", ""]
         lines += md_table(["target", "needs", "measured", "status"], rows)
     for section in (_single, _concurrency):
         lines += section(edge)
