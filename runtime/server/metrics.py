@@ -119,13 +119,6 @@ class _GaugeValue:
         with self._lock:
             self._value, self._function = float(value), None
 
-    def inc(self, amount: float = 1) -> None:
-        with self._lock:
-            self._value += amount
-
-    def dec(self, amount: float = 1) -> None:
-        self.inc(-amount)
-
     def set_function(self, function: Callable[[], float]) -> None:
         """The gauge reads `function()` at each scrape."""
         self._function = function
@@ -146,12 +139,6 @@ class Gauge(_Metric):
 
     def set(self, value: float) -> None:
         self._only().set(value)
-
-    def inc(self, amount: float = 1) -> None:
-        self._only().inc(amount)
-
-    def dec(self, amount: float = 1) -> None:
-        self._only().dec(amount)
 
     def set_function(self, function: Callable[[], float]) -> None:
         self._only().set_function(function)
