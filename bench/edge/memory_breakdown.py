@@ -12,7 +12,9 @@ anonymous memory and file-backed pages, from /proc/self/status), with the second
     tokenizer       the package tokenizer
     adapters        N adapter files read, checked and handed to the engine
     requests        one 1-token request on the base and on each adapter (banks filled, arena grown)
-    idle            1.5 s later, the server idle (the batched engine has handed its free heap back)
+    idle            1.5 s later, the server idle (the batched engine has handed its free heap back, and
+                    the engine has dropped the code pages only start-up ran: `process_pages`)
+    again           the same requests again and 1.5 s idle (the code serving runs is back)
 
 It prints one JSON line. The bench runs it for the memory breakdown table; the last reading
 matches a `loraplex serve` of the same package after the same requests within a few MiB (gRPC's
@@ -106,16 +108,28 @@ async def run(package_dir: Path, engine_name: str, profile: str, n_adapters: int
     service = GenerationService(engine, registry, tokenizer, package.config.context_length, ServerMetrics(),
                                 max_batch=config.max_batch, max_queue=config.max_queue, max_prompt_bytes=1 << 16)
     params = SamplingParams(max_new_tokens=1)
-    for name in ["", *names]:
-        await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params, request_id="probe"))
+
+    async def serve_each() -> None:
+        for name in ["", *names]:
+            await service.generate(GenerationRequest(adapter=name, prompt="warm up", params=params,
+                                                     request_id="probe"))
+
+    await serve_each()
     steps.mark("requests")
     await asyncio.sleep(1.5)  # the batched engine hands its free heap back once idle (runtime.engines.heap)
-    extra = {}
-    runner = getattr(engine, "runner", None)
-    if runner is not None:
-        extra = {"bank_bytes": runner.bank.nbytes, "bank_slots": runner.bank.capacity - 1,
-                 "kv_bytes": sum(a.nbytes for a in runner.kv.keys + runner.kv.values)}
-    steps.mark("idle", **extra, mapped=_mapped())
+
+    def at_rest() -> dict:
+        extra = {"mapped": _mapped()}
+        runner = getattr(engine, "runner", None)
+        if runner is not None:
+            extra |= {"bank_bytes": runner.bank.nbytes, "bank_slots": runner.bank.capacity - 1,
+                      "kv_bytes": sum(a.nbytes for a in runner.kv.keys + runner.kv.values)}
+        return extra
+
+    steps.mark("idle", **at_rest())
+    await serve_each()
+    await asyncio.sleep(1.5)
+    steps.mark("again", **at_rest())
     await registry.close()
     engine.close()
 

@@ -317,7 +317,8 @@ def _memory(results: dict) -> list[str]:
         "## Resident memory",
         "",
         "RSS (MiB) of a fresh process serving N adapters, after one 1-token request on each adapter "
-        "(memory-mapped files count once used). Servers include their child processes and run with "
+        "(loraplex: twice, 1 s apart; memory-mapped files count once used). Servers include their child "
+        "processes and run with "
         f"`--max-batch {results.get('server_max_batch', '?')}` (the batched engine's weight banks hold that many "
         "adapter slots, allocated up front).",
         "",

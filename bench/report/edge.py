@@ -6,7 +6,7 @@ from bench.report.markdown import load_average, md_table, num
 
 MIB = 2**20
 POLICY_TITLE = {False: "", True: " (threads waiting passively on both sides)"}
-STEPS = ("python", "imports", "package", "engine", "tokenizer", "adapters", "requests", "idle")
+STEPS = ("python", "imports", "package", "engine", "tokenizer", "adapters", "requests", "idle", "again")
 STEP_TEXT = {
     "python": "Python interpreter",
     "imports": "imports (grpc, protobuf, numpy, onnxruntime, loraplex)",
@@ -15,7 +15,8 @@ STEP_TEXT = {
     "tokenizer": "tokenizer (and llguidance's, built beside it when a package adapter has an output contract)",
     "adapters": "adapter files read, checked, handed to the engine",
     "requests": "one request on the base and on each adapter (banks filled, activations)",
-    "idle": "idle 1.5 s later (free heap handed back)",
+    "idle": "idle 1.5 s later (free heap handed back; the code pages only start-up ran dropped, once)",
+    "again": "the same requests again, idle 1.5 s later (the code serving runs faulted back in)",
 }
 
 
@@ -94,7 +95,7 @@ def _breakdown(edge: dict) -> list[str]:
     header = ["step"]
     for p in profiles:
         header += [f"{p}: RSS added (MiB)", f"{p}: anon / file (MiB)", f"{p}: s"]
-    last = {p: by_profile[p].get("idle", {}) for p in profiles}
+    last = {p: by_profile[p].get("again") or by_profile[p].get("idle", {}) for p in profiles}
     extra = "; ".join(_idle_split(p, last[p]) for p in profiles if last[p])
     intro = ["### Where the memory goes (loraplex serve, int4 package, 2 adapters)", "",
              "Each step of `loraplex serve`'s start in a fresh process (`python -m bench.edge.memory_breakdown`), "
@@ -140,8 +141,9 @@ def _memory(edge: dict) -> list[str]:
         per = (hi["rss"] - lo["rss"]) / (counts[-1] - counts[-2]) if lo.get("rss") and hi.get("rss") else None
         cells.append(num(per / MIB, 2) if per else "—")
         rows.append(cells)
-    return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, 2 s after one request on the "
-            "base and on each adapter (at rest). Per extra adapter: the slope between the two largest counts.",
+    return ["### Resident memory", "", "RSS (MiB) of a fresh process with N adapters, at rest: one request on the "
+            "base and on each adapter, 2 s idle, the same again, RSS 2 s later (llama-cpp-python: in process, "
+            "once). Per extra adapter: the slope between the two largest counts.",
             ""] + md_table(
         ["system", *(f"{c} adapter{'s' if c > 1 else ''}" for c in counts), "MiB per extra adapter"], rows)
 

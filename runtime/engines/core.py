@@ -41,6 +41,7 @@ from loraplex.runtime.engines.base import (
     TokenLogprobs,
     check_prompt,
 )
+from loraplex.runtime.engines.process_pages import drop_start_up_code
 from loraplex.runtime.errors import EngineFailure, LoraplexError, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class EngineCore(Engine):
                         return
             if release:
                 self.executor.release_memory()
+                drop_start_up_code()  # once per process: what only start-up ran leaves RSS
                 continue
             try:
                 self._admit(jobs)

@@ -24,19 +24,16 @@ no-op.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import mmap
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from loraplex.runtime.engines.process_pages import copied_on_write, dontneed, entries, linux
 
 log = logging.getLogger(__name__)
 
-MADV_DONTNEED = 4
 # Inputs a node reads at most in part once loaded: MatMulNBits' weight, scales and zero points, which its
 # prepacked weight holds (the kernel reads that copy), and the table a gather reads the requested rows of.
 UNREAD_INPUTS = {"MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3), "Gather": (0,)}
@@ -141,11 +138,8 @@ def _mappings(path: Path) -> list[tuple[int, int, int]]:
 
 
 def _written(pagemap, address: int, length: int) -> bool:
-    """Whether a page of [address, address + length) is anonymous (copied on write) in this process:
-    present (bit 63 of its /proc/self/pagemap entry) and not a file page (bit 61)."""
-    pagemap.seek(address // mmap.PAGESIZE * 8)
-    entries = np.frombuffer(pagemap.read(length // mmap.PAGESIZE * 8), dtype="<u8")
-    return bool(np.any((entries >> np.uint64(63)) & ~(entries >> np.uint64(61)) & np.uint64(1)))
+    """Whether a page of [address, address + length) is anonymous (copied on write) in this process."""
+    return bool(np.any(copied_on_write(entries(pagemap, address, length))))
 
 
 class UnreadPages:
@@ -163,15 +157,13 @@ class UnreadPages:
         their data files, where none was written; the bytes dropped (0 where this is not Linux)."""
         if self.ranges is None:
             self.ranges = {}
-            if sys.platform.startswith("linux"):
+            if linux():
                 try:
                     self.ranges = unread_ranges(self.model_path)
                 except Exception as exc:  # a graph this walk cannot read: its pages stay mapped
                     log.debug("keeping the pages of %s mapped (%s)", self.model_path, exc)
         if not self.ranges:
             return 0
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         page = mmap.PAGESIZE
         dropped = 0
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
@@ -188,8 +180,7 @@ class UnreadPages:
                         last = min(offset + length, map_end) // page * page
                         if last <= first or _written(pagemap, address + first - map_first, last - first):
                             continue  # a written page holds what is not in the file: dropping it would lose it
-                        if libc.madvise(address + first - map_first, last - first, MADV_DONTNEED) != 0:
-                            log.debug("madvise failed on %s: %s", data_file, os.strerror(ctypes.get_errno()))
+                        if not dontneed(address + first - map_first, last - first):
                             return dropped
                         dropped += last - first
         return dropped
