@@ -154,6 +154,39 @@ def test_cache_growth_while_rows_run_keeps_them_exact(package, make_engine):
     assert engine.runner.kv.capacity == 64  # back to the smallest buffers once idle
 
 
+def test_a_mixed_batch_gathers_its_rows_weights_only_when_a_rows_slot_changes(package, make_engine):
+    """Rows keep their adapter (and KV row) from token to token: after the first mixed decode step the
+    buffers already hold every row's weights, and the steps read them without gathering again."""
+    engine, handles = make_engine(max_batch=4, max_slots=3)
+    _, first = submit(engine, PROMPTS[0], None, max_new_tokens=12, pause_at=1)
+    first.reached.wait(WAIT_S)  # the others queue while the engine waits: all three then share the steps
+    jobs = [(name, submit(engine, PROMPTS[0], handles[name], max_new_tokens=12)[1]) for name in ("alpha", "beta")]
+    first.resume()
+    assert first.wait() == reference(package, None, PROMPTS[0], 12)
+    for name, sink in jobs:
+        assert sink.wait() == reference(package, name, PROMPTS[0], 12), name
+    assert engine.scheduler.stats.max_rows == 3
+    assert 1 <= engine.runner.weights.gathers <= 2  # ~11 mixed decode steps; one gather (two if rows moved)
+
+
+def test_a_slot_filled_with_another_adapter_is_gathered_again_for_the_rows_that_read_it(package, make_engine):
+    """One adapter slot: alpha takes beta's slot while a base row keeps the batch going, at the KV row
+    beta had (alpha's ranks fit in beta's: the banks are not reallocated); the buffer rows holding
+    beta's weights must not serve alpha's steps."""
+    engine, handles = make_engine(max_batch=4, max_slots=1)
+    _, base = submit(engine, PROMPTS[0], None, max_new_tokens=24, pause_at=12)
+    _, beta = submit(engine, PROMPTS[0], handles["beta"], max_new_tokens=5)
+    base.reached.wait(WAIT_S)
+    assert beta.wait() == reference(package, "beta", PROMPTS[0], 5)  # done while the base row ran
+    gathers, generation = engine.runner.weights.gathers, engine.runner.bank.generation
+    _, alpha = submit(engine, PROMPTS[0], handles["alpha"], max_new_tokens=8)
+    base.resume()
+    assert alpha.wait() == reference(package, "alpha", PROMPTS[0], 8)
+    assert base.wait() == reference(package, None, PROMPTS[0], 24)
+    assert engine.scheduler.slots.fills == 2 and engine.runner.bank.generation == generation
+    assert engine.runner.weights.gathers > gathers
+
+
 def test_more_adapters_than_slots_wait_for_a_slot_and_stay_exact(package, make_engine):
     engine, handles = make_engine(max_batch=8, max_slots=1)
     names = ["alpha", "beta", "gamma", None, "alpha"]

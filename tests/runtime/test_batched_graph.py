@@ -12,10 +12,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from loraplex.runtime.engines.batched.graph import (
+    GATHERED_SUFFIX,
     LOGITS_INDEX_INPUT,
     SLOT_INPUT,
     LoraBankError,
     ensure_batched_model,
+    gather_graph_path,
     rewrite_for_banks,
 )
 
@@ -56,28 +58,46 @@ def _prompt_feeds(package: PackageFiles, ids: np.ndarray) -> dict[str, np.ndarra
     return feeds
 
 
-def test_rewrite_turns_each_lora_pair_into_a_bank_and_adds_one_slot_input(package):
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _gathered(package: PackageFiles, banks: dict[str, np.ndarray], slots: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's slot of every bank, by the gather graph written beside the banked one (as the engine does)."""
+    gather = _session(gather_graph_path(ensure_batched_model(package.model)))
+    names = list(banks)
+    got = gather.run([n + GATHERED_SUFFIX for n in names], {**banks, SLOT_INPUT: slots})
+    return dict(zip(names, got, strict=True))
+
+
+def test_rewrite_turns_each_lora_pair_into_per_step_weights_and_writes_a_gather_graph(package):
     out = package.model.with_name("model.test_rewrite.onnx")  # beside the model: shares its external data
     rewrite_for_banks(package.model, out)
     original = onnx.load(str(package.model), load_external_data=False).graph
     banked = onnx.load(str(out), load_external_data=False).graph
+    gather = onnx.load(str(gather_graph_path(out))).graph
+    assert gather_graph_path(out).name == "model.test_rewrite.batched.gather.onnx"
     out.unlink()
+    gather_graph_path(out).unlink()
     lora = sorted({i.name for i in original.input if ".lora_" in i.name})
-    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in banked.input}
-    assert inputs[SLOT_INPUT] == ["slot_rows"] and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
-    assert next(i for i in banked.input if i.name == SLOT_INPUT).type.tensor_type.elem_type == onnx.TensorProto.INT64
-    assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now banks
+    inputs = {i.name: _dims(i) for i in banked.input}
+    assert SLOT_INPUT not in inputs and inputs[LOGITS_INDEX_INPUT] == ["batch_size", "logits_positions"]
+    assert sorted(n for n in inputs if ".lora_" in n) == lora  # same names, now each step's weights
     for name in lora:
         dims = inputs[name]
-        assert dims[0] == "lora_slots" and len(dims) == 3
-        assert (dims[2] if ".lora_A." in name else dims[1]).startswith("lora_r_")  # each bank its own rank
+        assert dims[0] == "slot_rows" and len(dims) == 3
+        assert (dims[2] if ".lora_A." in name else dims[1]).startswith("lora_r_")  # each pair its own rank
     assert not any(i.name in lora for i in banked.initializer)  # zero-rank defaults gone
-    gathers = [n for n in banked.node if n.op_type == "Gather" and n.input[1] == SLOT_INPUT]
-    assert sorted(n.input[0] for n in gathers) == lora
+    assert not any(n.op_type == "Gather" and n.input[0] in lora for n in banked.node)  # the MatMuls read them
     layers = sum(1 for i in original.input if i.name.startswith("past_key_values.") and i.name.endswith(".key"))
-    # + the Gathers, + Unsqueeze, GatherND; per layer q/k/v (3 nodes) and gate/up (2) each
-    # become one MatMul and a Split
-    assert len(banked.node) == len(original.node) + len(lora) + 2 - layers
+    # + Unsqueeze, GatherND; per layer q/k/v (3 nodes) and gate/up (2) each become one MatMul and a Split
+    assert len(banked.node) == len(original.node) + 2 - layers
+    # The gather graph: each bank (its rank as in the banked graph) and the rows' slots in, each bank's rows out.
+    gather_inputs = {i.name: _dims(i) for i in gather.input}
+    assert gather_inputs.pop(SLOT_INPUT) == ["slot_rows"]
+    assert gather_inputs == {name: ["lora_slots", *inputs[name][1:]] for name in lora}
+    assert {o.name: _dims(o) for o in gather.output} == {name + GATHERED_SUFFIX: inputs[name] for name in lora}
+    assert sorted((n.op_type, n.input[0], n.input[1]) for n in gather.node) == [("Gather", n, SLOT_INPUT) for n in lora]
     head = next(n for n in banked.node if n.name.startswith("/lm_head/"))
     assert head.input[0] == "/lora_bank/logits_rows/gather"
 
@@ -104,17 +124,20 @@ def test_slot_k_gives_the_logits_of_the_original_graph_with_adapter_k(package):
     batch_feeds = {k: np.repeat(v, rows, axis=0) for k, v in _prompt_feeds(package, ids).items()}
     slots = np.arange(rows, dtype=np.int64)[::-1].copy()  # row i uses slot rows-1-i
     positions = np.array([[8, 2], [0, 0], [5, 7], [8, 8]][:rows], dtype=np.int64)  # what each row's head computes
-    got = banked.run(["logits"], {**batch_feeds, **banks, SLOT_INPUT: slots, LOGITS_INDEX_INPUT: positions})[0]
+    rows_weights = _gathered(package, banks, slots)
+    for name, bank in banks.items():
+        np.testing.assert_array_equal(rows_weights[name], bank[slots])
+    got = banked.run(["logits"], {**batch_feeds, **rows_weights, LOGITS_INDEX_INPUT: positions})[0]
     assert got.shape == (rows, 2, expected[0].shape[-1])
     for row, slot in enumerate(slots):
         for column, position in enumerate(positions[row]):
             np.testing.assert_allclose(got[row, column], expected[slot][position], rtol=0, atol=1e-5)
     # Adapters really change the output, so the comparison above can fail.
     assert all(np.abs(expected[k] - expected[0]).max() > 1e-2 for k in range(1, rows))
-    # One slot for every row (`adapter_slot` [1]): the same logits, bit for bit, as that slot given per row.
+    # One slot's weights for every row (`[1, ...]`): the same logits, bit for bit, as that slot given per row.
     for slot in range(rows):
-        shared, per_row = ({**batch_feeds, **banks, SLOT_INPUT: np.full(n, slot), LOGITS_INDEX_INPUT: positions}
-                           for n in (1, rows))
+        shared, per_row = ({**batch_feeds, **{name: bank[[slot] * n] for name, bank in banks.items()},
+                            LOGITS_INDEX_INPUT: positions} for n in (1, rows))
         assert np.array_equal(banked.run(["logits"], shared)[0], banked.run(["logits"], per_row)[0])
 
 
@@ -139,10 +162,10 @@ def test_banked_graph_in_another_directory_shares_the_external_data(package, tmp
     beside = _session(ensure_batched_model(package.model))
     elsewhere = _session(cached)
     ids = np.array([[5, 17, 33, 2]], dtype=np.int64)
-    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([[3]])}
+    feeds = {**_prompt_feeds(package, ids), LOGITS_INDEX_INPUT: np.array([[3]])}
     for inp in beside.get_inputs():
         if ".lora_" in inp.name:
-            fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 slot (zeros), rank 1
+            fixed = [d if isinstance(d, int) else 1 for d in inp.shape]  # 1 row's (zeros), rank 1
             feeds[inp.name] = np.zeros(fixed, dtype=np.float32)
     np.testing.assert_array_equal(beside.run(["logits"], feeds)[0], elsewhere.run(["logits"], feeds)[0])
 
@@ -165,7 +188,8 @@ def test_projections_reading_one_input_are_fused_into_one_matmul_and_a_split(pac
     original = onnx.load(str(package.model), load_external_data=False).graph
     banked = onnx.load(str(fused_path), load_external_data=False).graph
     fused, plain = _session(fused_path), _session(plain_path)
-    for path in (fused_path, plain_path, fused_path.with_name("model.test_fused.fused.data")):
+    for path in (fused_path, plain_path, fused_path.with_name("model.test_fused.fused.data"),
+                 gather_graph_path(fused_path), gather_graph_path(plain_path)):
         path.unlink()
     weights = {i.name for i in original.initializer} - {i.name for i in original.input}
 
@@ -188,7 +212,7 @@ def test_projections_reading_one_input_are_fused_into_one_matmul_and_a_split(pac
     ids = rng.integers(2, fused.get_outputs()[0].shape[-1], size=(2, 7), dtype=np.int64)
     weights_a = _adapter(package, package.adapters[sorted(package.adapters)[0]])
     banks = {name: np.stack([np.zeros_like(w), w]) for name, w in weights_a.items()}
-    feeds = {**_prompt_feeds(package, ids), **banks, SLOT_INPUT: np.array([0, 1]),
+    feeds = {**_prompt_feeds(package, ids), **{name: bank[[0, 1]] for name, bank in banks.items()},
              LOGITS_INDEX_INPUT: np.array([[6], [3]])}
     got, want = (s.run(["logits"], feeds)[0] for s in (fused, plain))
     assert np.array_equal(got, want)
@@ -224,10 +248,11 @@ def test_a_fused_qkv_without_lora_branches_goes_to_the_attention_packed(package)
     try:
         sessions = {kind: _session(path) for kind, path in paths.items()}
     finally:
-        for path in (*paths.values(), banked_path, banked_path.with_name("model.test_pack.fused.data")):
+        for path in (*paths.values(), banked_path, banked_path.with_name("model.test_pack.fused.data"),
+                     gather_graph_path(banked_path)):
             path.unlink(missing_ok=True)
     ids = np.array([[5, 17, 33, 2, 9]], dtype=np.int64)
-    feeds = {**_prompt_feeds(package, ids), SLOT_INPUT: np.zeros(1, np.int64), LOGITS_INDEX_INPUT: np.array([[4]])}
+    feeds = {**_prompt_feeds(package, ids), LOGITS_INDEX_INPUT: np.array([[4]])}
     for inp in sessions["split"].get_inputs():
         if ".lora_" in inp.name:
             feeds[inp.name] = np.zeros([d if isinstance(d, int) else 1 for d in inp.shape], dtype=np.float32)

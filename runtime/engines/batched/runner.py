@@ -40,8 +40,9 @@ import numpy as np
 import onnxruntime as ort
 from loraplex.adapters.package.reader import Package
 from loraplex.runtime.engines.batched.bank import WeightBank
-from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, SLOT_INPUT, ensure_batched_model
+from loraplex.runtime.engines.batched.graph import LOGITS_INDEX_INPUT, ensure_batched_model, gather_graph_path
 from loraplex.runtime.engines.batched.kv import KVCache
+from loraplex.runtime.engines.batched.row_weights import RowWeights
 from loraplex.runtime.engines.batched.sampling import RowSampler, choose_tokens
 from loraplex.runtime.engines.batched.scheduler import Batch, Row
 from loraplex.runtime.engines.batched.session import SessionSettings, create_session
@@ -50,6 +51,7 @@ from loraplex.runtime.engines.guidance import Guidance, RowConstraint
 from loraplex.runtime.engines.heap import release_free_heap
 
 TOKENIZER_FILE = "tokenizer.json"
+MAX_BINDINGS = 256  # kept IOBindings (row ranges x slots); past this many they are made again as used
 _LOGITS_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -80,10 +82,12 @@ class ModelRunner:
         banked = ensure_batched_model(package.model_path)
         self.session = create_session(banked, session or SessionSettings())
         self.bank = WeightBank(package.lora_inputs.pairs, max_slots)
+        self.weights = RowWeights(self.bank, gather_graph_path(banked), max_batch)
         self.kv = KVCache(config.num_layers, max_batch, config.num_kv_heads, config.context_length, config.head_size)
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        # per (start, stop, slot or None for each row's own): see `_binding`
+        self._bindings: dict[tuple[int, int, int | None], ort.IOBinding] = {}
         self._bindings_stamp = (-1, -1)
-        self._logits: dict[tuple[int, int], np.ndarray] = {}  # each binding's logits output [rows, positions, vocab]
+        self._logits: dict[tuple[int, int, int | None], np.ndarray] = {}  # each binding's logits output
         self._logits_dtype = _LOGITS_DTYPES[next(o.type for o in self.session.get_outputs()
                                                  if o.name == config.logits_name)]
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
@@ -143,6 +147,7 @@ class ModelRunner:
         their contents if the cache grows (default: the rows running before it)."""
         for slot, adapter in batch.fills:
             self.bank.fill(slot, adapter)
+            self.weights.refilled(slot)
         if batch.kind == "prefill":
             for row in batch.rows:
                 if row.sampler is None:  # a prefill re-run row by row keeps its sampler
@@ -181,6 +186,7 @@ class ModelRunner:
         `runtime.engines.heap`). On SmolLM2-135M, 4 rows: 22 MiB less at rest."""
         self._bindings.clear()
         self._logits.clear()
+        self.weights.release()
         self.kv.release()
         self.bank.fit()  # a wide adapter or mix that left gives its rank back
         release_free_heap()
@@ -253,47 +259,50 @@ class ModelRunner:
         config = self.config
         if index.ndim == 1:
             index = index[:, None]
-        binding = self._binding(start, start + len(rows))
-        logits = self._logits.get((start, start + len(rows)))
+        slots = [row.slot for row in rows]
+        shared = slots[0] if len(set(slots)) == 1 else None  # one slot for every row: its banks' part, no copy
+        key = (start, start + len(rows), shared)
+        binding = self._binding(*key)
+        logits = self._logits.get(key)
         if logits is None or logits.shape[1] != index.shape[1]:
             # The logits are written into an array bound as the output, read after the run without asking
             # onnxruntime for its outputs (about a tenth of a millisecond per step); a new width, a new array.
             logits = np.empty((len(rows), index.shape[1], config.vocab_size), dtype=self._logits_dtype)
             binding.bind_output(config.logits_name, "cpu", 0, self._logits_dtype, logits.shape, logits.ctypes.data)
-            self._logits[(start, start + len(rows))] = logits
+            self._logits[key] = logits
         binding.bind_cpu_input(LOGITS_INDEX_INPUT, index)
         binding.bind_cpu_input(config.input_ids_name, ids)
         binding.bind_cpu_input(config.attention_mask_name, mask)
-        slots = [row.slot for row in rows]
-        if len(set(slots)) == 1:  # one slot for every row: its banks are read once, broadcast (see graph)
-            slots = slots[:1]
-        binding.bind_cpu_input(SLOT_INPUT, np.array(slots, dtype=np.int64))
+        if shared is None:
+            self.weights.gather(start, np.array(slots, dtype=np.int64))
         self.session.run_with_iobinding(binding)
         return logits
 
-    def _binding(self, start: int, stop: int) -> ort.IOBinding:
-        """An IOBinding of KV rows [start, stop) with the banks and the cache views already bound.
+    def _binding(self, start: int, stop: int, slot: int | None) -> ort.IOBinding:
+        """An IOBinding of KV rows [start, stop) with the LoRA weights (`slot`'s for every row, or each
+        row's as `weights` gathers them: None) and the cache views already bound.
 
-        Kept per row range until the banks or the cache are reallocated: binding every bank and cache
-        tensor anew (hundreds of inputs on a 30-layer model) took about a tenth of a small model's
-        decode step. Each run binds only its four small per-step inputs; binding a name again
+        Kept per row range and slot until the banks or the cache are reallocated: binding every weight
+        and cache tensor anew (hundreds of inputs on a 30-layer model) took about a tenth of a small
+        model's decode step. Each run binds only its three small per-step inputs; binding a name again
         replaces the previous tensor.
         """
         stamp = (self.bank.generation, self.kv.generation)
-        if stamp != self._bindings_stamp:
+        if stamp != self._bindings_stamp or len(self._bindings) >= MAX_BINDINGS:
             self._bindings.clear()
             self._logits.clear()
             self._bindings_stamp = stamp
-        binding = self._bindings.get((start, stop))
+        binding = self._bindings.get((start, stop, slot))
         if binding is None:
             config = self.config
             binding = self.session.io_binding()
-            for name, value in self.bank.ortvalues.items():
+            weights = self.weights.of_rows(start, stop) if slot is None else self.weights.of_slot(slot)
+            for name, value in weights.items():
                 binding.bind_ortvalue_input(name, value)
             for names, (key, value) in zip(config.kv_names, self.kv.views(start, stop), strict=True):
                 binding.bind_ortvalue_input(names.past_key, key)
                 binding.bind_ortvalue_input(names.past_value, value)
                 binding.bind_ortvalue_output(names.present_key, key)  # same memory: GQA updates the cache in place
                 binding.bind_ortvalue_output(names.present_value, value)
-            self._bindings[(start, stop)] = binding
+            self._bindings[(start, stop, slot)] = binding
         return binding
