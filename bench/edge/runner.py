@@ -242,7 +242,7 @@ class EdgeBench:
                 try:
                     failed = []
                     for _ in range(MEMORY_ROUNDS):
-                        failed = [a for a in ["", *names] if not server.generate_unary(prompt, a or None, 1).ok]
+                        failed += [a for a in ["", *names] if not server.generate_unary(prompt, a or None, 1).ok]
                         time.sleep(IDLE_S)
                     rows.setdefault(name, {})[str(n)] = {"rss": server.rss_bytes(), "failed": failed}
                 finally:

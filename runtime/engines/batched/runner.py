@@ -87,7 +87,8 @@ class ModelRunner:
         # per (start, stop, slot or None for each row's own): see `_binding`
         self._bindings: dict[tuple[int, int, int | None], ort.IOBinding] = {}
         self._bindings_stamp = (-1, -1)
-        self._logits: dict[tuple[int, int, int | None], np.ndarray] = {}  # each binding's logits output
+        self._logits: dict[tuple[int, int], np.ndarray] = {}  # each row range's logits output
+        self._logits_bound: dict[tuple[int, int, int | None], np.ndarray] = {}  # what each binding writes into
         self._logits_dtype = _LOGITS_DTYPES[next(o.type for o in self.session.get_outputs()
                                                  if o.name == config.logits_name)]
         self._masks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks")
@@ -186,6 +187,7 @@ class ModelRunner:
         `runtime.engines.heap`). On SmolLM2-135M, 4 rows: 22 MiB less at rest."""
         self._bindings.clear()
         self._logits.clear()
+        self._logits_bound.clear()
         self.weights.release()
         self.kv.release()
         self.bank.fit()  # a wide adapter or mix that left gives its rank back
@@ -263,13 +265,16 @@ class ModelRunner:
         shared = slots[0] if len(set(slots)) == 1 else None  # one slot for every row: its banks' part, no copy
         key = (start, start + len(rows), shared)
         binding = self._binding(*key)
-        logits = self._logits.get(key)
+        logits = self._logits.get(key[:2])
         if logits is None or logits.shape[1] != index.shape[1]:
             # The logits are written into an array bound as the output, read after the run without asking
             # onnxruntime for its outputs (about a tenth of a millisecond per step); a new width, a new array.
+            # One per row range, whichever slot's binding runs over it.
             logits = np.empty((len(rows), index.shape[1], config.vocab_size), dtype=self._logits_dtype)
+            self._logits[key[:2]] = logits
+        if self._logits_bound.get(key) is not logits:
             binding.bind_output(config.logits_name, "cpu", 0, self._logits_dtype, logits.shape, logits.ctypes.data)
-            self._logits[key] = logits
+            self._logits_bound[key] = logits
         binding.bind_cpu_input(LOGITS_INDEX_INPUT, index)
         binding.bind_cpu_input(config.input_ids_name, ids)
         binding.bind_cpu_input(config.attention_mask_name, mask)
@@ -291,6 +296,7 @@ class ModelRunner:
         if stamp != self._bindings_stamp or len(self._bindings) >= MAX_BINDINGS:
             self._bindings.clear()
             self._logits.clear()
+            self._logits_bound.clear()
             self._bindings_stamp = stamp
         binding = self._bindings.get((start, stop, slot))
         if binding is None:
