@@ -117,7 +117,11 @@ class Bench:
         log.warning("%s is not available: %s", name, reason)
         self.results["unavailable"][name] = reason
 
-    def start_servers(self, precision: str, label: str = "") -> dict[str, LoraplexServer]:
+    def start_servers(self, precision: str, label: str = "", spin: bool = False) -> dict[str, LoraplexServer]:
+        """A server per engine on the `precision` package. `spin`: threads spin (`--spin`), loraplex's best
+        setting for one request at a time on a dedicated machine, as onnxruntime's threads in the in-process
+        peers spin by default; otherwise the default profile (spin 20 us, then sleep), its best with many
+        clients beside it."""
         servers = {}
         package = self.art.packages.get(precision)
         for engine in self.engines:
@@ -135,7 +139,8 @@ class Bench:
                     label=label,
                     # The bench's prompts repeat: a prefix cache across requests would turn them into hits the
                     # in-process peers do not get (its own value is measured in `bench.features.prefix_cache`).
-                    extra_args=("--no-prefix-cache",) if engine == "batched" else (),
+                    extra_args=(*(("--no-prefix-cache",) if engine == "batched" else ()),
+                                *(("--spin",) if spin else ())),
                 )
             except Unavailable as exc:
                 self._unavailable(name, str(exc))
@@ -183,11 +188,13 @@ class Bench:
         log.info("scenario %s took %.0f s", key, self.results["timings_s"][key])
 
     def run_single(self) -> None:
-        int4_servers = self.start_servers("int4", label="int4") if "int4" in self.art.packages else {}
+        spinning = {precision: self.start_servers(precision, label="" if precision == "fp32" else precision, spin=True)
+                    for precision in self.art.packages}
         try:
             systems = [
-                *self.fp32_systems(),
-                *int4_servers.values(),
+                *spinning.get("fp32", {}).values(),
+                *(p for n, p in self.peers.items() if n in ("onnxruntime-genai", "pytorch-peft")),
+                *spinning.get("int4", {}).values(),
                 *(p for n, p in self.peers.items() if n.endswith("int4")),
             ]
             tokens = scenarios.warm_up(systems, self.prompts[0], self.served[0], self.workload.new_tokens)
@@ -206,8 +213,9 @@ class Bench:
             for name, row in self.results["single_stream"].items():
                 row["precision"] = "int4" if "int4" in name else "fp32"
         finally:
-            for server in int4_servers.values():
-                server.close()
+            for servers in spinning.values():
+                for server in servers.values():
+                    server.close()
 
     def run_switch(self) -> None:
         systems = self.fp32_systems()

@@ -15,8 +15,11 @@ single-stream and concurrency scenarios run again under it (`results["passive"]`
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from bench.systems.loraplex_server import LoraplexServer, Unavailable
 from bench.workloads import smollm2
 
 log = logging.getLogger("bench.edge")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ MEMORY_ROUNDS = 2
 # Health polled this often at a cold start (both peers): each poll costs the server CPU time, which the
 # cold-start CPU figure would count.
 COLD_POLL_S = 0.02
-SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "accuracy", "agreement", "passive")
+SCENARIOS = ("breakdown", "coldstart", "memory", "single", "concurrency", "stepcost", "accuracy", "agreement",
+             "passive")
 POLICIES = ("default", "passive")
 
 
@@ -361,6 +366,17 @@ class EdgeBench:
                 if system is not None:
                     system.close()
 
+    def run_step_cost(self) -> None:
+        """The int4 decode step's session run at 1 to 16 rows spread over the concurrency scenario's
+        adapters, in a fresh process (`bench.measure.step_cost`): how far a batch amortises the weights."""
+        package = self.art.package_with(self.grid.concurrency_adapters, "int4")
+        done = subprocess.run([sys.executable, "-m", "bench.measure.step_cost", str(package), "--json",
+                               str(self.grid.threads)], capture_output=True, text=True, cwd=REPO, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"bench.measure.step_cost exited with {done.returncode}: "
+                               f"{done.stderr.strip().splitlines()[-1:] or ''}")
+        self.results["step_cost"] = json.loads(done.stdout.strip().splitlines()[-1])
+
     def run_roofline(self, bandwidth) -> None:
         package = self.art.package_with(2, "int4")
         sizes = roofline.weight_bytes_per_token(package)
@@ -386,7 +402,8 @@ class EdgeBench:
         self.run_roofline(bandwidth)
         for key, fn in (("breakdown", self.run_breakdown), ("coldstart", self.run_cold_start),
                         ("memory", self.run_memory), ("single", self.run_single),
-                        ("concurrency", self.run_concurrency), ("accuracy", self.run_accuracy),
+                        ("concurrency", self.run_concurrency), ("stepcost", self.run_step_cost),
+                        ("accuracy", self.run_accuracy),
                         ("agreement", self.run_agreement), ("passive", self.run_passive)):
             self._timed(key, fn)
         self.results["timings_s"]["total"] = time.perf_counter() - start

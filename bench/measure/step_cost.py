@@ -211,7 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("package", type=Path, help="an exported package directory (int4 for the interesting case)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profile", action="store_true", help="also the profiler's op-type shares")
+    parser.add_argument("--json", type=int, metavar="THREADS",
+                        help="only the decode step's times with this many threads, as JSON (`make bench` runs this)")
     args = parser.parse_args(argv)
+    if args.json:
+        times = step_times(args.package, args.json, args.repeats)
+        print(json.dumps({"threads": args.json, "spread": SPREAD, "repeats": args.repeats,
+                          "load_average": os.getloadavg(),
+                          "ms": {str(rows): ms for rows, ms in times.items()}}))
+        return
     print(render(args.package, args.repeats, args.profile))
 
 

@@ -125,7 +125,9 @@ def _single(results: dict) -> list[str]:
         "(above 1 = faster than loraplex). Roofline: decode tokens/s as a share of copy bandwidth / weight "
         "bytes per token. loraplex is timed at the gRPC client (text in, tokenized by the server, streamed "
         "back); the in-process peers are handed token ids. \"Of which RPC\": client latency minus the "
-        "server's own total (gRPC, serialization, the server's request layer).",
+        "server's own total (gRPC, serialization, the server's request layer). Threads spin on both sides, each "
+        "side's best for one request at a time: onnxruntime-genai's default, loraplex `--spin` (the other "
+        "scenarios serve its default profile).",
         "",
     ]
     return lines + md_table(header, table)

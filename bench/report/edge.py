@@ -198,6 +198,22 @@ def _concurrency(edge: dict, passive: bool = False) -> list[str]:
         ["adapters", "system", "tokens/s", "p50 (s)", "p99 (s)", "how"], rows)
 
 
+def _step_cost(edge: dict) -> list[str]:
+    data = edge.get("step_cost") or {}
+    times = data.get("ms") or {}
+    if not times.get("1"):
+        return []
+    rows = sorted(times, key=int)
+    return ["### Decode step as its rows grow", "",
+            f"The int4 package's decode step (the engine's session run through its IO binding, KV rows of 64 tokens), "
+            f"rows spread over {data.get('spread')} adapters, {data.get('threads')} threads spinning, in a fresh "
+            f"process; medians of {data.get('repeats')} (`python -m bench.measure.step_cost` adds each matmul "
+            "shape alone).", ""] + md_table(
+        ["rows", *rows], [["ms", *(num(times[r], 2) for r in rows)],
+                          ["vs 1 row", *(f"{times[r] / times['1']:.2f}x" for r in rows)],
+                          ["ms per row", *(num(times[r] / int(r), 2) for r in rows)]])
+
+
 def _accuracy(edge: dict) -> list[str]:
     data = edge.get("accuracy") or {}
     if not data:
@@ -290,6 +306,12 @@ def targets(edge: dict) -> list[list[str]]:
         if ours_c and server:
             out.append(["(same, vs llama-server with a slot per client)", "≥ 3.00x", f"{ours_c / server:.2f}x",
                         "met" if ours_c / server >= 3 else "not met"])
+    step = (edge.get("step_cost") or {}).get("ms") or {}
+    if step.get("1") and step.get("8"):
+        ratio = step["8"] / step["1"]
+        out.append([f"an 8-row decode step vs a 1-row step (rows over {edge['step_cost'].get('spread')} adapters, "
+                    "in process)", "≤ 1.60x", f"{ratio:.2f}x ({step['8']:.1f} vs {step['1']:.1f} ms)",
+                    "met" if ratio <= 1.6 else "not met"])
     roof = (edge.get("roofline") or {}).get("tokens_per_s")
     decode = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")
     if roof and decode:
@@ -325,7 +347,7 @@ def render(edge: dict) -> list[str]:
         lines += section(edge)
         if edge.get("passive"):
             lines += section({**edge, **edge["passive"]}, passive=True)
-    for section in (_memory, _breakdown, _cold, _accuracy, _agreement):
+    for section in (_step_cost, _memory, _breakdown, _cold, _accuracy, _agreement):
         lines += section(edge)
     if edge.get("unavailable"):
         lines += ["Not available: " + "; ".join(f"{k}: {v[:160]}" for k, v in edge["unavailable"].items()), ""]
