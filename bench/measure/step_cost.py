@@ -56,7 +56,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def step_times(package_dir: Path, threads: int, repeats: int) -> dict[int, float]:
-    """Median ms of one decode step (session run) of `rows` rows, for each row count."""
+    """Median ms of one decode step (session run) of `rows` rows, for each row count. The row counts
+    take turns within each repeat, so a machine whose speed drifts (a shared host) moves them alike."""
     from loraplex.adapters.package.reader import Package
     from loraplex.runtime.engines.batched.runner import ModelRunner
     from loraplex.runtime.engines.batched.session import SessionSettings
@@ -65,12 +66,16 @@ def step_times(package_dir: Path, threads: int, repeats: int) -> dict[int, float
     runner = ModelRunner(package, max_batch=max(ROWS), max_slots=SPREAD,
                          session=SessionSettings(intra_op_threads=threads, allow_spinning=True))
     _fill_adapters(runner, package)
-    out: dict[int, float] = {}
-    for rows in ROWS:
-        out[rows] = _median_ms(lambda n=rows: runner.forward(0, _decode_rows(n, runner.bank.capacity - 1), keep=0),
-                               repeats)
+    steps = {rows: _decode_rows(rows, runner.bank.capacity - 1) for rows in ROWS}
+    times: dict[int, list[float]] = {rows: [] for rows in ROWS}
+    for repeat in range(repeats + 2):  # the first two of each: warm-up
+        for rows, inputs in steps.items():
+            start = time.perf_counter()
+            runner.forward(0, inputs, keep=0)
+            if repeat >= 2:
+                times[rows].append(time.perf_counter() - start)
     runner.close()
-    return out
+    return {rows: statistics.median(t) * 1000 for rows, t in times.items()}
 
 
 def _fill_adapters(runner, package) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bench.report import edge as edge_report
-from bench.report.markdown import load_average, md_table, num, ratio
+from bench.report.markdown import load_average, md_table, num, ratio, ratio_text
 
 PEERS = ("onnxruntime-genai", "pytorch-peft")
 
@@ -228,7 +228,7 @@ def _targets(results: dict, index: dict) -> list[str]:
     def check(measured, target):
         if measured is None:
             return "—", "not measured"
-        return f"{measured:.2f}x", "met" if measured >= target else "MISSED"
+        return ratio_text(measured), "met" if measured >= target else "MISSED"
 
     single = results.get("single_stream") or {}
     rows = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report.markdown import load_average, md_table, num
+from bench.report.markdown import load_average, md_table, num, ratio_text
 
 MIB = 2**20
 POLICY_TITLE = {False: "", True: " (threads waiting passively on both sides)"}
@@ -257,7 +257,8 @@ def targets(edge: dict) -> list[list[str]]:
     two = _best({k: v.get("2", {}).get("rss") for k, v in peers.items()})
     if ours.get("2", {}).get("rss") and two:
         ratio = ours["2"]["rss"] / two[1]
-        out.append(["RSS, int4, 2 adapters, vs llama.cpp (its lower)", "≤ 1.50x", f"{ratio:.2f}x ({two[0]})",
+        out.append(["RSS, int4, 2 adapters, vs llama.cpp (its lower)", "≤ 1.50x",
+                    f"{ratio_text(ratio, at_least=False)} ({two[0]})",
                     "met" if ratio <= 1.5 else "not met"])
     counts = sorted(int(c) for c in ours)
     file_bytes = (edge.get("workload") or {}).get("adapter_file_bytes", {}).get("onnx_adapter")
@@ -265,7 +266,8 @@ def targets(edge: dict) -> list[list[str]]:
         lo, hi = counts[-2], counts[-1]
         if ours[str(lo)].get("rss") and ours[str(hi)].get("rss"):
             per = (ours[str(hi)]["rss"] - ours[str(lo)]["rss"]) / (hi - lo)
-            out.append([f"each extra adapter ({lo} -> {hi}), vs its file", "≤ 1.20x", f"{per / file_bytes:.2f}x "
+            out.append([f"each extra adapter ({lo} -> {hi}), vs its file", "≤ 1.20x",
+                        f"{ratio_text(per / file_bytes, at_least=False)} "
                         f"({per / MIB:.2f} MiB per {file_bytes / MIB:.2f} MiB file)",
                         "met" if per <= 1.2 * file_bytes else "not met"])
     cold = (edge.get("cold_start") or {}).get("loraplex[batched] int4 edge")
@@ -283,13 +285,14 @@ def targets(edge: dict) -> list[list[str]]:
                         "CPU used by other processes)", "—"])
     if mine and best:
         out.append(["single stream, adapters switching, vs llama.cpp (its faster)", "≥ 1.50x",
-                    f"{mine / best[1]:.2f}x ({best[0]})", "met" if mine / best[1] >= 1.5 else "not met"])
+                    f"{ratio_text(mine / best[1])} ({best[0]})", "met" if mine / best[1] >= 1.5 else "not met"])
     mine_d = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")
     best_d = _best({k: v.get("switching", {}).get("decode_tokens_per_s") for k, v in single.items()
                     if k.startswith("llama")}, lowest=False)
     if mine_d and best_d:
         out.append(["decode only, one stream, vs llama.cpp (its faster)", "≥ 1.20x",
-                    f"{mine_d / best_d[1]:.2f}x ({best_d[0]})", "met" if mine_d / best_d[1] >= 1.2 else "not met"])
+                    f"{ratio_text(mine_d / best_d[1])} ({best_d[0]})",
+                    "met" if mine_d / best_d[1] >= 1.2 else "not met"])
     conc = {} if "concurrency" in busy else ((edge.get("concurrency") or {}).get("by_adapters") or {})
     spread = max(conc, key=int) if conc else None
     if spread:
@@ -299,18 +302,19 @@ def targets(edge: dict) -> list[list[str]]:
                         for k in ("llama-cpp-python Q4_1 (serial)", "llama-server Q4_1 -np 1")}, lowest=False)
         if ours_c and serial:
             out.append([f"{edge['concurrency']['clients']} clients over {spread} adapters vs llama.cpp serial "
-                        "(its faster)", "≥ 4.00x", f"{ours_c / serial[1]:.2f}x ({serial[0]})",
+                        "(its faster)", "≥ 4.00x", f"{ratio_text(ours_c / serial[1])} ({serial[0]})",
                         "met" if ours_c / serial[1] >= 4 else "not met"])
         server = next((v.get("tokens_per_s") for k, v in rows.items()
                        if k.startswith("llama-server") and not k.endswith("-np 1")), None)
         if ours_c and server:
-            out.append(["(same, vs llama-server with a slot per client)", "≥ 3.00x", f"{ours_c / server:.2f}x",
+            out.append(["(same, vs llama-server with a slot per client)", "≥ 3.00x", ratio_text(ours_c / server),
                         "met" if ours_c / server >= 3 else "not met"])
     step = (edge.get("step_cost") or {}).get("ms") or {}
     if step.get("1") and step.get("8"):
         ratio = step["8"] / step["1"]
         out.append([f"an 8-row decode step vs a 1-row step (rows over {edge['step_cost'].get('spread')} adapters, "
-                    "in process)", "≤ 1.60x", f"{ratio:.2f}x ({step['8']:.1f} vs {step['1']:.1f} ms)",
+                    "in process)", "≤ 1.60x",
+                    f"{ratio_text(ratio, at_least=False)} ({step['8']:.1f} vs {step['1']:.1f} ms)",
                     "met" if ratio <= 1.6 else "not met"])
     roof = (edge.get("roofline") or {}).get("tokens_per_s")
     decode = single.get("loraplex[batched] int4 edge", {}).get("switching", {}).get("decode_tokens_per_s")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def num(value, digits: int = 1, unit: str = "") -> str:
     """A number with thousands separators and `digits` decimals; "—" for a missing value, a string as is."""
@@ -15,6 +17,13 @@ def num(value, digits: int = 1, unit: str = "") -> str:
 def ratio(a, b) -> str:
     """a / b as "1.23x"; "—" when either is missing or b is 0."""
     return f"{a / b:.2f}x" if a is not None and b not in (None, 0) else "—"
+
+
+def ratio_text(value: float, at_least: bool = True) -> str:
+    """A ratio to 2 decimals for a target's row, rounded away from the target (down for "at least", up
+    for "at most"), so the figure shown never meets a target the exact one misses (2.996 shows 2.99x)."""
+    hundredths = math.floor(value * 100) if at_least else math.ceil(value * 100)
+    return f"{hundredths / 100:.2f}x"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
