@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=int, metavar="THREADS",
                         help="only the decode step's times with this many threads, as JSON (`make bench` runs this)")
     args = parser.parse_args(argv)
-    if args.json:
+    if args.json is not None:
         times = step_times(args.package, args.json, args.repeats)
         print(json.dumps({"threads": args.json, "spread": SPREAD, "repeats": args.repeats,
                           "load_average": os.getloadavg(),

@@ -26,7 +26,7 @@ log = logging.getLogger("bench.scenarios")
 class Grid:
     """Request counts and grids: sized so the full bench ends in < 20 minutes on 2 cores."""
 
-    single_reps: int = 12  # the int4 systems are 4-5% apart: fewer requests leave that to noise
+    single_reps: int = 12  # the int4 target's systems are a few % apart; 5 requests moved it by 5%
     switch_reps: int = 2
     switch_block: int = 4
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
