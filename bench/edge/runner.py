@@ -373,8 +373,8 @@ class EdgeBench:
         done = subprocess.run([sys.executable, "-m", "bench.measure.step_cost", str(package), "--json",
                                str(self.grid.threads)], capture_output=True, text=True, cwd=REPO, timeout=600)
         if done.returncode:
-            raise RuntimeError(f"bench.measure.step_cost exited with {done.returncode}: "
-                               f"{done.stderr.strip().splitlines()[-1:] or ''}")
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"bench.measure.step_cost exited with {done.returncode}: {last}")
         self.results["step_cost"] = json.loads(done.stdout.strip().splitlines()[-1])
 
     def run_roofline(self, bandwidth) -> None:
