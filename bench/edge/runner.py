@@ -28,12 +28,12 @@ from typing import Any
 from bench.edge import scenarios as edge_scenarios
 from bench.measure import machine, roofline
 from bench.measure.results import Prompt, failure_line, guarded
+from bench.paths import REPO_ROOT
 from bench.systems import llamacpp_build
 from bench.systems.loraplex_server import LoraplexServer, Unavailable
 from bench.workloads import smollm2
 
 log = logging.getLogger("bench.edge")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,7 @@ class EdgeBench:
         adapters, in a fresh process (`bench.measure.step_cost`): how far a batch amortises the weights."""
         package = self.art.package_with(self.grid.concurrency_adapters, "int4")
         done = subprocess.run([sys.executable, "-m", "bench.measure.step_cost", str(package), "--json",
-                               str(self.grid.threads)], capture_output=True, text=True, cwd=REPO, timeout=600)
+                               str(self.grid.threads)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or [""])[-1]
             raise RuntimeError(f"bench.measure.step_cost exited with {done.returncode}: {last}")
